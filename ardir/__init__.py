@@ -1,0 +1,24 @@
+"""ardir: adversarially robust knowledge distillation with internal representations, and its baselines.
+
+Public API::
+
+    ardir.Trainer (= ardir.ARDIRTrainer), ardir.ATTrainer, ardir.TRADESTrainer, ardir.ARDTrainer,
+    ardir.IADTrainer, ardir.RSLADTrainer    -- one loop, any method
+    ardir.PGD                                -- L-inf PGD with a selectable loss
+    ardir.FeatureHooks                       -- outputs of named modules
+    ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
+    ardir.methods                            -- the methods: inner maximisation + outer loss
+"""
+from . import losses, methods, models
+from .attacks import PGD
+from .hooks import FeatureHooks
+from .methods import ARD, ARDIR, AT, IAD, RSLAD, TRADES, Method, Natural, create_method, list_methods
+from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
+    "PGD", "FeatureHooks", "Method", "Natural", "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR",
+    "create_method", "list_methods", "models", "methods", "losses",
+]

@@ -1,0 +1,48 @@
+"""Argument checks shared by the public API: every bad input fails early, naming the argument."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def one_of(argument: str, value: str, choices: Iterable[str], what: str = "value") -> str:
+    """Return ``value`` if it is in ``choices``; else raise ``ValueError`` listing the closest valid ones."""
+    choices = list(choices)
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), choices, n=5, cutoff=0.4)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    shown = ", ".join(repr(c) for c in choices[:30]) + (", ..." if len(choices) > 30 else "")
+    raise ValueError(f"{argument}={value!r} is not a known {what}; {hint}valid: {shown}")
+
+
+def eps_value(argument: str, value: float) -> float:
+    """An L-inf radius on [0,1] images: 0 < eps <= 1."""
+    value = number(argument, value)
+    if not 0 < value <= 1:
+        raise ValueError(
+            f"{argument}={value} is outside (0, 1]: images live in [0, 1], so an L-inf radius "
+            f"must be positive and at most 1 (CIFAR's usual eps is 8/255 = {8 / 255:.4f})")
+    return value
+
+
+def positive(argument: str, value: float) -> float:
+    """A strictly positive number."""
+    value = number(argument, value)
+    if not value > 0:
+        raise ValueError(f"{argument}={value} must be > 0")
+    return value
+
+
+def non_negative_int(argument: str, value: int) -> int:
+    """A whole number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{argument}={value!r} must be a whole number >= 0")
+    return value
+
+
+def number(argument: str, value: float) -> float:
+    """A real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument}={value!r} must be a number, got {type(value).__name__}")
+    return float(value)

@@ -1,0 +1,137 @@
+"""L-inf PGD, the inner maximisation of every training method and the workhorse of evaluation.
+
+Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018,
+https://arxiv.org/abs/1706.06083.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import eps_value, non_negative_int, one_of, positive
+
+LOSSES = ("ce", "kl", "cw")
+STARTS = ("uniform", "normal", "none")
+MODES = ("eval", "train", "keep")
+
+
+def cw_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample CW margin ``max_{j != y} z_j - z_y`` of shape (N,); positive means misclassified."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(1) - true
+
+
+def kl_to(target_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``KL(P || softmax(logits))`` of shape (N,), P given as probabilities (N, C)."""
+    return F.kl_div(F.log_softmax(logits, 1), target_probs, reduction="none").sum(1)
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in ``mode`` ("eval", "train" or "keep") and restore every module's own flag on exit."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        if mode != "keep":
+            model.train(mode == "train")
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+class PGD:
+    r"""Projected gradient ascent in the L-inf ball, like ``torchattacks.PGD`` but with the loss to climb selectable.
+
+    Distance: L-inf. Each step: ``x' <- clip_[0,1](clip_{x±eps}(x' + alpha * sign(grad L(x'))))``.
+
+    Arguments:
+        model: the network attacked; it must take images in [0, 1] (put normalisation inside it).
+        eps: radius of the L-inf ball (default 8/255).
+        alpha: step size (default 2/255).
+        steps: number of ascent steps (default 10); 0 returns the random start.
+        loss: what the attack climbs:
+            ``"ce"``: cross-entropy to ``labels`` (Madry AT, ARD);
+            ``"kl"``: ``KL(P || softmax(model(x')))`` where P is ``target_probs`` given to the call, or, when
+            none is given, the model's own prediction on the natural images (TRADES); RSLAD passes the teacher's;
+            ``"cw"``: the CW margin ``max_{j != y} z_j - z_y`` (CW-inf evaluation).
+        random_start: ``"uniform"`` in the ball (Madry), ``"normal"`` = ``x + 0.001 * N(0, I)`` (TRADES, RSLAD) or
+            ``"none"``.
+        mode: the model's mode while attacking: ``"eval"`` (default), ``"train"`` (ARD: BatchNorm uses batch
+            statistics) or ``"keep"``. Every module's own train/eval flag is restored afterwards.
+
+    Shape:
+        images: (N, C, H, W) in [0, 1]; labels: (N,) int64; target_probs: (N, K) rows summing to 1.
+        Returns adversarial images of the same shape and dtype, detached.
+
+    The gradient is taken with ``torch.autograd.grad`` with respect to the input only, so no weight gradient is
+    computed and no ``.grad`` is left on any parameter.
+
+    Example::
+
+        attack = ardir.PGD(model, eps=8/255, alpha=2/255, steps=20)
+        adv_images = attack(images, labels)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 loss: str = "ce", random_start: str = "uniform", mode: str = "eval"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.eps = eps_value("eps", eps)
+        self.alpha = positive("alpha", alpha)
+        self.steps = non_negative_int("steps", steps)
+        self.loss = one_of("loss", loss, LOSSES, "attack loss")
+        self.random_start = one_of("random_start", "none" if random_start is None else random_start,
+                                   STARTS, "random start")
+        self.mode = one_of("mode", mode, MODES, "model mode")
+
+    def __repr__(self) -> str:
+        return (f"PGD(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, loss={self.loss!r}, "
+                f"random_start={self.random_start!r}, mode={self.mode!r})")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward(images, labels, target_probs)
+
+    def start(self, images: torch.Tensor) -> torch.Tensor:
+        """The random starting point, inside the ball and [0, 1]."""
+        if self.random_start == "uniform":
+            delta = torch.empty_like(images).uniform_(-self.eps, self.eps)
+        elif self.random_start == "normal":
+            delta = 0.001 * torch.randn_like(images)
+        else:
+            return images.clone()
+        return (images + delta).clamp(0, 1)
+
+    def objective(self, logits: torch.Tensor, labels: torch.Tensor,
+                  target_probs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The summed loss the attack climbs (summed, so each sample's gradient is its own)."""
+        if self.loss == "ce":
+            return F.cross_entropy(logits, labels, reduction="sum")
+        if self.loss == "kl":
+            return kl_to(target_probs, logits).sum()
+        return cw_margin(logits, labels).sum()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return adversarial examples for ``images`` (N, C, H, W) in [0, 1] with ``labels`` (N,)."""
+        images = images.detach()
+        labels = labels.detach()
+        with model_mode(self.model, self.mode), torch.enable_grad():
+            if self.loss == "kl" and target_probs is None:
+                with torch.no_grad():
+                    target_probs = F.softmax(self.model(images), 1)
+            target_probs = None if target_probs is None else target_probs.detach()
+            adv = self.start(images)
+            for _ in range(self.steps):
+                adv.requires_grad_(True)
+                loss = self.objective(self.model(adv), labels, target_probs)
+                grad, = torch.autograd.grad(loss, adv)
+                adv = adv.detach() + self.alpha * grad.sign()
+                adv = torch.min(torch.max(adv, images - self.eps), images + self.eps).clamp_(0, 1)
+        return adv.detach()

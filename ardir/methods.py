@@ -1,0 +1,345 @@
+r"""Training methods. Each is one idea: the loss its attack climbs (inner maximisation) and the loss the student
+descends (outer). A method is called once per batch and returns its weighted loss terms; the trainer sums them.
+
+Notation (as in docs/methods.md): S student, T teacher, x natural batch in [0, 1], x' adversarial batch, y labels,
+C classes, p(z) = softmax(z), KL(P || Q) = sum_c P_c (log P_c - log Q_c).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import eps_value, non_negative_int, number, one_of, positive
+from .attacks import PGD, STARTS, MODES, kl_to, model_mode
+from .hooks import FeatureHooks, check_layers
+from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
+
+Terms = Dict[str, torch.Tensor]
+METHODS: Dict[str, Type["Method"]] = {}
+
+
+def register_method(cls):
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> List[str]:
+    """Names accepted by :func:`create_method`."""
+    return sorted(METHODS)
+
+
+def create_method(name: str, **kwargs) -> "Method":
+    """Build a method by name (``"at"``, ``"trades"``, ``"ard"``, ``"iad"``, ``"rslad"``, ``"ardir"``,
+    ``"natural"``) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
+    cls = METHODS[one_of("method", name, list_methods(), "method")]
+    return cls(**kwargs)
+
+
+class Method(nn.Module):
+    """Base class: attack settings (the inner maximisation) and the paper's schedule.
+
+    Arguments:
+        eps: L-inf radius of the training attack (8/255).
+        step_size: PGD step (2/255).
+        steps: PGD steps (10).
+        random_start: ``"uniform"``, ``"normal"`` (x + 0.001 N(0, I)) or ``"none"``; default: the method's own.
+        attack_mode: the student's mode during the attack, ``"eval"`` or ``"train"``; default: the method's own.
+
+    Subclasses set ``name``, the attack's loss and defaults, and implement :meth:`forward`.
+    """
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    attack_loss: ClassVar[str] = "ce"
+    default_start: ClassVar[str] = "uniform"
+    default_attack_mode: ClassVar[str] = "eval"
+    # The paper's schedule: epochs, and lr x0.1 milestones as fractions of the epochs.
+    epochs: ClassVar[int] = 200
+    milestones: ClassVar[Tuple[float, ...]] = (0.5, 0.75)
+
+    def __init__(self, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
+                 random_start: Optional[str] = None, attack_mode: Optional[str] = None):
+        super().__init__()
+        self.eps = eps_value("eps", eps)
+        self.step_size = positive("step_size", step_size)
+        self.steps = non_negative_int("steps", steps)
+        self.random_start = one_of("random_start", random_start or self.default_start, STARTS, "random start")
+        self.attack_mode = one_of("attack_mode", attack_mode or self.default_attack_mode, MODES, "model mode")
+        self.epoch = 0
+
+    def extra_repr(self) -> str:
+        return (f"eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, "
+                f"attack_loss={self.attack_loss!r}, random_start={self.random_start!r}, "
+                f"attack_mode={self.attack_mode!r}")
+
+    def attack(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               target_probs: Optional[torch.Tensor] = None, loss: Optional[str] = None) -> torch.Tensor:
+        """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached."""
+        pgd = PGD(student, eps=self.eps, alpha=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
+                  random_start=self.random_start, mode=self.attack_mode)
+        return pgd(images, labels, target_probs)
+
+    def setup(self, student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor) -> None:
+        """Called once by the trainer before the optimiser is built, with a sample batch (to create adapters)."""
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                teacher: Optional[nn.Module] = None) -> Terms:
+        """Return the weighted loss terms for one batch (their sum is the loss); the student is in train mode."""
+        raise NotImplementedError
+
+
+def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's logits (N, C): eval mode, no autograd graph."""
+    with torch.no_grad(), model_mode(teacher, "eval"):
+        return teacher(images)
+
+
+@register_method
+class Natural(Method):
+    """Standard training without attack: ``CE(S(x), y)``. The no-robustness baseline."""
+    name = "natural"
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        return {"ce": F.cross_entropy(student(images), labels)}
+
+
+@register_method
+class AT(Method):
+    """Madry et al. 2018, PGD adversarial training ("SAT" in tables).
+
+    Inner: PGD on ``CE(S(x'), y)``, uniform start. Outer: ``CE(S(x'), y)``.
+    The student is attacked in eval mode by default so attack steps do not move BatchNorm statistics.
+    """
+    name = "at"
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        adv = self.attack(student, images, labels)
+        return {"ce_adv": F.cross_entropy(student(adv), labels)}
+
+
+@register_method
+class TRADES(Method):
+    """Zhang et al. 2019, https://arxiv.org/abs/1901.08573.
+
+    Inner: PGD on ``KL(p(S(x)) || p(S(x')))``, start ``x + 0.001 N(0, I)``, student in eval mode.
+    Outer: ``CE(S(x), y) + beta * KL(p(S(x)) || p(S(x')))``, KL averaged over the batch; beta = 6 (CIFAR-10).
+    Schedule (TRADES code, CIFAR): 100 epochs, lr x0.1 at 75 and 90.
+    """
+    name = "trades"
+    attack_loss = "kl"
+    default_start = "normal"
+    epochs = 100
+    milestones = (0.75, 0.9)
+
+    def __init__(self, beta: float = 6.0, **attack):
+        super().__init__(**attack)
+        self.beta = number("beta", beta)
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        adv = self.attack(student, images, labels)  # target: the student's own natural prediction
+        logits = student(images)
+        robust = kl_to(F.softmax(logits, 1), student(adv)).mean()
+        return {"ce": F.cross_entropy(logits, labels), "kl_robust": self.beta * robust}
+
+
+@register_method
+class ARD(Method):
+    """Goldblum et al. 2020, Adversarially Robust Distillation, https://arxiv.org/abs/1905.09747.
+
+    Inner: PGD-10 on ``CE(S(x'), y)``, uniform start, the student in train mode (as the reference code).
+    Outer: ``alpha * tau^2 * KL(p(T(x)/tau) || p(S(x')/tau)) + (1 - alpha) * CE(S(x), y)``, teacher on the natural
+    batch. Defaults tau = 30, alpha = 1.
+
+    ``kl_reduction="mean"`` (default) divides the batch-mean KL by C, as the reference code's ``nn.KLDivLoss()``
+    does; with alpha = 1 it scales the whole gradient, i.e. the effective learning rate, so the published numbers
+    depend on it. ``"batchmean"`` is the KL as written in the paper.
+    Schedule: 200 epochs, lr x0.1 at 100 and 150.
+    """
+    name = "ard"
+    needs_teacher = True
+    default_attack_mode = "train"
+
+    def __init__(self, tau: float = 30.0, alpha: float = 1.0, kl_reduction: str = "mean", **attack):
+        super().__init__(**attack)
+        self.tau = positive("tau", tau)
+        self.alpha = number("alpha", alpha)
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={alpha} must be in [0, 1] (the weight of the distillation term)")
+        self.kl_reduction = one_of("kl_reduction", kl_reduction, KL_REDUCTIONS, "KL reduction")
+
+    def distillation(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+        """``tau^2 * KL(p(T/tau) || p(S/tau))`` with this method's reduction."""
+        target = F.softmax(t_logits / self.tau, 1)
+        return self.tau ** 2 * kl_div(target, s_logits, self.tau, self.kl_reduction)
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        t_logits = teacher_logits(teacher, images)
+        adv = self.attack(student, images, labels)
+        terms = {"kl": self.alpha * self.distillation(t_logits, student(adv))}
+        if self.alpha < 1:
+            terms["ce"] = (1 - self.alpha) * F.cross_entropy(student(images), labels)
+        return terms
+
+
+@register_method
+class IAD(ARD):
+    """Zhu et al. 2022, Introspective Adversarial Distillation (IAD-I), https://arxiv.org/abs/2110.01968.
+
+    ARD (tau = 1) plus, after ``warmup_epochs`` (60) of plain ARD, the student's introspection term
+    ``mean_i (1 - a_i) * KL(p(S(x_i)) || p(S(x'_i)))`` with ``a_i = p_T(y_i | x'_i) ** beta``, beta = 0.1: the less
+    the teacher is trusted on x'_i, the more the student relies on itself.
+    """
+    name = "iad"
+
+    def __init__(self, tau: float = 1.0, alpha: float = 1.0, beta: float = 0.1, warmup_epochs: int = 60,
+                 kl_reduction: str = "mean", **attack):
+        super().__init__(tau=tau, alpha=alpha, kl_reduction=kl_reduction, **attack)
+        self.beta = number("beta", beta)
+        self.warmup_epochs = non_negative_int("warmup_epochs", warmup_epochs)
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        if self.epoch < self.warmup_epochs:
+            return super().forward(student, images, labels, teacher)
+        t_logits = teacher_logits(teacher, images)
+        adv = self.attack(student, images, labels)
+        s_adv, s_nat = student(adv), student(images)
+        trust = F.softmax(teacher_logits(teacher, adv), 1).gather(1, labels[:, None]).squeeze(1) ** self.beta
+        terms = {"kl": self.alpha * self.distillation(t_logits, s_adv),
+                 "introspection": ((1 - trust) * kl_to(F.softmax(s_nat, 1), s_adv)).mean()}
+        if self.alpha < 1:
+            terms["ce"] = (1 - self.alpha) * F.cross_entropy(s_nat, labels)
+        return terms
+
+
+@register_method
+class RSLAD(Method):
+    """Zi et al. 2021, Robust Soft Label Adversarial Distillation, https://arxiv.org/abs/2108.07969.
+
+    Inner: PGD-10 on ``sum KL(p(T(x)) || p(S(x')))``, start ``x + 0.001 N(0, I)``, student in eval mode.
+    Outer: ``5/6 KL(p(T(x)) || p(S(x'))) + 1/6 KL(p(T(x)) || p(S(x)))``, tau = 1, no hard labels.
+    ``kl_reduction="mean"`` (default, the reference code) divides by C; the reference multiplies by 10 on
+    CIFAR-100 to keep the scale: pass ``kl_scale=10`` there.
+    Schedule: 300 epochs, lr x0.1 at 215, 260 and 285.
+    """
+    name = "rslad"
+    needs_teacher = True
+    attack_loss = "kl"
+    default_start = "normal"
+    epochs = 300
+    milestones = (215 / 300, 260 / 300, 285 / 300)
+
+    def __init__(self, adv_weight: float = 5 / 6, kl_reduction: str = "mean", kl_scale: float = 1.0, **attack):
+        super().__init__(**attack)
+        self.adv_weight = number("adv_weight", adv_weight)
+        self.kl_reduction = one_of("kl_reduction", kl_reduction, KL_REDUCTIONS, "KL reduction")
+        self.kl_scale = positive("kl_scale", kl_scale)
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        t_probs = F.softmax(teacher_logits(teacher, images), 1)
+        adv = self.attack(student, images, labels, target_probs=t_probs)
+        w, scale = self.adv_weight, self.kl_scale
+        return {"kl_adv": w * scale * kl_div(t_probs, student(adv), reduction=self.kl_reduction),
+                "kl_nat": (1 - w) * scale * kl_div(t_probs, student(images), reduction=self.kl_reduction)}
+
+
+LayerSpec = Union[str, Tuple[str, str]]
+
+
+@register_method
+class ARDIR(ARD):
+    r"""ARDIR (Takahashi et al. 2022, https://arxiv.org/abs/2211.00239): ARD plus the teacher's internal
+    representation as a label for adversarial training.
+
+    ``L = w_ce CE(S(x'), y) + w_kl tau^2 KL(p(T(x)/tau) || p(S(x')/tau)) + w_ir sum_l lambda_l D(A_l(h_S,l(x')), h_T,l(x))``
+
+    Arguments:
+        layers: the matched layers: a name used in both models, or a ``(teacher_layer, student_layer)`` pair;
+            default: the models' ``default_ir_layers`` (the pooled penultimate ``features`` of bundled models).
+        layer_weights: lambda_l per layer (default 1 each).
+        distance: D, ``"nmse"`` (MSE of per-sample L2-normalised features, default), ``"mse"`` or ``"cosine"``.
+        w_ce, w_kl, w_ir: term weights; tau: temperature of the KL term.
+        teacher_input: the teacher's features on the ``"natural"`` batch (default: the representation as a label)
+            or the ``"adversarial"`` one.
+        attack_loss: the inner maximisation, ``"ce"`` (as ARD, default) or ``"kl"`` to the teacher (as RSLAD).
+        kl_reduction: ``"batchmean"`` (the formula above) or ``"mean"`` (ARD's reference code, /C).
+
+    A layer pair whose shapes differ gets a :class:`~ardir.losses.FeatureAdapter`, created by :meth:`setup`,
+    trained with the student and saved with the trainer, never part of the student.
+    """
+    name = "ardir"
+
+    def __init__(self, layers: Optional[Sequence[LayerSpec]] = None, layer_weights: Optional[Sequence[float]] = None,
+                 distance: str = "nmse", w_ce: float = 0.0, w_kl: float = 1.0, w_ir: float = 1.0,
+                 tau: float = 1.0, teacher_input: str = "natural", attack_loss: str = "ce",
+                 kl_reduction: str = "batchmean", **attack):
+        super().__init__(tau=tau, alpha=1.0, kl_reduction=kl_reduction, **attack)
+        self.attack_loss = one_of("attack_loss", attack_loss, ("ce", "kl"), "ARDIR attack loss")
+        self.layers = None if layers is None else [self._pair(spec) for spec in layers]
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers is empty: name at least one layer to match, or pass None for the default")
+        self.layer_weights = None if layer_weights is None else [number("layer_weights", w) for w in layer_weights]
+        if self.layers is not None and self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
+            raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {len(self.layers)} layers")
+        self.distance = one_of("distance", distance, DISTANCES, "feature distance")
+        self.w_ce, self.w_kl, self.w_ir = number("w_ce", w_ce), number("w_kl", w_kl), number("w_ir", w_ir)
+        self.teacher_input = one_of("teacher_input", teacher_input, ("natural", "adversarial"), "teacher input")
+        self.adapters = nn.ModuleList()
+
+    @staticmethod
+    def _pair(spec: LayerSpec) -> Tuple[str, str]:
+        if isinstance(spec, str):
+            return spec, spec
+        if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
+            return tuple(spec)
+        raise ValueError(f"layers entry {spec!r} must be a layer name or a (teacher_layer, student_layer) pair")
+
+    def setup(self, student, teacher, images) -> None:
+        """Resolve the layers and create an adapter for every pair whose feature shapes differ."""
+        if self.layers is None:
+            t_default = getattr(teacher, "default_ir_layers", None)
+            s_default = getattr(student, "default_ir_layers", None)
+            if not t_default or not s_default or len(t_default) != len(s_default):
+                raise ValueError("layers: these models name no default layers to match; pass layers=[...] with module "
+                                 "names, or (teacher_layer, student_layer) pairs (see ardir.hooks.layer_names(model))")
+            self.layers = list(zip(t_default, s_default))
+        check_layers(teacher, [t for t, _ in self.layers], "layers (teacher)")
+        check_layers(student, [s for _, s in self.layers], "layers (student)")
+        if self.layer_weights is None:
+            self.layer_weights = [1.0] * len(self.layers)
+        sample = images[:2]
+        with torch.no_grad(), model_mode(student, "eval"), model_mode(teacher, "eval"), \
+                FeatureHooks(teacher, [t for t, _ in self.layers]) as t_feats, \
+                FeatureHooks(student, [s for _, s in self.layers]) as s_feats:
+            teacher(sample)
+            student(sample)
+            shapes = [(tuple(s_feats[s].shape), tuple(t_feats[t].shape)) for t, s in self.layers]
+        adapters = []
+        for (t_name, s_name), (s_shape, t_shape) in zip(self.layers, shapes):
+            try:
+                adapters.append(FeatureAdapter(s_shape, t_shape))
+            except ValueError as err:
+                raise ValueError(f"layers ({t_name!r}, {s_name!r}): {err}") from None
+        param = next(student.parameters(), None)
+        self.adapters = nn.ModuleList(adapters).to(param.device if param is not None else images.device)
+
+    def forward(self, student, images, labels, teacher=None) -> Terms:
+        t_layers, s_layers = [t for t, _ in self.layers], [s for _, s in self.layers]
+        with FeatureHooks(teacher, t_layers) as t_feats:
+            t_logits = teacher_logits(teacher, images)
+            t_probs = F.softmax(t_logits, 1) if self.attack_loss == "kl" else None
+            adv = self.attack(student, images, labels, target_probs=t_probs)
+            if self.teacher_input == "adversarial":
+                teacher_logits(teacher, adv)
+            targets = [t_feats[t] for t in t_layers]
+        with FeatureHooks(student, s_layers) as s_feats:
+            s_logits = student(adv)
+            features = [s_feats[s] for s in s_layers]
+        ir = sum(lam * feature_distance(*adapter(f, t), self.distance)
+                 for lam, adapter, f, t in zip(self.layer_weights, self.adapters, features, targets))
+        terms = {"kl": self.w_kl * self.distillation(t_logits, s_logits), "ir": self.w_ir * ir}
+        if self.w_ce:
+            terms["ce_adv"] = self.w_ce * F.cross_entropy(s_logits, labels)
+        return terms
