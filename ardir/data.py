@@ -1,0 +1,461 @@
+"""Datasets and data loaders for robust distillation experiments.
+
+Every dataset yields ``(image, label)`` with ``image`` a float tensor of shape (C, H, W) in [0, 1]
+and ``label`` an int in [0, num_classes). Nothing is mean/std-normalised here: adversarial attacks
+work in [0, 1] pixel space, so normalisation belongs inside the model.
+
+Where the data comes from, in order:
+
+1. ``data_dir`` (default ``$ARDIR_DATA_DIR`` or ``~/.cache/ardir/data``), an existing copy;
+2. for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``);
+3. torchvision's download into ``data_dir`` when ``download=True`` and the machine is online.
+
+If none of them works, :class:`DatasetNotFoundError` says every place that was looked at and how
+to provide the data. MNIST and Fashion-MNIST idx files (``.gz`` or plain) are read directly into
+one uint8 tensor, and every built-in dataset is kept in memory (:class:`InMemoryImageDataset`), so
+CPU runs do not pay for PIL decoding per sample.
+"""
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+import struct
+import urllib.error
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from ._checks import non_negative_int, one_of
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "FAKE_SIZES",
+    "InMemoryImageDataset",
+    "Loaders",
+    "get_dataset",
+    "get_loaders",
+    "get_spec",
+    "read_idx",
+    "split_train_val",
+]
+
+PathLike = Union[str, os.PathLike]
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+FAKE_SIZES = {"train": 512, "test": 256}
+"""Default number of images of ``fake=True`` datasets per split."""
+
+SPLITS = ("train", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is neither on disk nor downloadable; the message lists where it looked and how to provide it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What is known about a dataset before loading it.
+
+    ``image_size`` is the side of the square (H = W) images; ``mean``/``std`` are per-channel
+    statistics of the [0, 1] training images, for information (models normalise themselves).
+    ``crop_padding`` > 0 means train-time random crop after zero-padding by that many pixels;
+    ``hflip`` means train-time random horizontal flip. ``num_classes`` is None for ``imagefolder``,
+    where the class folders decide it.
+    """
+
+    name: str
+    num_classes: Optional[int]
+    in_chans: int
+    image_size: int
+    torchvision_cls: type
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    crop_padding: int
+    hflip: bool
+    # How the torchvision class selects its split: "train" (a bool) or "split" (a string).
+    split_arg: str = "train"
+    # Where torchvision keeps its copy under the root; also where idx files are looked for.
+    torchvision_subdir: str = ""
+    # MNIST-style datasets ship as idx files that can be read without torchvision.
+    idx_files: bool = False
+    system_dirs: Tuple[Path, ...] = ()
+    install_hint: str = ""
+
+
+DATASETS = {
+    # Random crop + flip: the standard CIFAR recipe of every robust-distillation paper
+    # (ARD, RSLAD, IAD, AdaAD ...).
+    "cifar10": DatasetSpec(
+        "cifar10", 10, 3, 32, tv_datasets.CIFAR10,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, hflip=True,
+        torchvision_subdir="cifar-10-batches-py"),
+    "cifar100": DatasetSpec(
+        "cifar100", 100, 3, 32, tv_datasets.CIFAR100,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, hflip=True,
+        torchvision_subdir="cifar-100-python"),
+    # No flip: a mirrored digit is a different (or no) digit.
+    "svhn": DatasetSpec(
+        "svhn", 10, 3, 32, tv_datasets.SVHN,
+        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, hflip=False,
+        split_arg="split"),
+    # No augmentation, as in Madry et al.'s and TRADES' MNIST setups: digits are centred and
+    # small shifts add nothing but training time.
+    "mnist": DatasetSpec(
+        "mnist", 10, 1, 28, tv_datasets.MNIST,
+        (0.1307,), (0.3081,), crop_padding=0, hflip=False,
+        torchvision_subdir="MNIST/raw", idx_files=True),
+    # Crop + flip: clothes are left-right symmetric classes (a mirrored shoe is still a shoe),
+    # and Fashion-MNIST overfits quickly without augmentation; padding 2 keeps 28x28 items in view.
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist", 10, 1, 28, tv_datasets.FashionMNIST,
+        (0.2860,), (0.3530,), crop_padding=2, hflip=True,
+        torchvision_subdir="FashionMNIST/raw", idx_files=True,
+        system_dirs=(FASHION_MNIST_SYSTEM_DIR,),
+        install_hint="apt-get install dataset-fashion-mnist"),
+    # A folder of natural images: data_dir/{train,test}/<class>/<image>; ImageNet statistics for info.
+    "imagefolder": DatasetSpec(
+        "imagefolder", None, 3, 32, tv_datasets.ImageFolder,
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_padding=4, hflip=True),
+}
+"""Registry of supported datasets: canonical name -> :class:`DatasetSpec`."""
+
+ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+    "fmnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "image-folder": "imagefolder",
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``name`` (case-insensitive; ``_`` and ``-`` are interchangeable).
+
+    Raises ``ValueError`` naming the argument and the closest known names for an unknown ``name``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} must be a dataset name string, got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    one_of("name", key, [*DATASETS, *ALIASES], what="dataset")
+    return DATASETS[key]
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an idx file (MNIST format, ``.gz`` or plain) of unsigned bytes into a uint8 array.
+
+    Images come back as (N, H, W), labels as (N,).
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {raw[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    # Copied so the array is writable: torch warns about (and cannot protect) read-only buffers.
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def _crop_flip(image: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:
+    """Random crop after zero padding, then random horizontal flip, drawing from torch's global RNG.
+
+    The global RNG (seeded per worker by DataLoader) makes ``torch.manual_seed`` reproduce it.
+    """
+    if padding > 0:
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (padding, padding, padding, padding))
+        top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+        image = padded[..., top:top + height, left:left + width]
+    if hflip and torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    return image
+
+
+class InMemoryImageDataset(TensorDataset):
+    """A whole dataset held as ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,) tensors.
+
+    Items are ``(image, label)``: image float32 (C, H, W) in [0, 1], label an int. With ``augment``
+    each item gets a random crop (zero padding ``crop_padding``) and, if ``hflip``, a random
+    horizontal flip, both from torch's global RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0,
+                 hflip: bool = False, augment: bool = True,
+                 classes: Optional[Sequence[str]] = None) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 of shape (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        super().__init__(images, labels.long())
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.augment = augment
+        self.classes = list(classes) if classes is not None else None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 (N, C, H, W)."""
+        return self.tensors[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 (N,)."""
+        return self.tensors[1]
+
+    targets = labels  # torchvision's name, for code that expects it
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        image = self.images[index].float().div_(255)
+        if self.augment:
+            image = _crop_flip(image, self.crop_padding, self.hflip)
+        return image, int(self.labels[index])
+
+    def without_augmentation(self) -> "InMemoryImageDataset":
+        """The same images (shared, not copied) with augmentation off."""
+        clone = copy.copy(self)
+        clone.augment = False
+        return clone
+
+
+class _ImageFolder(tv_datasets.ImageFolder):
+    """``ImageFolder`` resized to ``size`` x ``size`` RGB, with the same crop/flip as the built-ins."""
+
+    def __init__(self, root: Path, size: int, spec: DatasetSpec, augment: bool) -> None:
+        self.eval_transform = T.Compose([T.Resize((size, size)), T.ToTensor()])
+        transform = self.eval_transform
+        if augment:
+            transform = T.Compose([self.eval_transform,
+                                   partial(_crop_flip, padding=spec.crop_padding, hflip=spec.hflip)])
+        super().__init__(str(root), transform=transform)
+
+    def without_augmentation(self) -> "_ImageFolder":
+        clone = copy.copy(self)
+        clone.transform = clone.eval_transform
+        return clone
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("ARDIR_DATA_DIR") or "~/.cache/ardir/data").expanduser()
+
+
+def _not_found(spec: DatasetSpec, split: str, looked: Sequence[Path],
+               download_error: Optional[BaseException], how: str = "") -> DatasetNotFoundError:
+    paths = ", ".join(str(p) for p in dict.fromkeys(looked))  # ordered, without repeats
+    if download_error is not None:
+        tried = f"and downloading failed ({type(download_error).__name__}: {download_error})"
+    else:
+        tried = "and download=False"
+    how = how or "pass --data-dir pointing to an existing copy, or run once online with download=True"
+    if spec.install_hint:
+        how += f", or `{spec.install_hint}`"
+    return DatasetNotFoundError(
+        f"{spec.name} {split} split not found: looked in {paths} {tried}; to provide it, {how}.")
+
+
+def _find_idx(directory: Path, split: str) -> Optional[Tuple[Path, Path]]:
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        candidates = [directory / f"{prefix}-{kind}-ubyte{ext}" for ext in ("", ".gz")]
+        existing = [p for p in candidates if p.is_file()]
+        if not existing:
+            return None
+        found.append(existing[0])
+    return found[0], found[1]
+
+
+def _to_nchw(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    images = torch.as_tensor(np.asarray(images), dtype=torch.uint8)
+    if images.dim() == 3:  # (N, H, W) grey
+        images = images.unsqueeze(1)
+    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # (N, H, W, C)
+        images = images.permute(0, 3, 1, 2)
+    return images.contiguous()
+
+
+def _load_tensors(spec: DatasetSpec, split: str, root: Path,
+                  download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) and int64 labels (N,) of a built-in dataset."""
+    looked: List[Path] = []
+    if spec.idx_files:
+        for directory in (root, root / spec.torchvision_subdir, *spec.system_dirs):
+            looked.append(directory)
+            files = _find_idx(directory, split)
+            if files is not None:
+                images, labels = (read_idx(f) for f in files)
+                return _to_nchw(images), torch.from_numpy(labels.astype(np.int64))
+    looked.append(root / spec.torchvision_subdir)
+    split_kwargs = {"split": split} if spec.split_arg == "split" else {"train": split == "train"}
+    try:
+        dataset = spec.torchvision_cls(str(root), download=download, **split_kwargs)
+    except (urllib.error.URLError, RuntimeError, OSError) as error:
+        raise _not_found(spec, split, looked, error if download else None) from error
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = dataset.labels  # SVHN's name
+    return _to_nchw(dataset.data), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+
+def _fake_dataset(spec: DatasetSpec, split: str, size: int, augment: bool,
+                  image_size: int) -> InMemoryImageDataset:
+    """Seeded random images whose classes are learnable: each class is noise around a prototype."""
+    if spec.num_classes is None:
+        raise ValueError(f"fake data needs a known number of classes; {spec.name!r} takes it "
+                         f"from its folders, pick a built-in dataset name instead")
+    generator = torch.Generator().manual_seed(SPLITS.index(split))
+    shape = (spec.in_chans, image_size, image_size)
+    prototypes = torch.randint(0, 256, (spec.num_classes, *shape), generator=generator)
+    # Balanced labels so that even a few hundred images contain every class.
+    labels = (torch.arange(size) % spec.num_classes)[torch.randperm(size, generator=generator)]
+    noise = torch.randint(0, 256, (size, *shape), generator=generator)
+    images = ((prototypes[labels] + noise) // 2).to(torch.uint8)
+    return InMemoryImageDataset(images, labels, spec.crop_padding, spec.hflip, augment)
+
+
+def _image_size(spec: DatasetSpec, image_size: Optional[int]) -> int:
+    if image_size is None or image_size == spec.image_size:
+        return spec.image_size
+    if spec.name != "imagefolder":
+        raise ValueError(f"image_size={image_size} only applies to 'imagefolder'; "
+                         f"{spec.name} images are {spec.image_size}x{spec.image_size}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} must be a whole number >= 1")
+    return image_size
+
+
+def get_dataset(name: str, split: str = "train", data_dir: Optional[PathLike] = None,
+                download: bool = True, augment: bool = True, fake: bool = False, *,
+                image_size: Optional[int] = None) -> Dataset:
+    """One split of a dataset, yielding ``(image, label)``.
+
+    ``image`` is float32 (C, H, W) in [0, 1], never normalised; ``label`` an int in
+    [0, num_classes). ``split`` is "train" or "test"; the test split is never augmented, the
+    train split gets the dataset's crop/flip (see :data:`DATASETS`) unless ``augment=False``.
+    ``fake=True`` gives seeded random images of the right shape and class count
+    (:data:`FAKE_SIZES`) without touching the disk. For ``name="imagefolder"``, ``data_dir``
+    holds ``train/<class>/*`` and ``test/<class>/*`` (or ``val/``), resized to ``image_size``
+    (default 32). Raises :class:`DatasetNotFoundError` when the data can be neither found nor
+    downloaded.
+    """
+    spec = get_spec(name)
+    one_of("split", split, SPLITS, what="split")
+    augment = augment and split == "train"
+    size = _image_size(spec, image_size)
+    if fake:
+        return _fake_dataset(spec, split, FAKE_SIZES[split], augment, size)
+    if spec.name == "imagefolder":
+        return _get_image_folder(spec, split, data_dir, size, augment)
+    root = Path(data_dir).expanduser() if data_dir is not None else _default_data_dir()
+    images, labels = _load_tensors(spec, split, root, download)
+    return InMemoryImageDataset(images, labels, spec.crop_padding, spec.hflip, augment)
+
+
+def _get_image_folder(spec: DatasetSpec, split: str, data_dir: Optional[PathLike], size: int,
+                      augment: bool) -> _ImageFolder:
+    how = "pass --data-dir pointing to a folder with train/<class>/<image> and test/<class>/<image>"
+    if data_dir is None:
+        raise DatasetNotFoundError(f"imagefolder needs a folder of images; {how}.")
+    root = Path(data_dir).expanduser()
+    candidates = [root / "train"] if split == "train" else [root / "test", root / "val"]
+    for folder in candidates:
+        if folder.is_dir():
+            return _ImageFolder(folder, size, spec, augment)
+    raise _not_found(spec, split, candidates, None, how=how)
+
+
+def split_train_val(n: int, val_size: int, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Split indices ``range(n)`` into (train, val), both sorted; ``val`` is a seeded random draw.
+
+    The same ``(n, val_size, seed)`` always gives the same split; ``val_size=0`` gives no val.
+    """
+    non_negative_int("val_size", val_size)
+    if val_size >= n:
+        raise ValueError(f"val_size={val_size} leaves no training images out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val = sorted(order[:val_size].tolist())
+    train = sorted(order[val_size:].tolist())
+    return train, val
+
+
+@dataclass
+class Loaders:
+    """Train/val/test loaders of one dataset plus what a model needs to know about its images.
+
+    Batches are ``(images, labels)``: images float32 (B, in_chans, image_size, image_size) in
+    [0, 1], labels int64 (B,). ``val`` is None when no validation split was held out.
+    """
+
+    train: DataLoader
+    val: Optional[DataLoader]
+    test: DataLoader
+    num_classes: int
+    in_chans: int
+    image_size: int
+    name: str = ""
+
+
+def get_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int = 128,
+                val_size: int = 1000, fake_data: bool = False, num_workers: int = 0, seed: int = 0,
+                limit: Optional[int] = None, download: bool = True, *,
+                image_size: Optional[int] = None) -> Loaders:
+    """Train, validation and test loaders of a dataset (see :func:`get_dataset` for the items).
+
+    The validation split is ``val_size`` images held out of the *training* set by a seeded draw
+    (:func:`split_train_val`), never augmented; ``val_size=0`` disables it. ``limit`` keeps only
+    the first ``limit`` remaining training images, for small CPU runs (with ``fake_data`` it
+    sets the fake training set's size, default ``FAKE_SIZES["train"]``). The training loader
+    shuffles with a ``torch.Generator`` seeded by ``seed`` and drops the last partial batch.
+    """
+    spec = get_spec(name)
+    non_negative_int("batch_size", batch_size)
+    non_negative_int("num_workers", num_workers)
+    non_negative_int("val_size", val_size)
+    if batch_size == 0:
+        raise ValueError("batch_size=0 must be at least 1")
+    if limit is not None and non_negative_int("limit", limit) == 0:
+        raise ValueError("limit=0 leaves no training images; use None for the whole set")
+
+    if fake_data:
+        size = _image_size(spec, image_size)
+        train_size = (limit or FAKE_SIZES["train"]) + val_size
+        pool = _fake_dataset(spec, "train", train_size, True, size)
+        test = _fake_dataset(spec, "test", FAKE_SIZES["test"], False, size)
+    else:
+        pool = get_dataset(name, "train", data_dir, download, augment=True, image_size=image_size)
+        test = get_dataset(name, "test", data_dir, download, augment=False, image_size=image_size)
+
+    num_classes = spec.num_classes
+    if num_classes is None:  # imagefolder: the folders define the classes
+        if test.classes != pool.classes:
+            raise ValueError(f"train classes {pool.classes} differ from test classes {test.classes}")
+        num_classes = len(pool.classes)
+
+    train_idx, val_idx = split_train_val(len(pool), val_size, seed)
+    train_idx = train_idx[:limit]
+    if len(train_idx) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than the {len(train_idx)} training "
+                         f"images, so no full batch is left; lower batch_size or raise limit")
+
+    common = dict(batch_size=batch_size, num_workers=num_workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    train_loader = DataLoader(Subset(pool, train_idx), shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed), **common)
+    val_loader = None
+    if val_idx:
+        val_loader = DataLoader(Subset(pool.without_augmentation(), val_idx), shuffle=False, **common)
+    test_loader = DataLoader(test, shuffle=False, **common)
+    return Loaders(train_loader, val_loader, test_loader, num_classes, spec.in_chans,
+                   _image_size(spec, image_size), spec.name)
