@@ -7,7 +7,7 @@ from ardir import models
 
 @pytest.mark.parametrize("name, chans, size, feat", [
     ("resnet18", 3, 32, 512), ("preact_resnet18", 3, 32, 512), ("wrn16_4", 3, 32, 256),
-    ("mobilenet_v2", 3, 32, 1280), ("cnn_small", 1, 28, 64), ("cnn_large", 1, 28, 192)])
+    ("mobilenet_v2", 3, 32, 1280), ("cnn_small", 1, 28, 256), ("cnn_large", 1, 28, 768)])
 def test_bundled_models_shapes_and_default_layer(name, chans, size, feat):
     model = models.create(name, num_classes=7, in_chans=chans).eval()
     x = torch.rand(2, chans, size, size)
