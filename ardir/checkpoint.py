@@ -1,0 +1,349 @@
+"""Crash-safe files: atomic writes, safe checkpoint loading and a rotating checkpointer.
+
+- Every write goes to a temporary file in the target's directory, is flushed and fsync'ed, then renamed over the
+  target (``os.replace``, atomic on POSIX and Windows). A crash, a kill or a full disk while writing leaves the
+  previous file untouched and no truncated target; the temporary file is removed on any error.
+- Checkpoints load with ``torch.load(..., weights_only=True)``: tensors and plain data (dicts, lists, numbers,
+  strings) only. A file carrying a pickled callable or any other object is refused with :class:`CheckpointError`,
+  never executed. A truncated or corrupt file also raises :class:`CheckpointError`, naming the file.
+- :class:`Checkpointer` writes numbered checkpoints ``epoch-EEEE-step-SSSSSSSSS.pt`` (``EEEE`` = epochs completed,
+  ``SSSSSSSSS`` = optimiser steps done), keeps the newest ``keep_last`` of them and points ``last.pt`` at the
+  newest. :func:`newest_good` finds the newest one that loads, skipping corrupt ones with a warning.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+FORMAT = "ardir-checkpoint"
+"""The ``format`` entry of every trainer checkpoint."""
+VERSION = 1
+"""The ``version`` entry; a checkpoint from a newer version is refused."""
+LAST = "last.pt"
+_NUMBERED = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
+_STALE = re.compile(r"^\.(epoch-\d+-step-\d+\.pt|last\.pt)\..+\.(tmp|link)$")
+
+__all__ = ["CheckpointError", "Checkpointer", "atomic_save", "atomic_write_bytes", "atomic_write_text", "rng_state",
+           "set_rng_state", "loader_generators", "generator_states", "set_generator_states",
+           "checkpoint_name", "find_resumable", "list_checkpoints", "load_checkpoint", "newest_good"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: corrupt, truncated, not an ardir checkpoint, or carrying unsafe objects."""
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """The same kind of OSError, with a message naming the file and what to do."""
+    if error.errno == errno.ENOSPC:
+        hint = "the disk is full; free space and resume (the previous file, if any, is intact)"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the directory is not writable; fix its permissions or choose another output directory"
+    else:
+        hint = "the previous file, if any, is intact"
+    message = f"could not write {path}: {error.strerror or error}; {hint}"
+    try:
+        return type(error)(error.errno, message) if error.errno is not None else type(error)(message)
+    except TypeError:  # an OSError subclass with another constructor
+        return OSError(error.errno, message)
+
+
+def _atomic_write(path: PathLike, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as error:
+        raise _write_error(path, error) from error
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:  # also KeyboardInterrupt: never leave the temporary file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically: the file is either the old one or the complete new one."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(text: str, path: PathLike, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (logs such as ``metrics.jsonl`` rewritten whole, reports, configs)."""
+    return atomic_write_bytes(text.encode(encoding), path)
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically. On any error (e.g. ``OSError`` ENOSPC, disk full) the temporary
+    file is deleted, an existing ``path`` is left untouched and the error names ``path``."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``, onto the CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is truncated or corrupt, or carries objects other than tensors and plain data
+            (a pickled callable is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"checkpoint {path} does not exist", str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
+        if any(key in text for key in ("Unsupported global", "allowed global", "Unsupported class", "reduce")):
+            raise CheckpointError(
+                f"refused to load {path}: it contains objects other than tensors and plain data (a pickled "
+                f"class or callable), which could run code; it was not executed. Only load files you trust with "
+                f"torch.load(weights_only=False). {detail}") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a torch checkpoint: it cannot be "
+                              f"read with weights_only=True (nothing in it was executed; {text.splitlines()[-3:]!r}); "
+                              "use an older checkpoint") from None
+    except Exception as error:  # RuntimeError, EOFError, struct.error, ...: whatever a damaged file raises
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); use an older checkpoint "
+                              "(resuming from a directory picks the newest good one)") from None
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """File name of the checkpoint taken after ``epoch`` completed epochs and ``step`` optimiser steps."""
+    return f"epoch-{epoch:04d}-step-{step:09d}.pt"
+
+
+def list_checkpoints(directory: PathLike) -> List[Path]:
+    """The numbered checkpoints in ``directory``, newest first (by steps, then epochs)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _NUMBERED.match(entry.name)
+        if match and entry.is_file():
+            found.append(((int(match.group(2)), int(match.group(1))), entry))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resumable(directory: PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``(path, state)`` of the newest checkpoint in ``directory`` that loads; ``None`` when it holds none.
+
+    Numbered checkpoints are tried newest first, then ``last.pt``; a corrupt or unsafe one is skipped with a
+    warning. Raises :class:`CheckpointError` when checkpoints exist but none loads.
+    """
+    directory = Path(directory)
+    candidates = list_checkpoints(directory)
+    if (directory / LAST).is_file():
+        candidates.append(directory / LAST)
+    failures = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except (CheckpointError, OSError) as error:
+            failures.append(str(error))
+            warnings.warn(f"skipping checkpoint {path}: {error}", stacklevel=2)
+    if failures:
+        raise CheckpointError(f"no usable checkpoint in {directory}: " + " | ".join(failures))
+    return None
+
+
+def newest_good(directory: PathLike) -> Optional[Path]:
+    """The newest checkpoint in ``directory`` that loads (corrupt ones skipped with a warning), or ``None``."""
+    try:
+        found = find_resumable(directory)
+    except CheckpointError:
+        return None
+    return None if found is None else found[0]
+
+
+class Checkpointer:
+    """Writes a run's checkpoints into ``directory`` atomically and keeps the newest ``keep_last``.
+
+    Arguments:
+        directory: created if missing; it must be writable (checked now, not after the first epoch).
+        keep_last: numbered checkpoints kept (>= 1); older ones are deleted after a newer one is written.
+        every_steps: also checkpoint every this many optimiser steps (mid-epoch); ``None``: only at epoch ends.
+
+    Each save writes ``epoch-EEEE-step-SSSSSSSSS.pt`` and then makes ``last.pt`` the same file (a hard link,
+    or a copy where links are not supported), both atomically.
+    """
+
+    def __init__(self, directory: PathLike, keep_last: int = 2, every_steps: Optional[int] = None):
+        from ._checks import non_negative_int
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last={keep_last!r} must be a whole number >= 1 (checkpoints kept)")
+        if every_steps is not None and non_negative_int("checkpoint_every_steps", every_steps) == 0:
+            raise ValueError("checkpoint_every_steps=0 must be >= 1, or None to checkpoint only at epoch ends")
+        self.directory = Path(directory).expanduser()
+        self.keep_last = keep_last
+        self.every_steps = every_steps
+        self._check_writable()
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files left by a writer killed mid-write (never a complete checkpoint)."""
+        for entry in self.directory.iterdir():
+            if _STALE.match(entry.name):
+                try:
+                    entry.unlink()
+                except OSError:
+                    pass
+
+    def _check_writable(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=self.directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise PermissionError(
+                getattr(error, "errno", None) or errno.EACCES,
+                f"checkpoint directory {self.directory} is not writable ({type(error).__name__}: "
+                f"{error.strerror or error}); choose a directory you can write to (output_dir / checkpoint_dir) "
+                "or fix its permissions", str(self.directory)) from error
+
+    @property
+    def last(self) -> Path:
+        """``directory / "last.pt"``."""
+        return self.directory / LAST
+
+    def due(self, step: int) -> bool:
+        """Whether a mid-epoch checkpoint is due after optimiser step ``step``."""
+        return self.every_steps is not None and step > 0 and step % self.every_steps == 0
+
+    def save(self, state: Dict[str, Any], epoch: int, step: int) -> Path:
+        """Write ``state`` as the checkpoint after ``epoch`` epochs and ``step`` steps; returns its path."""
+        path = atomic_save(state, self.directory / checkpoint_name(epoch, step))
+        self._point_last_at(path)
+        for old in list_checkpoints(self.directory)[self.keep_last:]:
+            try:
+                old.unlink()
+            except OSError as error:
+                warnings.warn(f"could not delete old checkpoint {old}: {error}", stacklevel=2)
+        return path
+
+    def _point_last_at(self, path: Path) -> None:
+        tmp = self.directory / f".{LAST}.{os.getpid()}.link"
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            os.link(path, tmp)
+            os.replace(tmp, self.last)
+            _fsync_directory(self.directory)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            _atomic_write(self.last, lambda f: _copy_into(path, f))
+
+    def newest(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """``(path, state)`` of the newest checkpoint that loads (see :func:`find_resumable`)."""
+        return find_resumable(self.directory)
+
+
+def _copy_into(path: Path, f: io.BufferedWriter) -> None:
+    with open(path, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+# ------------------------------------------------------------------------------------------- random states
+# Kept as tensors and plain numbers so that weights_only=True loads them.
+
+def rng_state() -> Dict[str, Any]:
+    """The global random states: torch (CPU), CUDA (when initialised), numpy and Python's ``random``."""
+    import random
+
+    import numpy as np
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; CUDA states only when CUDA is initialised with as many devices."""
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+    if "python" in state:
+        s = state["python"]
+        random.setstate((s["version"], tuple(int(v) for v in s["internal"].tolist()), s["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def loader_generators(loader: Any) -> List[torch.Generator]:
+    """The ``torch.Generator`` objects a data loader shuffles with (its own, its sampler's), without repeats."""
+    found: List[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        generator = getattr(obj, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def generator_states(loader: Any) -> List[torch.Tensor]:
+    """The states of :func:`loader_generators`."""
+    return [g.get_state() for g in loader_generators(loader)]
+
+
+def set_generator_states(loader: Any, states: List[torch.Tensor]) -> None:
+    """Restore :func:`generator_states` (ignored when the loader's generators do not match in number)."""
+    generators = loader_generators(loader)
+    if len(generators) == len(states):
+        for generator, s in zip(generators, states):
+            generator.set_state(s)

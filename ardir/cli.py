@@ -1,0 +1,423 @@
+"""The ``ardir`` command: ``ardir train``, ``ardir eval`` and ``ardir plot`` (also ``python -m ardir``).
+
+::
+
+    ardir train --dataset fashion-mnist --model cnn_small --teacher runs/teacher/best.pt --eps 0.1 \\
+                --output-dir runs/ardir
+    ardir train --config run.toml --epochs 50          # a TOML file describes the run; flags override it
+    ardir train --output-dir runs/ardir --resume       # continue from runs/ardir/last.pt
+    ardir eval --checkpoint runs/ardir/best.pt --attacks natural pgd20 cw30 autoattack
+    ardir plot runs/ardir
+
+A training run writes into ``--output-dir``:
+
+* ``last.pt`` -- everything needed to continue: model, adapters, optimiser, schedule, epoch, step, RNG states
+  (global and data order), the configuration; rewritten atomically after every epoch;
+* ``best.pt`` -- the model with the best PGD accuracy on the validation split (held out of the *training* set,
+  ``--val-size``), never chosen on the test set;
+* ``metrics.jsonl`` -- one JSON line per epoch: every loss term, ``val_natural``, ``val_pgd``, ``lr``,
+  ``images_per_s``, ``seconds``;
+* ``config.toml`` -- the resolved configuration (``ardir train --config DIR/config.toml`` repeats the run).
+
+Every flag of ``ardir train`` is a key of the TOML file (``--weight-decay`` is ``weight_decay``); the list comes
+from :mod:`ardir.config` (Trainer and method signatures), so ``ardir train --help`` is always complete.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import config as cfg
+from . import data as ardir_data
+from . import models
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from .teachers import TeacherNotFoundError, load_teacher, model_from_checkpoint
+
+__all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError"]
+
+RUN_FORMAT = "ardir-run"
+MODEL_FORMAT = "ardir-model"
+
+
+class CLIError(Exception):
+    """A problem with the command line or the run directory, reported as one sentence (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _flag_type(kind: str):
+    item = kind[5:-1] if kind.startswith("list[") else kind
+    if item == "float":
+        return lambda text: cfg._float("value", text)
+    return {"int": int, "str": str}[item]
+
+
+def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
+    help_ = option.help.replace("%", "%%")
+    if option.default is not None and option.group != "method":
+        help_ += f" (default: {option.default})"
+    if option.kind == "bool":
+        group.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_)
+        return
+    nargs = "+" if option.kind.startswith("list[") else None
+    metavar = option.kind.upper().replace("LIST[", "").replace("]", "")
+    group.add_argument(option.flag, dest=option.name, type=_flag_type(option.kind), nargs=nargs,
+                       default=argparse.SUPPRESS, metavar=metavar, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ardir`` argument parser; ``train``'s flags are generated from :func:`ardir.config.schema`."""
+    parser = argparse.ArgumentParser(prog="ardir", description="Adversarially robust knowledge distillation: "
+                                     "train, evaluate, plot.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot}")
+
+    train_p = sub.add_parser("train", help="train a model (a teacher with --method trades/at, or distil a student)",
+                             description="Train with any method. Flags override --config; --resume continues "
+                                         "DIR/last.pt.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_p.add_argument("--config", metavar="TOML", help="a TOML file of key = value pairs (keys as the flags, "
+                         "with _ for -)")
+    train_p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
+    titles = {"run": "run", "trainer": "trainer (ardir.Trainer)",
+              "method": "method arguments (unset: the method's own default)", "eval": "evaluation (ardir eval)"}
+    groups = {name: train_p.add_argument_group(title) for name, title in titles.items()}
+    for option in cfg.schema().values():
+        _add_option(groups[option.group], option)
+
+    eval_p = sub.add_parser("eval", help="evaluate a checkpoint; writes report.md and report.json beside it")
+    eval_p.add_argument("--checkpoint", required=True, help="an ardir checkpoint (DIR/best.pt or DIR/last.pt)")
+    eval_p.add_argument("--attacks", nargs="+", default=None, help="attack names (ardir.evaluate's grammar: natural, "
+                        "fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`")
+    eval_p.add_argument("--eps", type=_flag_type("float"), default=None,
+                        help="L-inf radius, e.g. 8/255 (default: the run's eval_eps, else its training eps)")
+    eval_p.add_argument("--eps-sweep", type=_flag_type("float"), nargs="+", default=None,
+                        help="also run --sweep-attack at these radii (robust accuracy against eps; `ardir plot`)")
+    eval_p.add_argument("--sweep-attack", default="pgd20", help="attack of the eps sweep and of the large-eps check")
+    eval_p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
+                        help="run ardir.evaluate's sanity checks (an eps sweep needs them)")
+    eval_p.add_argument("--n-examples", type=int, default=None, help="test images evaluated (default: the run's, "
+                        "else all)")
+    eval_p.add_argument("--data-dir", default=None, help="the dataset's location (default: the run's)")
+    eval_p.add_argument("--fake-data", action=argparse.BooleanOptionalAction, default=None,
+                        help="evaluate on fake data (default: as the run was trained)")
+    eval_p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    eval_p.add_argument("--device", default="auto")
+    eval_p.add_argument("--output", default=None, help="report path without suffix (default: report beside the "
+                        "checkpoint)")
+    eval_p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    eval_p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    plot_p = sub.add_parser("plot", help="training curves (metrics.jsonl) and robust accuracy against eps "
+                            "(report*.json with a sweep) as PNG files")
+    plot_p.add_argument("directory", help="a run directory")
+    plot_p.add_argument("--output-dir", default=None, help="where the PNG files go (default: the run directory)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...): {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(loader: Any) -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])
+
+
+def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The configuration without unset keys (what checkpoints and config.toml store)."""
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _format_record(record: Mapping[str, Any], epochs: int) -> str:
+    from .plot import NON_TERMS
+    skip = NON_TERMS | {"loss"}
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and isinstance(v, float))
+    line = f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4g}" + (f" ({terms})" if terms else "")
+    if "val_pgd" in record:
+        line += f"  val natural {record['val_natural']:.2f}%  pgd {record['val_pgd']:.2f}%"
+    return line + f"  lr {record['lr']:.3g}  {record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s"
+
+
+class RunLogger:
+    """The Trainer callback of a run: after every epoch it appends to ``metrics.jsonl``, rewrites ``last.pt``,
+    updates ``best.pt`` when the validation PGD accuracy improved, and prints one log line."""
+
+    def __init__(self, output_dir: Path, config: Mapping[str, Any], model_info: Mapping[str, Any], loader: Any,
+                 best: Optional[Mapping[str, Any]] = None, log=None):
+        self.output_dir = Path(output_dir)
+        self.config = _plain(config)
+        self.model_info = dict(model_info)
+        self.loader = loader
+        self.best = dict(best or {})
+        self.log = log or (lambda line: tqdm.write(line))
+
+    @property
+    def metrics_path(self) -> Path:
+        """``output_dir / "metrics.jsonl"``."""
+        return self.output_dir / "metrics.jsonl"
+
+    def __call__(self, trainer, record: Dict[str, Any]) -> None:
+        record = {"epoch": record["epoch"], "step": trainer.step, **{k: v for k, v in record.items() if k != "epoch"}}
+        # Order matters for a crash in between: the log line first (a resume drops lines past last.pt), then
+        # best.pt, then last.pt, which records the best epoch only once best.pt holds it.
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        improved = "val_pgd" in record and record["val_pgd"] > self.best.get("val_pgd", -1.0)
+        if improved:
+            self.best = {"epoch": record["epoch"], "val_pgd": record["val_pgd"],
+                         "val_natural": record["val_natural"]}
+            atomic_save({"format": MODEL_FORMAT, "config": self.config, "model_info": self.model_info,
+                         "model": trainer.student.state_dict(), **self.best}, self.output_dir / "best.pt")
+        atomic_save(self.last_state(trainer), self.output_dir / "last.pt")
+        self.log(_format_record(record, trainer.epochs) + ("  *best*" if improved else ""))
+
+    def last_state(self, trainer) -> Dict[str, Any]:
+        """The content of ``last.pt``."""
+        return {"format": RUN_FORMAT, "version": 1, "config": self.config, "model_info": self.model_info,
+                "model": trainer.student.state_dict(), "trainer": trainer.state_dict(),
+                "rng": _rng_state(self.loader), "best": self.best, "epoch": trainer.epoch, "step": trainer.step}
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Keep the lines of epochs <= ``epoch`` (an interruption between writing the log and last.pt)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("epoch", 0) <= epoch:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            pass
+    if len(kept) != len(lines):
+        atomic_write_text("".join(line + "\n" for line in kept), path)
+
+
+def _newer_mid_epoch_checkpoint(directory: Path, step: int) -> Optional[Path]:
+    """The newest of the Trainer's numbered checkpoints in ``directory`` if it is past optimiser step ``step``."""
+    try:
+        from .checkpoint import list_checkpoints
+    except ImportError:  # pragma: no cover
+        return None
+    for path in list_checkpoints(directory):  # newest first
+        if int(path.stem.rsplit("-", 1)[1]) > step:
+            return path
+        break
+    return None
+
+
+def _model_info(config: Mapping[str, Any], loaders: ardir_data.Loaders) -> Dict[str, Any]:
+    info: Dict[str, Any] = {"name": config["model"], "num_classes": loaders.num_classes,
+                            "in_chans": loaders.in_chans, "image_size": loaders.image_size,
+                            "dataset": loaders.name}
+    if config["normalize"]:
+        spec = ardir_data.get_spec(config["dataset"])
+        info.update(mean=list(spec.mean), std=list(spec.std))
+    return info
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: bool = False,
+          log=None) -> Path:
+    """Run ``ardir train``: ``flags`` override ``config_file``, which overrides the saved configuration on
+    ``resume`` and the defaults. Returns the output directory."""
+    from .methods import METHODS
+    from .trainer import Trainer
+
+    say = log or (lambda line: tqdm.write(line))
+    file_values = cfg.load_toml(config_file) if config_file else {}
+    output_dir = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.schema()["output_dir"].default)
+    last = output_dir / "last.pt"
+    state = None
+    if resume:
+        if not last.is_file():
+            raise CLIError(f"--resume: {last} does not exist; start the run without --resume")
+        state = load_checkpoint(last)
+        if state.get("format") != RUN_FORMAT:
+            raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format {state.get('format')!r})")
+        config = cfg.resolve(state["config"], file_values, flags)
+    else:
+        if last.exists():
+            raise CLIError(f"{output_dir} already holds a run (last.pt); continue it with --resume, or choose "
+                           "another --output-dir")
+        config = cfg.resolve(file_values, flags)
+    config["output_dir"] = str(output_dir)
+    device = _device(config["device"])
+    _seed_everything(config["seed"])
+
+    loaders = ardir_data.get_loaders(config["dataset"], data_dir=config["data_dir"], batch_size=config["batch_size"],
+                                     val_size=config["val_size"], fake_data=config["fake_data"],
+                                     num_workers=config["num_workers"], seed=config["seed"],
+                                     limit=config["train_size"], download=config["download"])
+    info = _model_info(config, loaders)
+    student = models.create(info["name"], num_classes=info["num_classes"], in_chans=info["in_chans"],
+                            mean=info.get("mean"), std=info.get("std")).to(device)
+    teacher = None
+    if METHODS[config["method"]].needs_teacher:
+        if not config["teacher"]:
+            raise CLIError(f"method {config['method']!r} distils from a teacher: pass --teacher PATH|MODEL|"
+                           "robustbench:NAME, or train one first with `ardir train --method trades --output-dir DIR`")
+        teacher = load_teacher(config["teacher"], info["num_classes"], info["in_chans"], device,
+                               model_name=config["teacher_model"], model_dir=config["robustbench_dir"])
+    elif config["teacher"]:
+        say(f"note: method {config['method']!r} uses no teacher; --teacher is ignored")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(output_dir, config, info, loaders.train, best=state.get("best") if state else None, log=say)
+    trainer_kwargs = cfg.trainer_kwargs(config)
+    if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
+        trainer_kwargs["checkpoint_dir"] = output_dir / "checkpoints"  # the Trainer's mid-epoch checkpoints
+    trainer = Trainer(student, loaders.train, teacher=teacher, method=config["method"], val_loader=loaders.val,
+                      progress=not config["quiet"], callbacks=[logger], **trainer_kwargs,
+                      **cfg.method_kwargs(config))
+    if state is not None:
+        newer = _newer_mid_epoch_checkpoint(output_dir / "checkpoints", int(state["step"]))
+        if newer is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
+            trainer.resume(newer.parent)  # the newest one that loads
+        else:
+            trainer.load_state_dict(state["trainer"])
+            _set_rng_state(state["rng"], loaders.train)
+        _truncate_metrics(logger.metrics_path, trainer.epoch)
+        say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
+    elif logger.metrics_path.exists():
+        logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over
+    atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
+    if loaders.val is None:
+        say("note: --val-size 0 holds out no validation split, so no best.pt is chosen; evaluate last.pt")
+
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted during epoch {trainer.epoch + 1}; `ardir train --output-dir {output_dir} "
+                       f"--resume` continues from last.pt (epoch {trainer.epoch})") from None
+    best = logger.best
+    summary = f"done: {output_dir}/last.pt"
+    if best:
+        summary += f"; best.pt from epoch {best['epoch']} (val PGD {best['val_pgd']:.2f}%)"
+    say(summary + f"; evaluate with `ardir eval --checkpoint {output_dir}/{'best' if best else 'last'}.pt`")
+    return output_dir
+
+
+# -------------------------------------------------------------------------------------------------- eval
+def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None, eps: Optional[float] = None,
+                        n_examples: Optional[int] = None, data_dir: Optional[str] = None,
+                        fake_data: Optional[bool] = None, batch_size: Optional[int] = None, device: str = "auto",
+                        output: Optional[str] = None, eps_sweep: Optional[Sequence[float]] = None,
+                        sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True):
+    """Run ``ardir eval``: rebuild the model from the checkpoint's record, evaluate it on the run's test set,
+    write ``report.md`` and ``report.json`` beside the checkpoint (or at ``output``). Returns the report."""
+    from .evaluate import evaluate
+    from .methods import create_method
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    if eps_sweep and not checks:
+        raise CLIError("--eps-sweep is one of the sanity checks: drop --no-checks")
+    if "model_info" not in state or "config" not in state:
+        raise CLIError(f"{path} is not an ardir run checkpoint (best.pt or last.pt of `ardir train`)")
+    config = cfg.resolve(state["config"])
+    dev = _device(device)
+    model = model_from_checkpoint(state, source=str(path)).to(dev).eval()
+    if eps is None:
+        eps = config["eval_eps"]
+    if eps is None:
+        eps = create_method(config["method"], **cfg.method_kwargs(config)).eps
+    fake = config["fake_data"] if fake_data is None else fake_data
+    test = ardir_data.get_dataset(config["dataset"], "test", data_dir or config["data_dir"],
+                                  download=config["download"], augment=False, fake=fake)
+    loader = torch.utils.data.DataLoader(test, batch_size=batch_size or config["batch_size"], shuffle=False)
+    report = evaluate(model, loader, eps=eps, attacks=list(attacks or config["attacks"]),
+                      n_examples=n_examples if n_examples is not None else config["n_examples"],
+                      eps_sweep=eps_sweep, sweep_attack=sweep_attack, seed=seed, progress=not quiet,
+                      dataset=config["dataset"], checks=checks)
+    report.save(Path(output) if output else path.parent / "report")
+    return report
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``ardir`` console script; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = cfg.schema()
+    try:
+        if args.command == "train":
+            flags = {k: v for k, v in vars(args).items() if k in options}
+            train(flags, args.config, args.resume)
+        elif args.command == "eval":
+            report = evaluate_checkpoint(args.checkpoint, args.attacks, args.eps, args.n_examples, args.data_dir,
+                                         args.fake_data, args.batch_size, args.device, args.output, args.eps_sweep,
+                                         args.sweep_attack, args.seed, args.quiet, args.checks)
+            print(report.to_markdown())
+            where = Path(args.output) if args.output else Path(args.checkpoint).parent / "report"
+            print(f"wrote {where}.md and {where}.json")
+        elif args.command == "plot":
+            from .plot import plot_run
+            for path in plot_run(args.directory, args.output_dir):
+                print(f"wrote {path}")
+    except (CLIError, cfg.ConfigError, ardir_data.DatasetNotFoundError, TeacherNotFoundError, CheckpointError,
+            FileNotFoundError, ImportError) as err:
+        if os.environ.get("ARDIR_DEBUG"):
+            raise
+        print(f"ardir {args.command}: error: {err}", file=sys.stderr)
+        return 130 if "interrupted" in str(err) else 2
+    except ValueError as err:  # the library's argument checks: one sentence naming the argument
+        if os.environ.get("ARDIR_DEBUG"):
+            raise
+        print(f"ardir {args.command}: error: {err} (set ARDIR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Run configuration: one schema gives the TOML keys, the command-line flags and their checks.
+
+A run is described by flat ``key = value`` pairs (TOML), e.g.::
+
+    dataset = "cifar10"
+    model = "resnet18"
+    teacher = "robustbench:Zhang2019Theoretically"
+    method = "ardir"
+    epochs = 200
+    layers = ["features"]
+    eps = "8/255"          # floats may be written as fractions
+
+The keys come from three places, so no option is listed twice:
+
+* run options (:data:`RUN_OPTIONS`): data, models, teacher, output, seed, evaluation;
+* every argument of :class:`ardir.Trainer` with a plain type (``epochs``, ``lr``, ``milestones``, ...), read from
+  its signature;
+* every argument of every method (``tau``, ``layers``, ``beta``, ...), read from the methods' signatures
+  (:func:`ardir.trainer.method_arguments`). A method argument left unset takes the method's own default.
+
+Unknown keys are errors naming the key and its closest matches; a wrong type is an error naming the key, the
+expected type and what was given. :func:`dump_toml` writes the resolved configuration back as TOML.
+"""
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import inspect
+import math
+import os
+import typing
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.9/3.10
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
+
+__all__ = ["ConfigError", "Option", "RUN_OPTIONS", "schema", "load_toml", "parse_toml", "check", "check_value",
+           "resolve", "dump_toml", "dump_config", "method_keys", "trainer_keys", "method_kwargs", "trainer_kwargs",
+           "layer_specs"]
+
+SCALARS = ("str", "int", "float", "bool")
+KINDS = SCALARS + ("list[str]", "list[int]", "list[float]")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has a wrong type or an invalid value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    Attributes:
+        name: the TOML key (``snake_case``); the flag is ``--name-with-dashes``.
+        kind: ``"str"``, ``"int"``, ``"float"``, ``"bool"``, ``"list[str]"``, ``"list[int]"`` or ``"list[float]"``.
+        default: the value when the key is not given; ``None`` means "not set" (the library's default applies).
+        help: one line for ``--help`` and the docs.
+        group: ``"run"``, ``"trainer"``, ``"method"`` or ``"eval"``.
+        choices: the allowed values of a ``str`` option, if restricted.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    group: str
+    choices: Optional[Tuple[str, ...]] = None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, ``--name-with-dashes``."""
+        return "--" + self.name.replace("_", "-")
+
+
+ATTACKS_DEFAULT = ["natural", "fgsm", "pgd20", "cw30"]
+
+RUN_OPTIONS: Tuple[Option, ...] = (
+    Option("dataset", "str", "cifar10", "dataset name (ardir.data.DATASETS)", "run"),
+    Option("data_dir", "str", None, "an existing copy of the dataset (default: $ARDIR_DATA_DIR or ~/.cache/ardir/data)",
+           "run"),
+    Option("fake_data", "bool", False, "seeded random images of the dataset's shape (dry runs, no disk)", "run"),
+    Option("download", "bool", True, "download the dataset when it is not found and the machine is online", "run"),
+    Option("val_size", "int", 1000, "validation images held out of the training set (best.pt is chosen on them)",
+           "run"),
+    Option("train_size", "int", None, "use only this many training images (default: all)", "run"),
+    Option("batch_size", "int", 128, "training batch size", "run"),
+    Option("num_workers", "int", 0, "data-loader worker processes", "run"),
+    Option("seed", "int", 0, "seed of the model initialisation, the data split and the data order", "run"),
+    Option("model", "str", "resnet18", "the trained model: a name of ardir.models.list_models() or timm/<name>",
+           "run"),
+    Option("normalize", "bool", False, "put the dataset's mean/std normalisation inside the model", "run"),
+    Option("teacher", "str", None, "the teacher: a checkpoint path, a model name, or robustbench:NAME", "run"),
+    Option("teacher_model", "str", None, "architecture of a teacher checkpoint that does not record it "
+           "(a plain state_dict)", "run"),
+    Option("robustbench_dir", "str", None, "RobustBench's model directory (default: $ARDIR_ROBUSTBENCH_DIR or "
+           "./models)", "run"),
+    Option("method", "str", "ardir", "training method (ardir.list_methods())", "run"),
+    Option("output_dir", "str", "runs/run", "where last.pt, best.pt, metrics.jsonl and config.toml are written",
+           "run"),
+    Option("device", "str", "auto", "auto, cpu, cuda, cuda:1, ...", "run"),
+    Option("quiet", "bool", False, "no progress bars (they are off anyway when the output is not a terminal)",
+           "run"),
+    Option("attacks", "list[str]", ATTACKS_DEFAULT, "attacks of the final evaluation (ardir.evaluate)", "eval"),
+    Option("eval_eps", "float", None, "L-inf radius of the evaluation (default: the method's eps)", "eval"),
+    Option("n_examples", "int", None, "test images evaluated (default: the whole test set)", "eval"),
+)
+"""The options of a run that are neither Trainer nor method arguments."""
+
+# Trainer arguments that are objects, or set by the run itself, not configuration values.
+_TRAINER_SKIP = {"self", "student", "train_loader", "teacher", "method", "optimizer", "scheduler", "val_loader",
+                 "progress", "callbacks", "method_kwargs", "checkpoint_dir"}
+
+
+def _kind(hint: Any) -> Optional[Tuple[str, bool]]:
+    """(kind, nullable) of a type hint, or None when the hint is not a plain configuration type."""
+    nullable = False
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if hint in (str, int, float, bool):
+        return hint.__name__, nullable
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        args = typing.get_args(hint)
+        item = args[0] if args else str
+        if typing.get_origin(item) is typing.Union:  # ARDIR's layers: str or (teacher, student) pairs
+            item = str
+        if item in (str, int, float):
+            return f"list[{item.__name__}]", nullable
+    return None
+
+
+def _first_line(doc: Optional[str], name: str) -> str:
+    """The text after ``name:`` (or ``a, name, b:``) in a docstring's argument list, first line only."""
+    for line in (doc or "").splitlines():
+        head, sep, tail = line.strip().partition(":")
+        if sep and name in [n.strip() for n in head.split(",")]:
+            return tail.strip()
+    return ""
+
+
+def trainer_keys() -> List[Option]:
+    """Options from :class:`ardir.Trainer`'s signature (every argument with a plain type)."""
+    from .trainer import Trainer
+
+    hints = typing.get_type_hints(Trainer.__init__)
+    options = []
+    for p in inspect.signature(Trainer.__init__).parameters.values():
+        if p.name in _TRAINER_SKIP or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name not in hints:
+            continue
+        kind = _kind(hints[p.name])
+        if kind is None:
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        options.append(Option(p.name, kind[0], default, _first_line(Trainer.__doc__, p.name) or f"Trainer({p.name}=...)",
+                              "trainer"))
+    return options
+
+
+def method_keys() -> List[Option]:
+    """Options from every method's signature; unset (``None``) means the chosen method's own default."""
+    from .methods import METHODS
+    from .trainer import method_arguments
+
+    seen: Dict[str, Option] = {}
+    for name in sorted(METHODS):
+        for cls in METHODS[name].__mro__:
+            if "__init__" not in vars(cls) or not cls.__module__.startswith("ardir"):
+                continue
+            hints = typing.get_type_hints(cls.__init__)
+            for arg in method_arguments(name):
+                if arg in seen or arg not in hints:
+                    continue
+                kind = _kind(hints[arg])
+                if kind is None:
+                    continue
+                help_ = _first_line(cls.__doc__, arg) or _first_line(METHODS[name].__doc__, arg)
+                users = [m for m in sorted(METHODS) if arg in method_arguments(m)]
+                seen[arg] = Option(arg, kind[0], None, (help_ + " " if help_ else "") +
+                                   f"[{', '.join(users)}; default: the method's own]", "method")
+    return list(seen.values())
+
+
+def schema() -> Dict[str, Option]:
+    """Every configuration key: run options, Trainer arguments, method arguments, in that order."""
+    options: Dict[str, Option] = {}
+    for option in (*RUN_OPTIONS, *trainer_keys(), *method_keys()):
+        options.setdefault(option.name, option)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------- values
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a float, got bool {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip())) if "/" in value else float(value)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key}: expected a float (or a fraction like \"8/255\"), got {type(value).__name__} "
+                      f"{value!r}")
+
+
+def _scalar(key: str, kind: str, value: Any) -> Any:
+    if kind == "float":
+        return _float(key, value)
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected a bool (true or false), got {type(value).__name__} {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected a str, got {type(value).__name__} {value!r}")
+
+
+def check_value(option: Option, value: Any) -> Any:
+    """``value`` converted to ``option``'s kind; :class:`ConfigError` naming the key when it does not fit."""
+    if value is None:
+        return None
+    if option.kind.startswith("list["):
+        item = option.kind[5:-1]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{option.name}: expected a list of {item}, got {type(value).__name__} {value!r}")
+        if option.name == "layers":  # (teacher, student) pairs as two-element lists or "teacher:student"
+            value = [":".join(v) if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
+        return [_scalar(f"{option.name}[{i}]", item, v) for i, v in enumerate(value)]
+    value = _scalar(option.name, option.kind, value)
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{option.name}: {value!r} is not one of {', '.join(map(repr, option.choices))}")
+    return value
+
+
+def _unknown(key: str, known: Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint} (`ardir train --help` lists every key)")
+
+
+def parse_toml(text: str, where: str = "the configuration") -> Dict[str, Any]:
+    """Parse and check TOML text: flat ``key = value`` pairs of :func:`schema`."""
+    if tomllib is None:  # pragma: no cover
+        raise ConfigError("reading TOML needs Python >= 3.11 or the tomli package: pip install tomli")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where} is not valid TOML: {err}") from None
+    return check(raw, where)
+
+
+def load_toml(path: "os.PathLike | str") -> Dict[str, Any]:
+    """Read a TOML configuration file and check every key (see :func:`parse_toml`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {str(path)!r} does not exist") from None
+    return parse_toml(text, where=str(path))
+
+
+def check(values: Mapping[str, Any], where: str = "the configuration") -> Dict[str, Any]:
+    """Check a mapping of configuration values: every key known, every value of its kind."""
+    options = schema()
+    checked = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"table [{key}] in {where}: the configuration is flat `key = value` pairs")
+        if key not in options:
+            raise _unknown(key, options, where)
+        checked[key] = check_value(options[key], value)
+    return checked
+
+
+def resolve(*layers: Mapping[str, Any]) -> Dict[str, Any]:
+    """Defaults, overridden by each mapping in turn (e.g. a saved config, a file, the flags); checked.
+
+    The method arguments are checked against the chosen method: an argument it does not take is an error.
+    """
+    from .methods import METHODS
+    from .trainer import method_arguments
+
+    options = schema()
+    config = {name: option.default for name, option in options.items()}
+    for layer in layers:
+        config.update(check(layer))
+    method = str(config["method"]).lower()
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, list(METHODS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(f"method: {method!r} is not a method; {hint}choose one of {', '.join(sorted(METHODS))}")
+    config["method"] = method
+    accepted = set(method_arguments(method))
+    for option in options.values():
+        if option.group == "method" and config[option.name] is not None and option.name not in accepted:
+            raise ConfigError(f"{option.name}: method {method!r} does not take this argument; it takes "
+                              f"{', '.join(method_arguments(method))}")
+    return config
+
+
+def method_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The method arguments that are set, ready for the method (``layers`` as names or (teacher, student) pairs)."""
+    kwargs = {o.name: config[o.name] for o in method_keys() if config.get(o.name) is not None}
+    if "layers" in kwargs:
+        kwargs["layers"] = layer_specs(kwargs["layers"])
+    return kwargs
+
+
+def trainer_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The Trainer arguments of a configuration (unset ones left to the Trainer's defaults)."""
+    return {o.name: config[o.name] for o in trainer_keys() if config.get(o.name) is not None}
+
+
+def layer_specs(layers: Iterable[str]) -> List[Any]:
+    """``"name"`` stays a name; ``"teacher_layer:student_layer"`` becomes a pair."""
+    return [tuple(s.split(":", 1)) if ":" in s else s for s in layers]
+
+
+# ------------------------------------------------------------------------------------------------ TOML out
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest round-tripping form; always has '.' or 'e'
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        for char, code in (("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r"), ("\b", "\\b"), ("\f", "\\f")):
+            escaped = escaped.replace(char, code)
+        escaped = "".join(c if ord(c) >= 0x20 and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped)
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else _toml_value(key)
+
+
+def dump_toml(values: Mapping[str, Any], comments: Optional[Mapping[str, str]] = None) -> str:
+    """TOML text of ``values``: str, int, float, bool and lists of them, plus one level of tables (dicts).
+
+    ``None`` values are written as comments (TOML has no null). ``comments`` maps a key to a comment line
+    written above it.
+    """
+    lines: List[str] = []
+    tables = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+            continue
+        if comments and key in comments:
+            lines.append(f"# {comments[key]}")
+        if value is None:
+            lines.append(f"# {_toml_key(key)} = (not set)")
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{_toml_key(name)}]")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                raise TypeError(f"dump_toml writes one level of tables; [{name}].{key} is a table")
+            lines.append(f"# {_toml_key(key)} = (not set)" if value is None else
+                         f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    """A resolved configuration as TOML, grouped by kind of option, with unset keys as comments."""
+    options = schema()
+    titles = {"run": "run", "trainer": "trainer (ardir.Trainer)", "method": "method arguments (unset: the method's "
+              "default)", "eval": "final evaluation"}
+    parts = []
+    for group, title in titles.items():
+        keys = {k: config.get(k) for k, o in options.items() if o.group == group}
+        if group == "method":
+            keys = {k: v for k, v in keys.items() if v is not None}
+        parts.append(f"# --- {title}\n" + (dump_toml(keys) if keys else ""))
+    return "\n".join(parts)

@@ -1,0 +1,128 @@
+"""ardir.config: the one schema behind the TOML keys and the flags; parsing, checking, writing back."""
+import inspect
+import math
+import typing
+
+import pytest
+
+from ardir import config as cfg
+from ardir.cli import build_parser
+from ardir.trainer import Trainer, method_arguments
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_close_matches():
+    with pytest.raises(cfg.ConfigError, match=r"unknown key 'epoch'.*did you mean 'epochs'"):
+        cfg.parse_toml("epoch = 3\n")
+    with pytest.raises(cfg.ConfigError, match=r"unknown key 'wight_decay'.*'weight_decay'"):
+        cfg.parse_toml("wight_decay = 0.1\n")
+    with pytest.raises(cfg.ConfigError, match=r"unknown key 'zzz'"):
+        cfg.parse_toml("zzz = 1\n")
+
+
+def test_tables_are_refused_the_configuration_is_flat():
+    with pytest.raises(cfg.ConfigError, match=r"table \[trainer\]"):
+        cfg.parse_toml("[trainer]\nepochs = 3\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('epochs = "ten"', r"epochs: expected an int, got str 'ten'"),
+    ("epochs = 2.5", r"epochs: expected an int, got float 2.5"),
+    ("lr = true", r"lr: expected a float, got bool"),
+    ('lr = "fast"', r"lr: expected a float .*got str 'fast'"),
+    ("fake_data = 1", r"fake_data: expected a bool .*got int 1"),
+    ('milestones = "100"', r"milestones: expected a list of int, got str"),
+    ('milestones = [100, "150"]', r"milestones\[1\]: expected an int, got str '150'"),
+    ("dataset = 10", r"dataset: expected a str, got int 10"),
+])
+def test_wrong_types_name_key_expected_and_got(text, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.parse_toml(text)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("epochs = = 3\n")
+    with pytest.raises(cfg.ConfigError, match="run.toml is not valid TOML"):
+        cfg.load_toml(path)
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load_toml(tmp_path / "missing.toml")
+
+
+def test_values_are_converted_fractions_and_ints_as_floats():
+    values = cfg.parse_toml('eps = "8/255"\nlr = 1\nlayers = ["features", ["block3", "layer4"]]\n')
+    assert values["eps"] == pytest.approx(8 / 255)
+    assert values["lr"] == 1.0 and isinstance(values["lr"], float)
+    assert values["layers"] == ["features", "block3:layer4"]
+    assert cfg.layer_specs(values["layers"]) == ["features", ("block3", "layer4")]
+
+
+def test_resolve_layers_defaults_then_each_mapping_in_turn():
+    config = cfg.resolve({"epochs": 5, "lr": 0.05}, {"epochs": 7})
+    assert config["epochs"] == 7 and config["lr"] == 0.05
+    assert config["method"] == "ardir" and config["batch_size"] == 128
+    assert config["tau"] is None  # a method argument left to the method's default
+
+
+def test_method_arguments_must_belong_to_the_method():
+    with pytest.raises(cfg.ConfigError, match=r"tau: method 'at' does not take this argument"):
+        cfg.resolve({"method": "at", "tau": 30.0})
+    with pytest.raises(cfg.ConfigError, match=r"'ardr' is not a method; did you mean .*'ard'"):
+        cfg.resolve({"method": "ardr"})
+    config = cfg.resolve({"method": "ard", "tau": 30.0, "eps": "8/255"})
+    assert cfg.method_kwargs(config) == {"tau": 30.0, "eps": pytest.approx(8 / 255)}
+
+
+def test_schema_covers_every_trainer_and_method_argument():
+    keys = cfg.schema()
+    hints = typing.get_type_hints(Trainer.__init__)
+    plain = (int, float, str, bool, typing.Optional[int], typing.Optional[float], typing.Optional[str],
+             typing.Optional[typing.List[int]])
+    for p in inspect.signature(Trainer.__init__).parameters.values():
+        if p.name in hints and hints[p.name] in plain and p.name not in ("progress", "checkpoint_dir"):
+            assert p.name in keys, p.name
+    for method in ("at", "trades", "ard", "iad", "rslad", "ardir"):
+        for arg in method_arguments(method):
+            assert arg in keys, (method, arg)
+
+
+def test_every_key_is_a_flag_and_flags_parse_to_config_values():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--epochs", "3", "--eps", "8/255", "--milestones", "1", "2",
+                              "--fake-data", "--layers", "features", "block3:layer4", "--no-download"])
+    flags = {k: v for k, v in vars(args).items() if k in cfg.schema()}
+    assert flags == {"epochs": 3, "eps": pytest.approx(8 / 255), "milestones": [1, 2], "fake_data": True,
+                     "layers": ["features", "block3:layer4"], "download": False}
+    train_help = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for option in cfg.schema().values():
+        assert option.flag in train_help, option.flag
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('dataset = "fashion-mnist"\nepochs = 10\nlr = 0.05\n')
+    config = cfg.resolve(cfg.load_toml(path), {"epochs": 2})
+    assert (config["dataset"], config["epochs"], config["lr"]) == ("fashion-mnist", 2, 0.05)
+
+
+def test_dump_config_round_trips_through_the_parser():
+    config = cfg.resolve({"dataset": "fashion-mnist", "eps": 0.1, "milestones": [3, 4], "layers": ["a:b"],
+                          "fake_data": True, "data_dir": 'C:\\data "x"', "w_ir": 2.0, "attacks": ["natural"]})
+    text = cfg.dump_config(config)
+    assert "# epochs = (not set)" in text
+    back = cfg.parse_toml(text)
+    assert back == {k: v for k, v in config.items() if v is not None}
+
+
+def test_dump_toml_values_and_one_level_tables():
+    import tomllib
+    values = {"s": "tab\there\nnew \u0001", "i": -3, "f": 1e-5, "big": 1e300, "t": True, "l": [1.5, 2.0],
+              "inf": math.inf, "none": None, "table": {"x": 1, "y": ["a", "b"], "weird key": "v"}}
+    text = cfg.dump_toml(values, comments={"i": "a comment"})
+    assert "# a comment\ni = -3" in text
+    parsed = tomllib.loads(text)
+    expected = {k: v for k, v in values.items() if v is not None}
+    assert parsed == expected
+    with pytest.raises(TypeError, match="one level of tables"):
+        cfg.dump_toml({"a": {"b": {"c": 1}}})
+    with pytest.raises(TypeError, match="cannot write"):
+        cfg.dump_toml({"a": object()})

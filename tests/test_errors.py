@@ -1,0 +1,263 @@
+"""Every bad input fails early with a message naming the argument and the fix; numerical faults stop the run
+naming the step, the loss terms and the last good checkpoint (or are skipped and counted)."""
+import errno
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ardir
+from ardir import checkpoint as ck
+from conftest import TinyNet
+
+FAST = dict(eps=0.1, step_size=0.03, steps=1)
+
+
+def loader(n=16, x=None, y=None, batch_size=4):
+    x = torch.rand(n, 1, 8, 8) if x is None else x
+    y = torch.randint(0, 4, (n,)) if y is None else y
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def frozen(width=8, num_classes=4):
+    return TinyNet(width=width, num_classes=num_classes).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------- unknown names
+def test_unknown_method_attack_model_and_layer_suggest_close_matches():
+    with pytest.raises(ValueError, match=r"method='ardri' is not a known method; did you mean 'ardir'"):
+        ardir.Trainer(TinyNet(), loader(), teacher=frozen(), method="ardri")
+    with pytest.raises(ValueError, match=r"loss='kll' is not a known attack loss; did you mean 'kl'"):
+        ardir.PGD(TinyNet(), loss="kll")
+    with pytest.raises(ValueError, match=r"random_start='unifrom'.*did you mean 'uniform'"):
+        ardir.ATTrainer(TinyNet(), loader(), random_start="unifrom")
+    with pytest.raises(ValueError, match=r"name='resnet-18' is not a known model.*did you mean 'resnet18'"):
+        ardir.models.create("resnet-18")
+    with pytest.raises(ValueError, match=r"layers \(student\): TinyNet has no module named 'featurs'; "
+                                         r"closest valid names: features"):
+        ardir.Trainer(TinyNet(), loader(), teacher=frozen(), layers=[("features", "featurs")], **FAST)
+
+
+def test_unknown_or_mistyped_configuration_keys():
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['taus'\] for method 'ard'; did you mean 'tau'"):
+        ardir.ARDTrainer(TinyNet(), loader(), teacher=frozen(), taus=30)
+    with pytest.raises(TypeError, match=r"eps='8/255' must be a number, got str"):
+        ardir.ATTrainer(TinyNet(), loader(), eps="8/255")
+    with pytest.raises(TypeError, match=r"lr='0.1' must be a number"):
+        ardir.ATTrainer(TinyNet(), loader(), lr="0.1")
+    with pytest.raises(ValueError, match=r"epochs=2.5 must be a whole number >= 0"):
+        ardir.ATTrainer(TinyNet(), loader(), epochs=2.5)
+    with pytest.raises(ValueError, match=r"nan_policy='ignore' is not a known NaN policy.*valid: 'stop', 'skip'"):
+        ardir.ATTrainer(TinyNet(), loader(), nan_policy="ignore")
+    with pytest.raises(ValueError, match="checkpoint_every_steps needs checkpoint_dir"):
+        ardir.ATTrainer(TinyNet(), loader(), checkpoint_every_steps=10)
+
+
+def test_configuration_file_keys():
+    config = pytest.importorskip("ardir.config")
+    with pytest.raises(ValueError, match="epochz"):
+        config.check({"epochz": 3})
+    with pytest.raises(ValueError, match="epochs.*int"):
+        config.check({"epochs": "ten"})
+
+
+# ---------------------------------------------------------------------------------- attack settings
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(eps=0.0), r"eps=0.0 is outside \(0, 1\].*8/255"),
+    (dict(eps=-0.1), r"eps=-0.1 is outside \(0, 1\]"),
+    (dict(eps=1.5), r"eps=1.5 is outside \(0, 1\]"),
+    (dict(steps=-1), r"steps=-1 must be a whole number >= 0"),
+    (dict(step_size=0.0), r"step_size=0.0 must be > 0"),
+    (dict(step_size=-0.01), r"step_size=-0.01 must be > 0"),
+])
+def test_attack_settings(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ardir.ATTrainer(TinyNet(), loader(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------- data
+def test_inputs_outside_unit_range_hint_at_normalisation_inside_the_model():
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*put it inside the model"):
+        ardir.ATTrainer(TinyNet(), loader(x=torch.randn(16, 1, 8, 8) * 3), progress=False, **FAST).fit()
+
+
+def test_empty_loaders():
+    empty = DataLoader(TensorDataset(torch.rand(0, 1, 8, 8), torch.zeros(0).long()))
+    with pytest.raises(ValueError, match="train_loader is empty"):
+        ardir.ATTrainer(TinyNet(), empty)
+    with pytest.raises(ValueError, match="train_loader is empty"):
+        ardir.ATTrainer(TinyNet(), iter([]))  # no len(), no dataset: an exhausted iterable
+
+
+def test_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"labels range over \[7, 7\] but the student has 4 outputs.*"
+                                         r"num_classes=8 or fix the dataset's labels"):
+        ardir.ATTrainer(TinyNet(), loader(y=torch.full((16,), 7)), progress=False, **FAST).fit()
+
+
+# ---------------------------------------------------------------------------------- models
+def test_teacher_and_student_class_counts_differ():
+    with pytest.raises(ValueError, match="teacher predicts 5 classes but student 4"):
+        ardir.ARDTrainer(TinyNet(), loader(), teacher=frozen(num_classes=5))
+
+
+def test_trainable_teacher_in_train_mode_is_frozen_and_switched_to_eval_with_warnings():
+    teacher = TinyNet().train()
+    with pytest.warns(UserWarning) as record:
+        ardir.ARDTrainer(TinyNet(), loader(), teacher=teacher, **FAST)
+    text = " ".join(str(w.message) for w in record)
+    assert "switched to eval mode" in text and "froze them" in text
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+class TokenNet(TinyNet):
+    """Exposes a 3-d feature (N, C, H*W), which no adapter can match to a (N, D) or (N, C, H, W) feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Flatten(2)
+
+    def forward(self, x):
+        h = self.body(self.bn(self.conv(x)))
+        self.tokens(h)
+        return self.fc(self.features(self.pool(h)))
+
+
+def test_ir_layers_whose_shapes_cannot_be_adapted():
+    with pytest.raises(ValueError, match=r"layers \('features', 'tokens'\): cannot adapt a student feature of "
+                                         r"shape \(2, 8, 64\).*choose other layers"):
+        ardir.Trainer(TokenNet(), loader(), teacher=frozen(), layers=[("features", "tokens")], **FAST)
+
+
+def test_models_and_data_on_different_devices():
+    teacher = frozen().to("meta")
+    with pytest.raises(ValueError, match=r"teacher is on meta but student on cpu.*teacher.to\('cpu'\)"):
+        ardir.ARDTrainer(TinyNet(), loader(), teacher=teacher)
+    split = TinyNet()
+    split.fc.to("meta")
+    with pytest.raises(ValueError, match=r"student has parameters or buffers on several devices \(cpu, meta\)"):
+        ardir.ATTrainer(split, loader())
+    # Batches on another device than the model are moved to the model's device, not refused.
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=1, progress=False, **FAST)
+    assert trainer.fit()[0]["loss"] > 0
+
+
+# ---------------------------------------------------------------------------------- output
+def test_output_directory_not_writable(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(PermissionError, match=r"checkpoint directory .*file/run is not writable"):
+        ardir.ATTrainer(TinyNet(), loader(), checkpoint_dir=tmp_path / "file" / "run")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=3, progress=False, checkpoint_dir=tmp_path, **FAST)
+    save = ck.torch.save
+    calls = []
+
+    def disk_fills_up(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's checkpoint
+            f.write(b"some bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f)
+
+    monkeypatch.setattr(ck.torch, "save", disk_fills_up)
+    with pytest.raises(OSError, match=r"could not write .*epoch-0002-step-000000008.pt: No space left on device; "
+                                      r"the disk is full; free space and resume"):
+        trainer.fit()
+    monkeypatch.undo()
+    assert ck.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001-step-000000004.pt", "last.pt"]
+    again = ardir.ATTrainer(TinyNet(), loader(), epochs=3, progress=False, checkpoint_dir=tmp_path, **FAST)
+    assert again.resume(tmp_path).name == "epoch-0001-step-000000004.pt" and again.epoch == 1
+    assert len(again.fit()) == 3
+
+
+# ---------------------------------------------------------------------------------- numerical faults
+def poison(trainer, steps, value=float("nan")):
+    """The loss terms of the batches after optimiser steps ``steps`` become ``value``."""
+    forward = trainer.method.forward
+
+    def faulty(*args, **kwargs):
+        terms = forward(*args, **kwargs)
+        if trainer.step in steps:
+            terms = {k: v * value for k, v in terms.items()}
+        return terms
+
+    trainer.method.forward = faulty
+
+
+def test_nan_loss_stops_naming_step_terms_and_last_good_checkpoint(tmp_path):
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=3, progress=False, checkpoint_dir=tmp_path,
+                              checkpoint_every_steps=2, **FAST)
+    poison(trainer, {5})
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.raises(FloatingPointError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "loss is nan at epoch 2, step 6 (batch 2 of the epoch)" in message
+    assert "loss terms: ce_adv=nan" in message
+    assert "last good checkpoint: " in message and "epoch-0001-step-000000004.pt" in message
+    assert "nan_policy='skip'" in message
+    assert all(torch.isfinite(v).all() for v in trainer.student.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
+    with pytest.raises(FloatingPointError, match=r"loss is inf .*no checkpoint was written yet"):
+        other = ardir.ATTrainer(TinyNet(), loader(), epochs=1, progress=False, **FAST)
+        poison(other, {0}, float("inf"))
+        other.fit()
+
+
+def test_nan_loss_skip_policy_skips_the_update_and_counts_it():
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=2, progress=False, nan_policy="skip", **FAST)
+    poison(trainer, {1, 2})
+    snapshots = {}
+    forward = trainer.method.forward
+
+    def watch(*args, **kwargs):
+        snapshots[trainer.step] = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+        return forward(*args, **kwargs)
+
+    trainer.method.forward = watch
+    history = trainer.fit()
+    assert [r["skipped_batches"] for r in history] == [2, 0]
+    params = [k for k, _ in trainer.student.named_parameters()]
+    for k in params:  # steps 2 and 3 (batches 2 and 3) changed no weight
+        assert torch.equal(snapshots[1][k], snapshots[3][k])
+    assert not all(torch.equal(snapshots[3][k], snapshots[4][k]) for k in params)
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+
+
+def test_gradient_norm_is_logged():
+    history = ardir.ATTrainer(TinyNet(), loader(), epochs=2, progress=False, **FAST).fit()
+    for record in history:
+        assert math.isfinite(record["grad_norm"]) and 0 < record["grad_norm"] <= record["grad_norm_max"]
+        assert record["skipped_batches"] == 0
+
+
+def test_device_side_nan_check_without_host_sync(tmp_path):
+    """The accelerator path (flags kept on the device, looked at only at log points, epoch ends and checkpoints),
+    exercised on CPU tensors: it names the same step and never saves the poisoned weights."""
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=3, progress=False, checkpoint_dir=tmp_path,
+                              checkpoint_every_steps=2, **FAST)
+    trainer._host_checks = False
+    poison(trainer, {5})
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 6 \(batch 2 of the epoch\); loss "
+                                                 r"terms: ce_adv=nan; last good checkpoint: .*step-000000004.pt"):
+        trainer.fit()
+    assert ck.newest_good(tmp_path).name == "epoch-0001-step-000000004.pt"
+    unsaved = ardir.ATTrainer(TinyNet(), loader(), epochs=3, progress=False, **FAST)
+    unsaved._host_checks = False
+    poison(unsaved, {5})  # found at the end of epoch 2
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 6 .*no checkpoint was written"):
+        unsaved.fit()
+    skipping = ardir.ATTrainer(TinyNet(), loader(), epochs=2, progress=False, nan_policy="skip", **FAST)
+    skipping._host_checks = False
+    poison(skipping, {1, 2})
+    history = skipping.fit()
+    assert [r["skipped_batches"] for r in history] == [2, 0]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in history)
+    assert all(torch.isfinite(p).all() for p in skipping.student.parameters())
