@@ -6,6 +6,7 @@ https://arxiv.org/abs/1706.06083.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -18,11 +19,41 @@ LOSSES = ("ce", "kl", "cw")
 STARTS = ("uniform", "normal", "none")
 MODES = ("eval", "train", "keep")
 
+# model -> the module PGD calls instead (``torch.compile(model)``); see :func:`compile_for_attack`.
+_ATTACK_MODULES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+# Under fp16 autocast the attack loss is multiplied by this before ``autograd.grad``, so small input gradients do
+# not underflow to zero in half precision; PGD only uses the gradient's sign, which the scale does not change.
+FP16_ATTACK_LOSS_SCALE = 1024.0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (attacks need no gradient all-reduce)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def compile_for_attack(model: nn.Module, enable: bool = True, **compile_kwargs) -> Optional[nn.Module]:
+    """Make every :class:`PGD` on ``model`` run ``torch.compile(model, **compile_kwargs)`` (or stop, ``enable=False``).
+
+    The compiled module shares ``model``'s parameters and buffers; only the attack's forward passes use it, so forward
+    hooks put on ``model``'s sub-modules for the loss (:class:`~ardir.hooks.FeatureHooks`) keep working on the eager
+    module (hooks added after compilation would be ignored by a compiled graph). Returns the compiled module.
+    """
+    if not enable:
+        _ATTACK_MODULES.pop(model, None)
+        return None
+    compiled = torch.compile(model, **compile_kwargs)
+    _ATTACK_MODULES[model] = compiled
+    return compiled
+
 
 def cw_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample CW margin ``max_{j != y} z_j - z_y`` of shape (N,); positive means misclassified."""
     true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    # scatter, not F.one_hot: one_hot checks the label range on the host (a CUDA sync on every attack step)
+    true_class = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    others = logits.masked_fill(true_class, float("-inf"))
     return others.amax(1) - true
 
 
@@ -69,7 +100,11 @@ class PGD:
         Returns adversarial images of the same shape and dtype, detached.
 
     The gradient is taken with ``torch.autograd.grad`` with respect to the input only, so no weight gradient is
-    computed and no ``.grad`` is left on any parameter.
+    computed and no ``.grad`` is left on any parameter; a DistributedDataParallel model is attacked through its
+    ``.module`` (no gradient all-reduce). The loop never synchronises with the host. Called under
+    ``torch.autocast`` it runs in that precision (the sign of the gradient is robust to bf16; under fp16 the loss is
+    scaled by :data:`FP16_ATTACK_LOSS_SCALE` first). A model registered with :func:`compile_for_attack` is run
+    compiled.
 
     Example::
 
@@ -81,7 +116,7 @@ class PGD:
                  loss: str = "ce", random_start: str = "uniform", mode: str = "eval"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = _unwrap(model)
         self.eps = eps_value("eps", eps)
         self.alpha = positive("alpha", alpha)
         self.steps = non_negative_int("steps", steps)
@@ -122,15 +157,21 @@ class PGD:
         """Return adversarial examples for ``images`` (N, C, H, W) in [0, 1] with ``labels`` (N,)."""
         images = images.detach()
         labels = labels.detach()
+        net = _ATTACK_MODULES.get(self.model, self.model)
+        device = images.device.type
+        scale = (FP16_ATTACK_LOSS_SCALE if torch.is_autocast_enabled(device)
+                 and torch.get_autocast_dtype(device) == torch.float16 else None)
         with model_mode(self.model, self.mode), torch.enable_grad():
             if self.loss == "kl" and target_probs is None:
                 with torch.no_grad():
-                    target_probs = F.softmax(self.model(images), 1)
+                    target_probs = F.softmax(net(images).float(), 1)
             target_probs = None if target_probs is None else target_probs.detach()
             adv = self.start(images)
             for _ in range(self.steps):
                 adv.requires_grad_(True)
-                loss = self.objective(self.model(adv), labels, target_probs)
+                loss = self.objective(net(adv), labels, target_probs)
+                if scale is not None:
+                    loss = loss * scale
                 grad, = torch.autograd.grad(loss, adv)
                 adv = adv.detach() + self.alpha * grad.sign()
                 adv = torch.min(torch.max(adv, images - self.eps), images + self.eps).clamp_(0, 1)
