@@ -5,12 +5,14 @@ Public API::
     ardir.Trainer (= ardir.ARDIRTrainer), ardir.ATTrainer, ardir.TRADESTrainer, ardir.ARDTrainer,
     ardir.IADTrainer, ardir.RSLADTrainer    -- one loop, any method
     ardir.PGD                                -- L-inf PGD with a selectable loss
+    ardir.evaluate                           -- natural / FGSM / PGD / CW / AutoAttack report with sanity checks
     ardir.FeatureHooks                       -- outputs of named modules
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
 """
-from . import losses, methods, models
+from . import data, losses, methods, models
 from .attacks import PGD
+from .evaluate import Report, evaluate
 from .hooks import FeatureHooks
 from .methods import ARD, ARDIR, AT, IAD, RSLAD, TRADES, Method, Natural, create_method, list_methods
 from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
@@ -19,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
-    "PGD", "FeatureHooks", "Method", "Natural", "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR",
+    "PGD", "FeatureHooks", "evaluate", "Report", "data", "Method", "Natural", "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR",
     "create_method", "list_methods", "models", "methods", "losses",
 ]
