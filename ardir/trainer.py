@@ -439,7 +439,7 @@ class Trainer:
             f["skipped"] += 1
             f["skipped_images"] += size
             if self.nan_policy == "stop":
-                raise self._fault_error(self.step + 1, batch + 1, float(loss),
+                raise self._fault_error(self.step + 1, batch + 1, float(loss.detach()),
                                         {k: float(v.detach()) for k, v in terms.items()}, float(norm))
             self.optimizer.zero_grad(set_to_none=True)
             return False

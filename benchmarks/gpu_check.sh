@@ -71,7 +71,7 @@ bench b512_fp32 90 60 --batch-size 512 --precision fp32
 
 # CUDA tests: no host sync in the attack, bf16/fp16 + channels_last, compile, memory across epochs, bf16 vs fp32
 # robust accuracy (prints both), GPU loader, DDP on 2 CPU processes (gloo).
-step tests 150 60 "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/test_speed.py tests/test_ddp.py
+step tests 150 60 "$PY" -m pytest -q -rs -s -p no:cacheprovider -m "slow or not slow" tests/test_speed.py tests/test_ddp.py
 
 # 3 CIFAR-10-sized epochs (50,000 synthetic images, GPU-resident loader) with the trainer, bf16, batch 512:
 # seconds per epoch, and peak memory epoch 1 vs 3 (<= 5 %). Each epoch prints as it ends.

@@ -126,6 +126,7 @@ def test_gpu_loader_from_an_ardir_loader_trains():
     assert record["images_per_s"] > 0
 
 
+@pytest.mark.slow  # bf16 is emulated on most CPUs: minutes there, seconds on a GPU (gpu_check.sh runs it)
 def test_bf16_robust_accuracy_within_noise_of_fp32():
     """One seed, fp32 vs bf16, against the seed-to-seed spread of fp32 (test_trainer's robustness problem)."""
     from test_trainer import EPS, pgd_accuracy, robustness_problem
