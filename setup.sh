@@ -6,15 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
-pip install "timm>=0.9" "numpy>=1.22" "scipy>=1.8" "tqdm>=4.60" "pytest>=7"
+pip install "timm>=0.9" "numpy>=1.22" "scipy>=1.8" "tqdm>=4.60"
+# Tests, docs build, plots, and the official AutoAttack code (the optional engine the tests compare against).
+pip install "pytest>=7" "matplotlib>=3.5" "mkdocs>=1.5" "mkdocstrings[python]>=0.24" "pyautoattack>=0.2"
 # torchattacks pins requests~=2.25.1 (it never imports requests); installing it without its pins keeps a current
 # requests/urllib3/idna in the environment. Its real needs (torch, torchvision, scipy, tqdm, numpy) are above.
 pip install --no-deps "torchattacks==3.5.1"
 pip install --no-deps -e .
-.venv/bin/python -c "import ardir, torchattacks, timm" || { echo "set-up failed: ardir does not import" >&2; exit 1; }
+.venv/bin/python -c "import ardir, torchattacks, timm, mkdocs, matplotlib" || { echo "set-up failed: ardir does not import" >&2; exit 1; }
 
 # Real Fashion-MNIST for the CPU-scale runs (Debian's package; elsewhere torchvision downloads it).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
