@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--test-size", type=int, default=1000, help="test images evaluated (of 10,000)")
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=5, help="student (ARDIR) epochs")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -45,6 +45,7 @@ def main(argv=None):
     teacher = ardir.models.create("cnn_large", num_classes=10, in_chans=1)
     ardir.ATTrainer(teacher, loaders.train, epochs=args.teacher_epochs, lr=0.05, progress=progress,
                     **attack).fit()
+    teacher.eval().requires_grad_(False)  # from here on a frozen label source
 
     student = ardir.models.create("cnn_small", num_classes=10, in_chans=1)
     trainer = ardir.Trainer(student, loaders.train, teacher=teacher, epochs=args.epochs, lr=0.05,
