@@ -1,0 +1,657 @@
+"""Reproduce the comparison tables: every method, every student, several seeds, one Markdown + JSON table per suite.
+
+    python benchmarks/reproduce.py fashion-mnist                      # the CPU suite, measured here (3 seeds)
+    python benchmarks/reproduce.py fashion-mnist --ablation           # the ARDIR ablation on the same settings
+    python benchmarks/reproduce.py cifar10 --teacher robustbench:Zhang2019Theoretically --data-dir ~/data
+    python benchmarks/reproduce.py cifar100 --data-dir ~/data         # trains its TRADES WRN-34-10 teacher first
+    python benchmarks/reproduce.py cifar10 --template                 # only the table: published numbers, empty cells
+    python benchmarks/reproduce.py cifar10 --fake-data --limit-batches 1 --epochs 1 --batch-size 2 ...   # dry run
+
+A suite (:data:`SUITES`) is a dataset, a threat model, a teacher (trained once with ``teacher_method`` and cached in
+the run directory, shared by every row and seed, as the papers share one fixed teacher; or loaded with
+``--teacher SPEC``: a checkpoint, a model name, ``robustbench:NAME``), the students, the methods and the
+evaluation. Every (student, method, seed) row is trained and evaluated independently and writes
+``<run-dir>/<student>__<method>__seed<k>.json``; a rerun skips rows whose JSON exists with the same settings, so an
+interrupted suite resumes. The table is rewritten from all row files after each row. Each row of the table carries
+the command that reruns just that row.
+
+Anything that departs from the suite's protocol (fewer epochs, a training subset, a smaller evaluation set, ...)
+is listed at the top of the table as a REDUCED run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import ardir
+from ardir import data
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = "benchmarks/reproduce.py"
+METRICS = ("natural", "fgsm", "pgd20", "cw20", "cw30", "autoattack")
+HEADERS = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "cw20": "CW∞-20", "cw30": "CW∞-30",
+           "autoattack": "AutoAttack"}
+ALL_METHODS = ("natural", "at", "trades", "ard", "iad", "rslad", "ardir")
+IAD_WARMUP_FRACTION = 60 / 200  # IAD's warm-up: 60 of ARD's 200 epochs; scaled to the suite's epochs
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark suite: everything needed to train and evaluate its table's rows."""
+    name: str
+    dataset: str
+    results_name: str  # benchmarks/results/<results_name>.md
+    eps: float
+    step_size: float  # training attack step (PGD-`steps`)
+    steps: int
+    eval_step_size: float  # PGD / CW step of the evaluation
+    teacher_model: str
+    teacher_method: str
+    teacher_epochs: Optional[int]  # None: the teacher method's paper schedule
+    teacher_spec: Optional[str]  # default --teacher (None: train it)
+    students: Tuple[str, ...]
+    methods: Tuple[str, ...]
+    epochs: Optional[int]  # students; None: each method's paper schedule (ARD 200, RSLAD 300, TRADES 100, ...)
+    lr: float
+    batch_size: int
+    train_size: Optional[int]  # training images (None: all)
+    attacks: Tuple[str, ...]  # on eval_size test images (None: the full test set)
+    eval_size: Optional[int]
+    aa_size: Optional[int]  # AutoAttack on a seeded random subset of this many test images (None: all; 0: skip)
+    seeds: Tuple[int, ...]
+    method_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
+    eval_seed: int = 0  # seeds the AutoAttack subset and the attacks' random starts: the same for every row
+    in_chans: int = 3
+    num_classes: int = 10
+    notes: Tuple[str, ...] = ()
+
+
+# Published numbers (RSLAD, Zi et al. ICCV 2021, Tables 2 and 3, best checkpoint; full test sets, eps = 8/255).
+# Columns: natural, FGSM, PGD_SAT (PGD-20 on CE), CW-inf (20 steps), AutoAttack. From
+# /work/shared/reference/published_tables.md. Natural rows exist only for CIFAR-10.
+_P = ("natural", "fgsm", "pgd20", "cw20", "autoattack")
+PUBLISHED: Dict[str, Dict[Tuple[str, str], Dict[str, float]]] = {
+    "cifar10": {(s, m): dict(zip(_P, v)) for (s, m), v in {
+        ("resnet18", "natural"): (94.65, 19.26, 0.0, 0.0, 0.0),
+        ("resnet18", "at"): (83.38, 56.41, 49.11, 48.67, 45.83),
+        ("resnet18", "trades"): (81.93, 57.49, 52.66, 50.58, 49.23),
+        ("resnet18", "ard"): (83.93, 59.31, 52.05, 51.22, 49.19),
+        ("resnet18", "iad"): (83.24, 58.60, 52.21, 51.25, 49.10),
+        ("resnet18", "rslad"): (83.38, 60.01, 54.24, 53.30, 51.49),
+        ("mobilenet_v2", "natural"): (92.95, 14.47, 0.0, 0.0, 0.0),
+        ("mobilenet_v2", "at"): (82.48, 56.44, 50.10, 49.33, 46.32),
+        ("mobilenet_v2", "trades"): (80.57, 56.05, 51.06, 49.36, 47.17),
+        ("mobilenet_v2", "ard"): (83.20, 58.06, 50.86, 50.39, 48.34),
+        ("mobilenet_v2", "iad"): (81.91, 57.00, 51.88, 50.45, 48.40),
+        ("mobilenet_v2", "rslad"): (83.40, 59.06, 53.16, 51.91, 50.17),
+    }.items()},
+    "cifar100": {(s, m): dict(zip(_P, v)) for (s, m), v in {
+        ("resnet18", "at"): (57.46, 28.56, 24.07, 23.68, 21.79),
+        ("resnet18", "trades"): (55.23, 30.48, 27.79, 25.06, 23.94),
+        ("resnet18", "ard"): (60.64, 33.41, 29.16, 27.85, 25.65),
+        ("resnet18", "iad"): (57.66, 33.26, 29.59, 27.37, 25.12),
+        ("resnet18", "rslad"): (57.74, 34.20, 31.08, 28.34, 26.70),
+        ("mobilenet_v2", "at"): (56.85, 31.95, 28.33, 26.85, 24.71),
+        ("mobilenet_v2", "trades"): (56.20, 31.37, 29.21, 25.06, 24.16),
+        ("mobilenet_v2", "ard"): (59.83, 33.05, 29.13, 27.86, 25.53),
+        ("mobilenet_v2", "iad"): (56.14, 32.81, 29.81, 27.99, 25.74),
+        ("mobilenet_v2", "rslad"): (58.97, 34.03, 30.40, 28.22, 26.12),
+    }.items()},
+}
+PUBLISHED["cifar10"][("wrn34_10 (teacher)", "teacher")] = {"natural": 84.92, "autoattack": 53.08}
+PUBLISHED_SOURCE = ("Zi et al. 2021 (RSLAD), Table 2 (CIFAR-10, teacher TRADES WRN-34-10) and Table 3 (CIFAR-100, "
+                    "teacher WRN-70-16 of Gowal et al.), 'best checkpoint' block; PGD = PGD_SAT (20 steps, CE), "
+                    "CW∞ 20 steps, AA = AutoAttack standard; full 10,000-image test sets. ARDIR's own numbers are "
+                    "not published anywhere we can read. Teacher row (CIFAR-10): RobustBench's Zhang2019Theoretically "
+                    "(clean 84.92, AA 53.08).")
+
+_CIFAR = dict(eps=8 / 255, step_size=2 / 255, steps=10, eval_step_size=2 / 255, teacher_model="wrn34_10",
+              teacher_method="trades", teacher_epochs=None, students=("resnet18", "mobilenet_v2"),
+              methods=ALL_METHODS, epochs=None, lr=0.1, batch_size=128, train_size=None,
+              attacks=("natural", "fgsm", "pgd20", "cw20", "cw30"), eval_size=None, aa_size=None, seeds=(0,),
+              in_chans=3)
+
+SUITES: Dict[str, Suite] = {s.name: s for s in [
+    Suite(name="cifar10", dataset="cifar10", results_name="cifar10", num_classes=10,
+          teacher_spec=None, **_CIFAR,
+          notes=("Protocol of ARD / RSLAD / IAD (see /work/shared/reference/methods.md): eps 8/255, PGD-10 step "
+                 "2/255 for training, SGD lr 0.1 momentum 0.9 wd 2e-4, batch 128, each method's paper schedule "
+                 "(AT 200, TRADES 100, ARD/IAD/ARDIR 200, RSLAD 300 epochs, lr x0.1 at the papers' fractions).",
+                 "Teacher: WRN-34-10 trained with TRADES (beta 6, 100 epochs) unless --teacher is given; the "
+                 "published teacher is robustbench:Zhang2019Theoretically (the TRADES WRN-34-10 checkpoint).",
+                 "CW∞ is evaluated with 20 steps (the published column) and 30 (methods.md's protocol).")),
+    Suite(name="cifar100", dataset="cifar100", results_name="cifar100", num_classes=100,
+          teacher_spec=None, method_kwargs={"rslad": {"kl_scale": 10.0}}, **_CIFAR,
+          notes=("Same protocol as cifar10; RSLAD multiplies its loss by 10 on CIFAR-100 (kl_scale=10) as its "
+                 "reference code does. ARD's reference uses batch 256 on CIFAR-100; this suite keeps 128 for every "
+                 "method (pass --batch-size 256 --methods ard for the ARD row as published).",
+                 "The published CIFAR-100 teacher is WRN-70-16 (Gowal et al. 2020, clean 60.86 / AA 30.03); this "
+                 "suite trains a TRADES WRN-34-10 by default: expect lower student numbers than published unless "
+                 "--teacher points at a WRN-70-16 checkpoint.")),
+    Suite(name="fashion-mnist", dataset="fashion-mnist", results_name="fashion_mnist", num_classes=10, in_chans=1,
+          eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
+          teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
+          teacher_kwargs={"lr": 0.05},
+          students=("cnn_small",), methods=ALL_METHODS, epochs=10, lr=0.05, batch_size=128, train_size=10000,
+          attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=None, aa_size=1000, seeds=(0, 1, 2),
+          notes=("eps = 0.1, the usual L∞ radius for (Fashion-)MNIST. Training attack PGD-10 with step 0.025 = "
+                 "2.5·eps/10 (Madry et al.'s rule: the steps together travel 2.5 eps, so a random start can still "
+                 "reach any point of the ball). Evaluation PGD-20 and CW∞-30 with step eps/4 = 0.025: the CIFAR "
+                 "protocol's ratio (2/255 at 8/255) scaled to eps; 20 steps travel 5 eps.",
+                 "Teacher cnn_large (0.2 M parameters) trained once with TRADES (beta 6), shared by every row and "
+                 "seed (as the papers share one teacher); students cnn_small (25 k parameters).",
+                 "Every method gets the same epochs and lr (0.05, lr x0.1 at each method's paper fractions of "
+                 "the epochs); IAD's warm-up is scaled like its paper's 60/200: 0.3 x epochs.",
+                 "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
+                 "same for every row); the other attacks on the full 10,000-image test set.")),
+]}
+
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    "default (features, nmse, w_ir 1, natural, ce)": {},
+    "w_ir 0 (no IR term: ARD with tau 1)": {"w_ir": 0.0},
+    "w_ir 0.3": {"w_ir": 0.3},
+    "w_ir 3": {"w_ir": 3.0},
+    "w_ir 10": {"w_ir": 10.0},
+    "layers block3 (conv map, 1x1 adapter)": {"layers": ["block3"]},
+    "layers block2 + block3 + features": {"layers": ["block2", "block3", "features"]},
+    "distance mse": {"distance": "mse"},
+    "distance cosine": {"distance": "cosine"},
+    "teacher input adversarial": {"teacher_input": "adversarial"},
+    "inner max KL to teacher": {"attack_loss": "kl"},
+}
+"""ARDIR variants of ``--ablation``: a label and the ARDIR arguments that differ from the library's defaults."""
+
+
+# -------------------------------------------------------------------------------------------------- settings
+def resolve(suite: Suite, args: argparse.Namespace) -> Dict[str, Any]:
+    """The settings a run uses: the suite's, overridden by the command line."""
+    pick = (lambda a, s: s if a is None else a)
+    epochs = pick(args.epochs, suite.epochs)
+    return {
+        "suite": suite.name, "dataset": suite.dataset, "eps": suite.eps,
+        "step_size": suite.step_size, "steps": pick(args.train_steps, suite.steps),
+        "eval_step_size": suite.eval_step_size,
+        "teacher_model": suite.teacher_model, "teacher_method": suite.teacher_method,
+        "teacher_epochs": pick(args.teacher_epochs, pick(args.epochs, suite.teacher_epochs)),
+        "teacher": pick(args.teacher, suite.teacher_spec),
+        "teacher_kwargs": suite.teacher_kwargs, "students": list(pick(args.students, suite.students)),
+        "epochs": epochs, "lr": suite.lr, "batch_size": pick(args.batch_size, suite.batch_size),
+        "train_size": pick(args.train_size, suite.train_size),
+        "attacks": list(pick(args.attacks, suite.attacks)),
+        "eval_size": pick(args.eval_size, suite.eval_size), "aa_size": pick(args.aa_size, suite.aa_size),
+        "eval_seed": suite.eval_seed, "limit_batches": args.limit_batches, "fake_data": args.fake_data,
+        "checks": not args.no_checks, "method_kwargs": suite.method_kwargs,
+        "in_chans": suite.in_chans, "num_classes": suite.num_classes,
+    }
+
+
+REDUCIBLE = ("steps", "teacher_epochs", "teacher", "students", "epochs", "batch_size", "train_size", "attacks",
+             "eval_size", "aa_size", "limit_batches", "fake_data", "checks")
+
+
+def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
+    """What this run changes from the suite's protocol (empty: the full suite)."""
+    base = resolve(suite, parse_args([suite.name]))
+    out = []
+    for key in REDUCIBLE:
+        if settings[key] != base[key]:
+            out.append(f"{key} = {settings[key]!r} (suite: {base[key]!r})")
+    return out
+
+
+def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
+    kwargs.update(settings["method_kwargs"].get(method, {}))
+    epochs = settings["epochs"] if settings["epochs"] is not None else ardir.methods.METHODS[method].epochs
+    if method == "iad":
+        kwargs.setdefault("warmup_epochs", int(round(IAD_WARMUP_FRACTION * epochs)))
+    kwargs.update(extra or {})
+    return kwargs
+
+
+# -------------------------------------------------------------------------------------------------- running
+def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str]):
+    return data.get_loaders(settings["dataset"], data_dir=data_dir, batch_size=settings["batch_size"], val_size=0,
+                            fake_data=settings["fake_data"], seed=seed, limit=settings["train_size"])
+
+
+def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str], device: torch.device,
+                progress: bool, log) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The suite's teacher: loaded from ``settings["teacher"]``, or trained once and cached in ``run_dir``."""
+    spec = settings["teacher"]
+    if spec is not None:
+        from ardir.teachers import load_teacher
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            teacher = load_teacher(spec, num_classes=settings["num_classes"], in_chans=settings["in_chans"],
+                                   device=device, model_name=settings["teacher_model"])
+        return teacher, {"spec": spec}
+    key = {k: settings[k] for k in ("dataset", "eps", "step_size", "steps", "teacher_model", "teacher_method",
+                                    "teacher_epochs", "teacher_kwargs", "batch_size", "train_size",
+                                    "limit_batches", "fake_data")}
+    path = run_dir / "teacher.pt"
+    meta_path = run_dir / "teacher.json"
+    teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
+                                  in_chans=settings["in_chans"]).to(device)
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == json.loads(json.dumps(key)):
+            teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+            log(f"teacher: reusing {path}")
+            return teacher.eval(), meta
+        log(f"teacher: {path} was trained with other settings; training a new one")
+    torch.manual_seed(0)  # the shared teacher: seed 0
+    teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
+                                  in_chans=settings["in_chans"]).to(device)
+    loaders = loaders_for(settings, 0, data_dir)
+    kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
+    extra = dict(settings["teacher_kwargs"])
+    lr = extra.pop("lr", 0.1)
+    wall, cpu = time.time(), time.process_time()
+    log(f"teacher: training {settings['teacher_model']} with {settings['teacher_method']} "
+        f"({settings['teacher_epochs'] or 'paper'} epochs)")
+    trainer = ardir.Trainer(teacher, loaders.train, method=settings["teacher_method"],
+                            epochs=settings["teacher_epochs"], lr=lr, limit_batches=settings["limit_batches"],
+                            progress=progress, **kwargs, **extra)
+    history = trainer.fit()
+    meta = {"settings": key, "train_seconds": round(time.time() - wall, 1),
+            "train_cpu_seconds": round(time.process_time() - cpu, 1), "history": _jsonable(history)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(teacher.state_dict(), path)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
+    return teacher.eval(), meta
+
+
+def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader, progress: bool) -> Dict[str, Any]:
+    """Accuracies (%) under the suite's attacks, AutoAttack on its seeded subset; plus per-part seconds."""
+    common = dict(eps=settings["eps"], step_size=settings["eval_step_size"], seed=settings["eval_seed"],
+                  progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"])
+    out: Dict[str, Any] = {"accuracy": {}, "seconds": {}, "flags": [], "subsets": {}}
+    n = settings["eval_size"]
+    report = ardir.evaluate(model, test_loader, attacks=tuple(settings["attacks"]), n_examples=n,
+                            subset="random" if n else "first", **common)
+    out["accuracy"].update(report.accuracy)
+    out["seconds"].update(report.seconds)
+    out["flags"] += [f.code for f in report.flags]
+    out["subsets"]["attacks"] = report.subset
+    aa = settings["aa_size"]
+    if aa != 0:
+        report = ardir.evaluate(model, test_loader, attacks=("autoattack",), n_examples=aa,
+                                subset="random" if aa else "first", **common)
+        out["accuracy"]["autoattack"] = report.accuracy["autoattack"]
+        out["accuracy"]["natural_aa_subset"] = report.accuracy["natural"]
+        out["seconds"]["autoattack"] = report.seconds["autoattack"]
+        out["flags"] += [f.code for f in report.flags]
+        out["subsets"]["autoattack"] = report.subset
+    return out
+
+
+def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int, teacher, data_dir, device,
+            progress: bool, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train one student with one method and seed, evaluate it; returns the row's record."""
+    torch.manual_seed(seed)
+    loaders = loaders_for(settings, seed, data_dir)
+    student = ardir.models.create(student_name, num_classes=settings["num_classes"],
+                                  in_chans=settings["in_chans"]).to(device)
+    kwargs = method_arguments(settings, method, extra)
+    needs_teacher = ardir.methods.METHODS[method].needs_teacher
+    wall, cpu = time.time(), time.process_time()
+    trainer = ardir.Trainer(student, loaders.train, teacher=teacher if needs_teacher else None, method=method,
+                            epochs=settings["epochs"], lr=settings["lr"], limit_batches=settings["limit_batches"],
+                            progress=progress, **kwargs)
+    history = trainer.fit()
+    train_s, train_cpu = time.time() - wall, time.process_time() - cpu
+    wall, cpu = time.time(), time.process_time()
+    result = evaluate_model(student, settings, loaders.test, progress)
+    return {"student": student_name, "method": method, "seed": seed, "method_kwargs": _jsonable(kwargs),
+            "epochs": trainer.epochs, "accuracy": result["accuracy"], "attack_seconds": result["seconds"],
+            "subsets": result["subsets"], "flags": result["flags"],
+            "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
+            "eval_seconds": round(time.time() - wall, 1), "eval_cpu_seconds": round(time.process_time() - cpu, 1),
+            "last_epoch": _jsonable(history[-1]) if history else None}
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n - 1); std is None for a single value."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_cell(values: Sequence[float]) -> str:
+    """``"mean ± std"`` over seeds (two decimals); the mean alone for one seed; ``""`` for none."""
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def summarize(records: Sequence[Dict[str, Any]], metrics: Sequence[str]) -> List[Dict[str, Any]]:
+    """Group row records by (student, method[, variant]) and aggregate every metric over the seeds."""
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["student"], r["method"], r.get("variant")), []).append(r)
+    rows = []
+    for (student, method, variant), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        row = {"student": student, "method": method, "variant": variant, "seeds": [r["seed"] for r in rs],
+               "cells": {}, "mean": {}, "std": {}, "per_seed": {}}
+        for m in metrics:
+            vals = [r["accuracy"][m] for r in rs if m in r["accuracy"]]
+            row["per_seed"][m] = vals
+            row["cells"][m] = format_cell(vals)
+            if vals:
+                row["mean"][m], row["std"][m] = mean_std(vals)
+        row["train_seconds"] = sum(r["train_seconds"] for r in rs)
+        row["eval_seconds"] = sum(r["eval_seconds"] for r in rs)
+        row["command"] = rs[0].get("command", "")
+        rows.append(row)
+    return rows
+
+
+def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[str, Any]], metrics: Sequence[str],
+                published: Optional[Dict[Tuple[str, str], Dict[str, float]]] = None, variant_column: bool = False,
+                order: Sequence[str] = ALL_METHODS, students: Sequence[str] = ()) -> None:
+    """``path``.md (the table and how it was made) and ``path``.json (the same, plus per-seed numbers)."""
+    rank = {m: i for i, m in enumerate(("teacher",) + tuple(order))}
+    first = {name: i for i, name in enumerate(students)}
+    rows = sorted(rows, key=lambda r: (first.get(r["student"], len(first)), r["student"], rank.get(r["method"], 99),
+                                       r["variant"] or ""))
+    lines = [f"# {title}", ""]
+    if meta.get("reduced"):
+        lines += ["**REDUCED run** — not the suite's protocol; it differs in:", ""]
+        lines += [f"- {d}" for d in meta["reduced"]] + [""]
+    for key, label in [("command", "Command"), ("commit", "Git commit"), ("date", "Date (UTC)"),
+                       ("machine", "Machine"), ("wall_time", "Wall time"), ("teacher", "Teacher")]:
+        if meta.get(key):
+            value = f"`{meta[key]}`" if key in ("command", "commit") else meta[key]
+            lines.append(f"- {label}: {value}")
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append("")
+    head = ["Student", "Variant" if variant_column else "Method", "Seeds"]
+    for m in metrics:
+        head.append(f"{HEADERS[m]} (ours)" if published is not None else HEADERS[m])
+        if published is not None and m in _P:
+            head.append(f"{HEADERS[m]} (paper)")
+    head += ["Train + eval (s)", "Rerun this row"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 5) + ["--:", ":--"]) + "|"]
+    for r in rows:
+        cells = [r["student"], r["variant"] if variant_column else r["method"],
+                 ",".join(map(str, r["seeds"])) if r["seeds"] else ""]
+        for m in metrics:
+            cells.append(r["cells"].get(m, ""))
+            if published is not None and m in _P:
+                p = published.get((r["student"], r["method"]), {}).get(m)
+                cells.append("" if p is None else f"{p:.2f}")
+        t = r.get("train_seconds", 0) + r.get("eval_seconds", 0)
+        cells += [f"{t:.0f}" if r["seeds"] else "", f"`{r['command']}`" if r.get("command") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += meta.get("footer", [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    record = {"title": title, "meta": meta, "metrics": list(metrics),
+              "rows": [{k: v for k, v in r.items() if k != "cells"} for r in rows]}
+    if published is not None:
+        record["published"] = {f"{s}/{m}": v for (s, m), v in published.items()}
+        record["published_source"] = PUBLISHED_SOURCE
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}")
+
+
+def row_command(args: argparse.Namespace, student: str, method: str, seed: int,
+                variant: Optional[str] = None) -> str:
+    """The command that reruns one row (same overrides as this run, one student, method and seed)."""
+    parts = ["python", SCRIPT, args.suite, "--students", student, "--seeds", str(seed)]
+    if variant is not None:
+        parts += ["--ablation", "--variants", variant]
+    else:
+        parts += ["--methods", method]
+    parts += _overrides(args)
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def suite_command(args: argparse.Namespace) -> str:
+    """The command that produces this whole table (every row of the run directory with these settings)."""
+    parts = ["python", SCRIPT, args.suite]
+    if args.ablation:
+        parts.append("--ablation")
+    for name in ("students", "seeds", "methods", "variants"):
+        if getattr(args, name):
+            parts += [f"--{name}", *map(str, getattr(args, name))]
+    parts += _overrides(args)
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _overrides(args: argparse.Namespace) -> List[str]:
+    out = []
+    for name in ("epochs", "teacher_epochs", "train_size", "batch_size", "eval_size", "aa_size", "limit_batches",
+                 "train_steps", "teacher", "data_dir", "output", "run_dir"):
+        value = getattr(args, name)
+        if value is not None and not (name == "output" and value == DEFAULT_OUTPUT):
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    if args.attacks is not None:
+        out += ["--attacks", *args.attacks]
+    for flag in ("fake_data", "no_checks", "no_teacher_eval"):
+        if getattr(args, flag):
+            out.append(f"--{flag.replace('_', '-')}")
+    return out
+
+
+DEFAULT_OUTPUT = "benchmarks/results"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=sorted(SUITES))
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="rows to run (default: all the suite's)")
+    p.add_argument("--students", nargs="+", help="students (default: the suite's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: the suite's (fashion-mnist 0 1 2, CIFAR 0)")
+    p.add_argument("--epochs", type=int, help="student epochs (default: the suite's); also the teacher's unless "
+                                              "--teacher-epochs")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--teacher", help="a checkpoint path, a model name or robustbench:NAME (default: train it)")
+    p.add_argument("--train-size", type=int, help="training images (default: the suite's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--train-steps", type=int, help="PGD steps of the training attacks (dry runs)")
+    p.add_argument("--attacks", nargs="+", help="attacks on the evaluation set (default: the suite's)")
+    p.add_argument("--eval-size", type=int, help="evaluate on a seeded random subset of this many test images")
+    p.add_argument("--aa-size", type=int, help="AutoAttack subset size (0: skip AutoAttack)")
+    p.add_argument("--limit-batches", type=int, help="stop each epoch after this many batches (dry runs)")
+    p.add_argument("--fake-data", action="store_true", help="random images instead of the data set (dry runs)")
+    p.add_argument("--data-dir")
+    p.add_argument("--no-checks", action="store_true", help="skip evaluate()'s sanity checks (faster)")
+    p.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher")
+    p.add_argument("--ablation", action="store_true", help="run the ARDIR ablation instead of the method table")
+    p.add_argument("--variants", nargs="+", help="ablation variants (labels of ABLATIONS; default: all)")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the tables go")
+    p.add_argument("--run-dir", help="per-row JSON and the teacher (default: benchmarks/runs/<suite>[-ablation])")
+    p.add_argument("--force", action="store_true", help="rerun rows whose JSON exists (to check a row's numbers)")
+    p.add_argument("--template", action="store_true", help="write the table with the published numbers only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    suite = SUITES[args.suite]
+    settings = resolve(suite, args)
+    device = torch.device(args.device)
+    methods = list(args.methods or suite.methods)
+    seeds = list(args.seeds if args.seeds is not None else suite.seeds)
+    if args.ablation:
+        labels = list(args.variants or ABLATIONS)
+        unknown = [v for v in labels if v not in ABLATIONS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {list(ABLATIONS)}")
+        jobs = [(s, "ardir", seed, v) for seed in seeds for s in settings["students"] for v in labels]
+        name = f"ablation_{suite.results_name}"
+    else:
+        jobs = [(s, m, seed, None) for seed in seeds for s in settings["students"] for m in methods]
+        name = suite.results_name
+    out_path = ROOT / args.output / name if not Path(args.output).is_absolute() else Path(args.output) / name
+    run_dir = Path(args.run_dir) if args.run_dir else ROOT / "benchmarks" / "runs" / (
+        suite.name + ("-ablation" if args.ablation else "") + ("-fake" if args.fake_data else ""))
+    teacher_dir = Path(args.run_dir) if args.run_dir else ROOT / "benchmarks" / "runs" / (
+        suite.name + ("-fake" if args.fake_data else ""))
+    log = (lambda msg: print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True))
+    reduced = departures(suite, settings)
+    started = time.time()
+    meta = {"suite": suite.name, "command": suite_command(args),
+            "commit": git_commit(), "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+            "machine": machine(device), "reduced": reduced, "notes": list(suite.notes), "settings": settings,
+            "teacher": None}
+    published = PUBLISHED.get(suite.name)
+    metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
+    title = (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
+        f" (L∞, ε = {_fmt_eps(suite.eps)})"
+
+    def write(records, footer=()):
+        rows = summarize(records, metrics)
+        if published is not None and not args.ablation:  # every row of the suite appears, run or not
+            have = {(r["student"], r["method"]) for r in rows}
+            wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)
+            wanted += [(s, m) for s in settings["students"] for m in methods]
+            for s, m in wanted:
+                if (s, m) not in have:
+                    rows.append({"student": s, "method": m, "variant": None, "seeds": [], "cells": {}})
+        total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in records)
+        cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records)
+        meta["wall_time"] = "" if args.template else (
+            f"{total:.0f} s summed over the rows below (teacher training and evaluation included; "
+            f"{cpu:.0f} CPU-seconds of this process where recorded); this invocation {time.time() - started:.0f} s")
+        meta["footer"] = list(footer)
+        students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
+        write_table(out_path, title, meta, rows, metrics, None if args.ablation else published,
+                    variant_column=args.ablation, students=students)
+
+    if args.template:
+        meta.update(command=f"python {SCRIPT} {suite.name} --data-dir DIR [--teacher SPEC]", commit="", date="",
+                    machine="", reduced=[])
+        write([], footer=["**Not run here: needs a GPU and the real data.** The '(ours)' columns are empty until "
+                          "the command above is run; it rewrites this file with the measured numbers.", "",
+                          f"Published numbers: {PUBLISHED_SOURCE}"])
+        log(f"template written to {out_path.with_suffix('.md')}")
+        return 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher, teacher_meta = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)
+    meta["teacher"] = (f"{settings['teacher']}" if settings["teacher"] else
+                       f"{settings['teacher_model']} trained with {settings['teacher_method']} "
+                       f"({teacher_meta.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
+    key = {k: v for k, v in settings.items() if k != "students"}
+    records: List[Dict[str, Any]] = []
+    if not args.no_teacher_eval and not args.ablation:
+        path = teacher_dir / "teacher_eval.json"
+        rec = json.loads(path.read_text()) if path.exists() else None
+        if rec is None or rec.get("settings") != _jsonable(key):
+            log("teacher: evaluating")
+            wall, cpu = time.time(), time.process_time()
+            loaders = loaders_for(settings, 0, args.data_dir)
+            result = evaluate_model(teacher, settings, loaders.test, args.progress)
+            rec = {"student": settings["teacher_model"] + " (teacher)", "method": "teacher", "seed": 0,
+                   "accuracy": result["accuracy"], "subsets": result["subsets"], "flags": result["flags"],
+                   "train_seconds": teacher_meta.get("train_seconds", 0.0),
+                   "train_cpu_seconds": teacher_meta.get("train_cpu_seconds", 0.0),
+                   "eval_seconds": round(time.time() - wall, 1),
+                   "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": _jsonable(key),
+                   "command": "(trained by any row's command when missing; cached)"}
+            path.write_text(json.dumps(rec, indent=2))
+        records.append(rec)
+    def collect():
+        """Every finished row in the run directory with this run's settings (an earlier or later invocation's too)."""
+        found = [r for r in records if r["method"] == "teacher"]
+        for f in sorted(run_dir.glob("*__seed*.json")):
+            rec = json.loads(f.read_text())
+            if rec.get("settings") == _jsonable(key) and (rec.get("variant") is not None) == args.ablation \
+                    and rec["student"] in settings["students"]:
+                found.append(rec)
+        return found
+
+    for student, method, seed, variant in jobs:
+        stem = f"{student}__{method}__seed{seed}" if variant is None else \
+            f"{student}__{_slug(variant)}__seed{seed}"
+        path = run_dir / f"{stem}.json"
+        if path.exists() and not args.force:
+            rec = json.loads(path.read_text())
+            if rec.get("settings") == _jsonable(key):
+                log(f"{stem}: done before, reusing {path.name} (--force reruns it)")
+                continue
+            log(f"{stem}: {path.name} has other settings; rerunning")
+        same = teacher_dir / f"{student}__ardir__seed{seed}.json"
+        if variant is not None and not ABLATIONS[variant] and same.exists() and not args.force:
+            rec = json.loads(same.read_text())  # the library's defaults: the method table's ARDIR row, same run
+            if rec.get("settings") == _jsonable(key):
+                rec.update(variant=variant, reused_from=str(same.relative_to(ROOT) if same.is_relative_to(ROOT)
+                                                            else same))
+                path.write_text(json.dumps(rec, indent=2))
+                log(f"{stem}: the defaults = the method table's ARDIR row ({same.name}), reused")
+                write(collect())
+                continue
+        log(f"{stem}: training")
+        rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, args.progress,
+                      ABLATIONS[variant] if variant is not None else None)
+        rec.update(variant=variant, settings=_jsonable(key),
+                   command=row_command(args, student, method, seed, variant))
+        path.write_text(json.dumps(rec, indent=2))
+        accs = ", ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
+        log(f"{stem}: train {rec['train_seconds']} s, eval {rec['eval_seconds']} s: {accs}")
+        write(collect())
+    write(collect(), footer=[f"Published numbers: {PUBLISHED_SOURCE}"] if published and not args.ablation else [])
+    log(f"table written to {out_path.with_suffix('.md')} ({time.time() - started:.0f} s)")
+    return 0
+
+
+def _fmt_eps(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{eps:g}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

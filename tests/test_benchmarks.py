@@ -1,0 +1,172 @@
+"""benchmarks/reproduce.py: the CIFAR suites' dry runs (the papers' models, fake data, one batch), the Fashion-MNIST
+suite's dry run with resuming, and the results-table writer (mean ± std over seeds)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ardir.evaluate import parse_attack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(path: Path):
+    return path.read_text(), json.loads(path.with_suffix(".json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ the table writer
+def test_mean_std_over_seeds(reproduce):
+    records = [{"student": "s", "method": "ard", "seed": seed, "accuracy": {"natural": nat, "pgd20": pgd},
+                "train_seconds": 1.0, "eval_seconds": 1.0}
+               for seed, nat, pgd in [(0, 80.0, 40.0), (1, 82.0, 43.0), (2, 84.0, 46.0)]]
+    records.append({"student": "s", "method": "at", "seed": 0, "accuracy": {"natural": 70.125, "pgd20": 35.0},
+                    "train_seconds": 1.0, "eval_seconds": 1.0})
+    rows = {r["method"]: r for r in reproduce.summarize(records, ["natural", "pgd20"])}
+    assert rows["ard"]["cells"] == {"natural": "82.00 ± 2.00", "pgd20": "43.00 ± 3.00"}  # sample std (n - 1)
+    assert rows["ard"]["mean"]["pgd20"] == pytest.approx(43.0) and rows["ard"]["std"]["pgd20"] == pytest.approx(3.0)
+    assert rows["ard"]["seeds"] == [0, 1, 2] and rows["ard"]["per_seed"]["natural"] == [80.0, 82.0, 84.0]
+    assert rows["at"]["cells"]["natural"] == "70.12" and rows["at"]["std"]["natural"] is None  # one seed: mean only
+    assert reproduce.format_cell([]) == ""
+
+
+def test_write_table_markdown_and_json(reproduce, tmp_path):
+    records = [{"student": "resnet18", "method": "rslad", "seed": s, "accuracy": {"natural": v, "autoattack": v / 2},
+                "train_seconds": 10.0, "eval_seconds": 5.0, "command": f"python x --seeds {s}"}
+               for s, v in [(0, 83.0), (1, 84.0)]]
+    rows = reproduce.summarize(records, ["natural", "autoattack"])
+    meta = {"command": "python benchmarks/reproduce.py cifar10", "commit": "abc", "reduced": ["epochs = 1"]}
+    reproduce.write_table(tmp_path / "t", "T", meta, rows, ["natural", "autoattack"],
+                          published=reproduce.PUBLISHED["cifar10"])
+    md, record = _table(tmp_path / "t.md")
+    assert "**REDUCED run**" in md and "- epochs = 1" in md
+    line = next(l for l in md.splitlines() if l.startswith("| resnet18 | rslad"))
+    assert "83.50 ± 0.71" in line and "83.38" in line and "41.75 ± 0.35" in line and "51.49" in line
+    assert record["rows"][0]["per_seed"]["natural"] == [83.0, 84.0]
+    assert record["published"]["resnet18/rslad"]["autoattack"] == 51.49
+
+
+def test_suites_registry_and_departures(reproduce):
+    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist"}
+    fm = reproduce.SUITES["fashion-mnist"]
+    assert fm.eps == 0.1 and len(fm.seeds) >= 3 and set(fm.methods) == set(reproduce.ALL_METHODS)
+    c10 = reproduce.SUITES["cifar10"]
+    assert c10.teacher_model == "wrn34_10" and c10.teacher_method == "trades"
+    assert c10.students == ("resnet18", "mobilenet_v2") and c10.eval_size is None and c10.aa_size is None
+    args = reproduce.parse_args(["fashion-mnist"])
+    assert reproduce.departures(fm, reproduce.resolve(fm, args)) == []
+    args = reproduce.parse_args(["fashion-mnist", "--epochs", "2", "--aa-size", "0"])
+    reduced = reproduce.departures(fm, reproduce.resolve(fm, args))
+    assert any(d.startswith("epochs = 2") for d in reduced) and any(d.startswith("aa_size = 0") for d in reduced)
+    # IAD's warm-up scales with the epochs (60 of 200)
+    assert reproduce.method_arguments(reproduce.resolve(fm, args), "iad")["warmup_epochs"] == 1
+    c10_args = reproduce.resolve(c10, reproduce.parse_args(["cifar10"]))
+    assert reproduce.method_arguments(c10_args, "iad")["warmup_epochs"] == 60
+
+
+def test_template_has_published_numbers(reproduce, tmp_path):
+    assert reproduce.main(["cifar10", "--template", "--output", str(tmp_path)]) == 0
+    md, record = _table(tmp_path / "cifar10.md")
+    assert "Not run here: needs a GPU and the real data" in md
+    line = next(l for l in md.splitlines() if l.startswith("| resnet18 | rslad"))
+    assert "83.38" in line and "51.49" in line
+    assert any(l.startswith("| mobilenet_v2 | ardir") for l in md.splitlines())
+
+
+def test_autoattack_subset_plumbing(reproduce):
+    class Constant(nn.Module):  # always class 0: every sample is wrong, so every attack returns at once
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10) + torch.eye(10)[0] + 0 * self.w
+
+    data = torch.utils.data.TensorDataset(torch.rand(10, 1, 4, 4), torch.ones(10, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=5)
+    settings = {"eps": 0.1, "eval_step_size": 0.025, "eval_seed": 0, "checks": False, "dataset": None,
+                "eval_size": None, "aa_size": 4, "attacks": ["natural", "pgd20"]}
+    out = reproduce.evaluate_model(Constant(), settings, loader, progress=False)
+    assert out["accuracy"]["autoattack"] == 0.0 and out["accuracy"]["pgd20"] == 0.0
+    assert out["subsets"]["autoattack"].startswith("random 4 of 10")
+
+
+# ------------------------------------------------------------------------------------------ dry runs
+DRY = ["--fake-data", "--limit-batches", "1", "--epochs", "1", "--batch-size", "2", "--train-steps", "1",
+       "--eval-size", "2", "--aa-size", "0", "--no-checks"]
+
+
+def _dry_run(reproduce, tmp_path, suite, *extra):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    assert reproduce.main([suite, *DRY, "--output", str(out), "--run-dir", str(runs), *extra]) == 0
+    return out, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["cifar10", "cifar100"])
+def test_cifar_dry_run(reproduce, tmp_path, suite):
+    """The papers' protocol end to end on one fake batch of 2: every method, ResNet-18 and MobileNetV2 students,
+    a WRN-34-10 teacher (trained with TRADES for one step on cifar10; freshly built by name on cifar100)."""
+    # PGD/CW with 2 steps: the same code paths as the suite's PGD-20 / CW-20 / CW-30 (whose names are checked
+    # below), at a cost a CPU test can pay on a WRN-34-10 / ResNet-18.
+    extra = ["--no-teacher-eval", "--attacks", "natural", "fgsm", "pgd2", "cw2"]
+    extra += ["--teacher", "wrn34_10"] if suite == "cifar100" else []
+    out, runs = _dry_run(reproduce, tmp_path, suite, *extra)
+    md, record = _table(out / f"{suite}.md")
+    suite_cfg = reproduce.SUITES[suite]
+    for student in suite_cfg.students:
+        for method in suite_cfg.methods:
+            assert (runs / f"{student}__{method}__seed0.json").exists()
+            assert any(l.startswith(f"| {student} | {method} | 0 |") for l in md.splitlines()), (student, method)
+    assert "**REDUCED run**" in md and "--methods" in md
+    if suite == "cifar10":
+        assert (runs / "teacher.pt").exists()
+        assert json.loads((runs / "teacher.json").read_text())["settings"]["teacher_model"] == "wrn34_10"
+    for attack in suite_cfg.attacks + ("autoattack",):
+        parse_attack(attack)  # the full suite's attacks exist
+    assert set(json.loads((runs / "resnet18__ardir__seed0.json").read_text())["accuracy"]) >= {"pgd2", "cw2"}
+    rslad = json.loads((runs / "resnet18__rslad__seed0.json").read_text())
+    assert rslad["method_kwargs"].get("kl_scale", 1.0) == (10.0 if suite == "cifar100" else 1.0)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1",
+                         "--methods", "natural", "ardir")
+    md, record = _table(out / "fashion_mnist.md")
+    rows = {(r["student"], r["method"]): r for r in record["rows"]}
+    assert rows[("cnn_small", "ardir")]["seeds"] == [0, 1]
+    assert ("cnn_large (teacher)", "teacher") in rows
+    assert rows[("cnn_small", "ardir")]["std"]["natural"] is not None
+    line = next(l for l in md.splitlines() if l.startswith("| cnn_small | ardir | 0,1 |"))
+    assert " ± " in line and "--methods ardir" in md
+    before = (runs / "cnn_small__ardir__seed1.json").read_text()
+    capsys.readouterr()
+    _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1", "--methods", "natural", "ardir")
+    log = capsys.readouterr().out
+    assert "teacher: reusing" in log and log.count("done before") == 4 and "training" not in log
+    assert (runs / "cnn_small__ardir__seed1.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
+    variants = ["w_ir 0 (no IR term: ARD with tau 1)", "layers block3 (conv map, 1x1 adapter)"]
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "--ablation", "--variants", *variants)
+    md, record = _table(out / "ablation_fashion_mnist.md")
+    assert [r["variant"] for r in record["rows"]] == sorted(variants)
+    block3 = json.loads((runs / "cnn_small__layers-block3--conv-map--1x1-adapter__seed0.json").read_text())
+    assert block3["method_kwargs"]["layers"] == ["block3"]
