@@ -168,11 +168,9 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "w_ir 0 (no IR term: ARD with tau 1)": {"w_ir": 0.0},
     "w_ir 0.3": {"w_ir": 0.3},
     "w_ir 3": {"w_ir": 3.0},
-    "w_ir 10": {"w_ir": 10.0},
     "layers block3 (conv map, 1x1 adapter)": {"layers": ["block3"]},
     "layers block2 + block3 + features": {"layers": ["block2", "block3", "features"]},
     "distance mse": {"distance": "mse"},
-    "distance cosine": {"distance": "cosine"},
     "teacher input adversarial": {"teacher_input": "adversarial"},
     "inner max KL to teacher": {"attack_loss": "kl"},
 }
@@ -197,13 +195,13 @@ def resolve(suite: Suite, args: argparse.Namespace) -> Dict[str, Any]:
         "attacks": list(pick(args.attacks, suite.attacks)),
         "eval_size": pick(args.eval_size, suite.eval_size), "aa_size": pick(args.aa_size, suite.aa_size),
         "eval_seed": suite.eval_seed, "limit_batches": args.limit_batches, "fake_data": args.fake_data,
-        "checks": not args.no_checks, "method_kwargs": suite.method_kwargs,
+        "checks": not args.no_checks, "method_kwargs": suite.method_kwargs, "precision": args.precision,
         "in_chans": suite.in_chans, "num_classes": suite.num_classes,
     }
 
 
 REDUCIBLE = ("steps", "teacher_epochs", "teacher", "students", "epochs", "batch_size", "train_size", "attacks",
-             "eval_size", "aa_size", "limit_batches", "fake_data", "checks")
+             "eval_size", "aa_size", "limit_batches", "fake_data", "checks", "precision")
 
 
 def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
@@ -316,7 +314,7 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
     wall, cpu = time.time(), time.process_time()
     trainer = ardir.Trainer(student, loaders.train, teacher=teacher if needs_teacher else None, method=method,
                             epochs=settings["epochs"], lr=settings["lr"], limit_batches=settings["limit_batches"],
-                            progress=progress, **kwargs)
+                            progress=progress, precision=settings.get("precision", "fp32"), **kwargs)
     history = trainer.fit()
     train_s, train_cpu = time.time() - wall, time.process_time() - cpu
     wall, cpu = time.time(), time.process_time()
@@ -327,6 +325,69 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
             "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
             "eval_seconds": round(time.time() - wall, 1), "eval_cpu_seconds": round(time.process_time() - cpu, 1),
             "last_epoch": _jsonable(history[-1]) if history else None}
+
+
+def run_dirs(args: argparse.Namespace) -> Tuple[Path, Path]:
+    """Where a run keeps its row JSON files, and where its teacher (``teacher.pt``, shared by every run) lives."""
+    if args.run_dir:
+        return Path(args.run_dir), Path(args.run_dir)
+    base = ROOT / "benchmarks" / "runs"
+    fake = "-fake" if args.fake_data else ""
+    rows = args.suite + ("-ablation" if args.ablation else "") + \
+        (f"-{args.precision}" if args.precision != "fp32" else "") + fake
+    return base / rows, base / (args.suite + fake)
+
+
+def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
+            teacher: Optional[torch.nn.Module] = None, workers: int = 1) -> Dict[str, Any]:
+    """Run one job of a suite -- a (student, method, seed[, variant]) row, or the teacher's evaluation when the
+    method is ``"teacher"`` -- and write its JSON record to the job's path. The entry point of a worker process:
+    it re-reads the command line ``argv`` and loads the cached teacher itself when ``teacher`` is None."""
+    path, student, method, seed, variant = job
+    args = parse_args(argv)
+    settings = resolve(SUITES[args.suite], args)
+    device = torch.device(args.device)
+    if workers > 1:  # the cores are shared out between the worker processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    progress = args.progress and workers == 1
+    run_dir, teacher_dir = run_dirs(args)
+    if teacher is None:
+        teacher, _ = get_teacher(settings, teacher_dir, args.data_dir, device, False, lambda msg: None)
+    key = _jsonable({k: v for k, v in settings.items() if k != "students"})
+    if method == "teacher":
+        meta_path = teacher_dir / "teacher.json"
+        teacher_meta = json.loads(meta_path.read_text()) if meta_path.exists() and not settings["teacher"] else {}
+        wall, cpu = time.time(), time.process_time()
+        loaders = loaders_for(settings, 0, args.data_dir)
+        result = evaluate_model(teacher, settings, loaders.test, progress)
+        rec = {"student": student, "method": "teacher", "seed": 0,
+               "accuracy": result["accuracy"], "subsets": result["subsets"], "flags": result["flags"],
+               "train_seconds": teacher_meta.get("train_seconds", 0.0),
+               "train_cpu_seconds": teacher_meta.get("train_cpu_seconds", 0.0),
+               "eval_seconds": round(time.time() - wall, 1),
+               "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": key,
+               "command": "(trained by any row's command when missing; cached)"}
+    else:
+        rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
+                      ABLATIONS[variant] if variant is not None else None)
+        rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant))
+    rec["torch_threads"] = torch.get_num_threads()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, path)  # a killed run leaves no half-written row behind
+    return rec
+
+
+def _same_training(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> bool:
+    """Whether two rows' settings train the same model (the ablation skips AutoAttack; the method table runs it)."""
+    drop = ("aa_size",)
+    return a is not None and {k: v for k, v in a.items() if k not in drop} == \
+        {k: v for k, v in b.items() if k not in drop}
+
+
+def _log_record(log, stem: str, rec: Dict[str, Any]) -> None:
+    accs = ", ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
+    log(f"{stem}: train {rec['train_seconds']} s, eval {rec['eval_seconds']} s: {accs}")
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -461,6 +522,8 @@ def suite_command(args: argparse.Namespace) -> str:
         if getattr(args, name):
             parts += [f"--{name}", *map(str, getattr(args, name))]
     parts += _overrides(args)
+    if args.workers != 1:
+        parts += ["--workers", str(args.workers)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -473,6 +536,8 @@ def _overrides(args: argparse.Namespace) -> List[str]:
             out += [f"--{name.replace('_', '-')}", str(value)]
     if args.attacks is not None:
         out += ["--attacks", *args.attacks]
+    if args.precision != "fp32":
+        out += ["--precision", args.precision]
     for flag in ("fake_data", "no_checks", "no_teacher_eval"):
         if getattr(args, flag):
             out.append(f"--{flag.replace('_', '-')}")
@@ -510,8 +575,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun rows whose JSON exists (to check a row's numbers)")
     p.add_argument("--template", action="store_true", help="write the table with the published numbers only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--progress", action="store_true", help="tqdm bars")
-    return p.parse_args(argv)
+    p.add_argument("--progress", action="store_true", help="tqdm bars (with --workers 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="rows trained side by side in this many processes, the CPU cores shared between them "
+                        "(small models use one core poorly; default 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="students' training precision (autocast); evaluation is always fp32")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: must be at least 1")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -531,17 +604,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         jobs = [(s, m, seed, None) for seed in seeds for s in settings["students"] for m in methods]
         name = suite.results_name
+    if args.precision != "fp32":
+        name += f"_{args.precision}"
     out_path = ROOT / args.output / name if not Path(args.output).is_absolute() else Path(args.output) / name
-    run_dir = Path(args.run_dir) if args.run_dir else ROOT / "benchmarks" / "runs" / (
-        suite.name + ("-ablation" if args.ablation else "") + ("-fake" if args.fake_data else ""))
-    teacher_dir = Path(args.run_dir) if args.run_dir else ROOT / "benchmarks" / "runs" / (
-        suite.name + ("-fake" if args.fake_data else ""))
+    run_dir, teacher_dir = run_dirs(args)
     log = (lambda msg: print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True))
     reduced = departures(suite, settings)
     started = time.time()
     meta = {"suite": suite.name, "command": suite_command(args),
             "commit": git_commit(), "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
-            "machine": machine(device), "reduced": reduced, "notes": list(suite.notes), "settings": settings,
+            "machine": machine(device) + (f"; rows in {args.workers} worker processes of "
+                                          f"{max(1, (os.cpu_count() or 1) // args.workers)} torch threads each"
+                                          if args.workers > 1 else ""), "reduced": reduced, "notes": list(suite.notes), "settings": settings,
             "teacher": None}
     published = PUBLISHED.get(suite.name)
     metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
@@ -581,64 +655,67 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta["teacher"] = (f"{settings['teacher']}" if settings["teacher"] else
                        f"{settings['teacher_model']} trained with {settings['teacher_method']} "
                        f"({teacher_meta.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
-    key = {k: v for k, v in settings.items() if k != "students"}
-    records: List[Dict[str, Any]] = []
-    if not args.no_teacher_eval and not args.ablation:
-        path = teacher_dir / "teacher_eval.json"
-        rec = json.loads(path.read_text()) if path.exists() else None
-        if rec is None or rec.get("settings") != _jsonable(key):
-            log("teacher: evaluating")
-            wall, cpu = time.time(), time.process_time()
-            loaders = loaders_for(settings, 0, args.data_dir)
-            result = evaluate_model(teacher, settings, loaders.test, args.progress)
-            rec = {"student": settings["teacher_model"] + " (teacher)", "method": "teacher", "seed": 0,
-                   "accuracy": result["accuracy"], "subsets": result["subsets"], "flags": result["flags"],
-                   "train_seconds": teacher_meta.get("train_seconds", 0.0),
-                   "train_cpu_seconds": teacher_meta.get("train_cpu_seconds", 0.0),
-                   "eval_seconds": round(time.time() - wall, 1),
-                   "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": _jsonable(key),
-                   "command": "(trained by any row's command when missing; cached)"}
-            path.write_text(json.dumps(rec, indent=2))
-        records.append(rec)
+    key = _jsonable({k: v for k, v in settings.items() if k != "students"})
+    teacher_eval = teacher_dir / ("teacher_eval.json" if settings["precision"] == "fp32" else
+                                  f"teacher_eval_{settings['precision']}.json")
+
     def collect():
         """Every finished row in the run directory with this run's settings (an earlier or later invocation's too)."""
-        found = [r for r in records if r["method"] == "teacher"]
+        found = []
+        if not args.no_teacher_eval and not args.ablation and teacher_eval.exists():
+            rec = json.loads(teacher_eval.read_text())
+            if rec.get("settings") == key:
+                found.append(rec)
         for f in sorted(run_dir.glob("*__seed*.json")):
             rec = json.loads(f.read_text())
-            if rec.get("settings") == _jsonable(key) and (rec.get("variant") is not None) == args.ablation \
+            if rec.get("settings") == key and (rec.get("variant") is not None) == args.ablation \
                     and rec["student"] in settings["students"]:
                 found.append(rec)
         return found
 
+    pending: List[Tuple[Path, str, str, int, Optional[str]]] = []  # (path, student, method, seed, variant)
+    if not args.no_teacher_eval and not args.ablation:
+        rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
+        if rec is None or rec.get("settings") != key:
+            pending.append((teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None))
     for student, method, seed, variant in jobs:
         stem = f"{student}__{method}__seed{seed}" if variant is None else \
             f"{student}__{_slug(variant)}__seed{seed}"
+        if args.precision != "fp32":
+            stem += f"__{args.precision}"
         path = run_dir / f"{stem}.json"
         if path.exists() and not args.force:
-            rec = json.loads(path.read_text())
-            if rec.get("settings") == _jsonable(key):
+            if json.loads(path.read_text()).get("settings") == key:
                 log(f"{stem}: done before, reusing {path.name} (--force reruns it)")
                 continue
             log(f"{stem}: {path.name} has other settings; rerunning")
         same = teacher_dir / f"{student}__ardir__seed{seed}.json"
         if variant is not None and not ABLATIONS[variant] and same.exists() and not args.force:
-            rec = json.loads(same.read_text())  # the library's defaults: the method table's ARDIR row, same run
-            if rec.get("settings") == _jsonable(key):
-                rec.update(variant=variant, reused_from=str(same.relative_to(ROOT) if same.is_relative_to(ROOT)
-                                                            else same))
+            rec = json.loads(same.read_text())  # the library's defaults: the method table's ARDIR row
+            if _same_training(rec.get("settings"), key):
+                rec.update(variant=variant, settings=key,
+                           reused_from=str(same.relative_to(ROOT) if same.is_relative_to(ROOT) else same))
                 path.write_text(json.dumps(rec, indent=2))
                 log(f"{stem}: the defaults = the method table's ARDIR row ({same.name}), reused")
-                write(collect())
                 continue
-        log(f"{stem}: training")
-        rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, args.progress,
-                      ABLATIONS[variant] if variant is not None else None)
-        rec.update(variant=variant, settings=_jsonable(key),
-                   command=row_command(args, student, method, seed, variant))
-        path.write_text(json.dumps(rec, indent=2))
-        accs = ", ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
-        log(f"{stem}: train {rec['train_seconds']} s, eval {rec['eval_seconds']} s: {accs}")
-        write(collect())
+        pending.append((path, student, method, seed, variant))
+
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.workers == 1 or len(pending) <= 1:
+        for job in pending:
+            log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
+            _log_record(log, job[0].stem, run_job(argv_list, job, teacher=teacher, workers=1))
+            write(collect())
+    else:
+        import concurrent.futures
+        import multiprocessing
+        log(f"{len(pending)} jobs on {args.workers} worker processes")
+        with concurrent.futures.ProcessPoolExecutor(args.workers,
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, argv_list, job, None, args.workers): job for job in pending}
+            for future in concurrent.futures.as_completed(futures):
+                _log_record(log, futures[future][0].stem, future.result())
+                write(collect())
     write(collect(), footer=[f"Published numbers: {PUBLISHED_SOURCE}"] if published and not args.ablation else [])
     log(f"table written to {out_path.with_suffix('.md')} ({time.time() - started:.0f} s)")
     return 0

@@ -170,3 +170,27 @@ def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
     assert [r["variant"] for r in record["rows"]] == sorted(variants)
     block3 = json.loads((runs / "cnn_small__layers-block3--conv-map--1x1-adapter__seed0.json").read_text())
     assert block3["method_kwargs"]["layers"] == ["block3"]
+
+
+@pytest.mark.slow
+def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkeypatch):
+    """Rows trained in two worker processes give the same table as one process; a bf16 run is a separate table
+    whose rows do not overwrite the fp32 ones."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned workers import the script as a module
+    args = ["--seeds", "0", "--methods", "natural", "ardir", "--no-teacher-eval"]
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args)
+    one = {n: json.loads((runs / f"cnn_small__{n}__seed0.json").read_text())["accuracy"] for n in ("natural", "ardir")}
+    out2, runs2 = _dry_run(reproduce, tmp_path / "two", "fashion-mnist", *args, "--workers", "2")
+    assert "2 jobs on 2 worker processes" in capsys.readouterr().out
+    for n in ("natural", "ardir"):
+        rec = json.loads((runs2 / f"cnn_small__{n}__seed0.json").read_text())
+        assert rec["accuracy"] == one[n] and "--workers" not in rec["command"]
+    md, _ = _table(out2 / "fashion_mnist.md")
+    assert "--workers 2" in md and "2 worker processes" in md
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--precision", "bf16")
+    md, record = _table(out / "fashion_mnist_bf16.md")
+    assert "precision = 'bf16'" in md and {r["method"] for r in record["rows"]} == {"natural", "ardir"}
+    assert (runs / "cnn_small__ardir__seed0__bf16.json").exists()
+    assert json.loads((runs / "cnn_small__ardir__seed0.json").read_text())["accuracy"] == one["ardir"]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["fashion-mnist", "--workers", "0"])
