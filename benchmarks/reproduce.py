@@ -80,6 +80,8 @@ class Suite:
     eval_seed: int = 0  # seeds the AutoAttack subset and the attacks' random starts: the same for every row
     in_chans: int = 3
     num_classes: int = 10
+    checks: bool = True  # evaluate()'s gradient-masking sanity checks on every row
+    teacher_attacks: Optional[Tuple[str, ...]] = None  # the teacher's row (no AutoAttack); None: as the students'
     notes: Tuple[str, ...] = ()
 
 
@@ -149,16 +151,22 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
           teacher_kwargs={"lr": 0.05},
-          students=("cnn_small",), methods=ALL_METHODS, epochs=10, lr=0.05, batch_size=128, train_size=10000,
+          students=("cnn_small",), methods=ALL_METHODS, epochs=10, lr=0.05, batch_size=128, train_size=5000,
           attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=None, aa_size=1000, seeds=(0, 1, 2),
+          checks=False, teacher_attacks=("natural", "fgsm", "pgd20"),
           notes=("eps = 0.1, the usual L∞ radius for (Fashion-)MNIST. Training attack PGD-10 with step 0.025 = "
                  "2.5·eps/10 (Madry et al.'s rule: the steps together travel 2.5 eps, so a random start can still "
                  "reach any point of the ball). Evaluation PGD-20 and CW∞-30 with step eps/4 = 0.025: the CIFAR "
                  "protocol's ratio (2/255 at 8/255) scaled to eps; 20 steps travel 5 eps.",
                  "Teacher cnn_large (0.2 M parameters) trained once with TRADES (beta 6), shared by every row and "
                  "seed (as the papers share one teacher); students cnn_small (25 k parameters).",
-                 "Every method gets the same epochs and lr (0.05, lr x0.1 at each method's paper fractions of "
-                 "the epochs); IAD's warm-up is scaled like its paper's 60/200: 0.3 x epochs.",
+                 "Every method gets the same 10 epochs on the same 5,000 training images (seeded subset) and lr "
+                 "(0.05, lr x0.1 at each method's paper fractions of the epochs); IAD's warm-up is scaled like "
+                 "its paper's 60/200: 0.3 x epochs. Sized so the whole suite (3 seeds) runs in under 2 hours on 2 "
+                 "CPU cores.",
+                 "The teacher's row: natural, FGSM and PGD-20 on the full test set (CW∞ and AutoAttack on the "
+                 "teacher would cost as much as five student rows). evaluate()'s sanity checks are off (--no-checks "
+                 "is implied): AutoAttack's black-box Square already catches masked gradients.",
                  "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
                  "same for every row); the other attacks on the full 10,000-image test set.")),
 ]}
@@ -195,7 +203,9 @@ def resolve(suite: Suite, args: argparse.Namespace) -> Dict[str, Any]:
         "attacks": list(pick(args.attacks, suite.attacks)),
         "eval_size": pick(args.eval_size, suite.eval_size), "aa_size": pick(args.aa_size, suite.aa_size),
         "eval_seed": suite.eval_seed, "limit_batches": args.limit_batches, "fake_data": args.fake_data,
-        "checks": not args.no_checks, "method_kwargs": suite.method_kwargs, "precision": args.precision,
+        "checks": suite.checks and not args.no_checks,
+        "teacher_attacks": list(suite.teacher_attacks) if suite.teacher_attacks else None,
+        "method_kwargs": suite.method_kwargs, "precision": args.precision,
         "in_chans": suite.in_chans, "num_classes": suite.num_classes,
     }
 
@@ -359,7 +369,9 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
         teacher_meta = json.loads(meta_path.read_text()) if meta_path.exists() and not settings["teacher"] else {}
         wall, cpu = time.time(), time.process_time()
         loaders = loaders_for(settings, 0, args.data_dir)
-        result = evaluate_model(teacher, settings, loaders.test, progress)
+        own = settings["teacher_attacks"]
+        result = evaluate_model(teacher, dict(settings, attacks=own, aa_size=0) if own else settings, loaders.test,
+                                progress)
         rec = {"student": student, "method": "teacher", "seed": 0,
                "accuracy": result["accuracy"], "subsets": result["subsets"], "flags": result["flags"],
                "train_seconds": teacher_meta.get("train_seconds", 0.0),
@@ -371,6 +383,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
                       ABLATIONS[variant] if variant is not None else None)
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant))
+        rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rec, indent=2))
@@ -439,6 +452,10 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     rows = sorted(rows, key=lambda r: (first.get(r["student"], len(first)), r["student"], rank.get(r["method"], 99),
                                        r["variant"] or ""))
     lines = [f"# {title}", ""]
+    if meta.get("partial"):
+        lines += [f"**PARTIAL run** — {len(meta['partial'])} rows of this command have not run yet (the table "
+                  "was written with --table-only from the rows that finished; the same command without it runs "
+                  "the rest and resumes): " + ", ".join(meta["partial"]), ""]
     if meta.get("reduced"):
         lines += ["**REDUCED run** — not the suite's protocol; it differs in:", ""]
         lines += [f"- {d}" for d in meta["reduced"]] + [""]
@@ -573,6 +590,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the tables go")
     p.add_argument("--run-dir", help="per-row JSON and the teacher (default: benchmarks/runs/<suite>[-ablation])")
     p.add_argument("--force", action="store_true", help="rerun rows whose JSON exists (to check a row's numbers)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rewrite the table from the rows that have finished; run nothing (marks missing rows)")
     p.add_argument("--template", action="store_true", help="write the table with the published numbers only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--progress", action="store_true", help="tqdm bars (with --workers 1)")
@@ -635,7 +654,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records)
         meta["wall_time"] = "" if args.template else (
             f"{total:.0f} s summed over the rows below (teacher training and evaluation included; "
-            f"{cpu:.0f} CPU-seconds of this process where recorded); this invocation {time.time() - started:.0f} s")
+            f"{cpu:.0f} CPU-seconds of this process where recorded)" +
+            ("" if args.table_only else f"; this invocation {time.time() - started:.0f} s"))
         meta["footer"] = list(footer)
         students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
         write_table(out_path, title, meta, rows, metrics, None if args.ablation else published,
@@ -701,6 +721,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pending.append((path, student, method, seed, variant))
 
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.table_only:
+        meta["partial"] = [f"{job[0].stem}" for job in pending]
+        pending = []
     if args.workers == 1 or len(pending) <= 1:
         for job in pending:
             log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")

@@ -194,3 +194,7 @@ def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkey
     assert json.loads((runs / "cnn_small__ardir__seed0.json").read_text())["accuracy"] == one["ardir"]
     with pytest.raises(SystemExit):
         reproduce.parse_args(["fashion-mnist", "--workers", "0"])
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--seeds", "0", "1", "--table-only")
+    md, _ = _table(out / "fashion_mnist.md")
+    assert "**PARTIAL run** — 2 rows" in md and "cnn_small__ardir__seed1" in md
+    assert not (runs / "cnn_small__ardir__seed1.json").exists()
