@@ -174,7 +174,29 @@ def run_to_end(command, env, timeout=120):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def kill_at_random_point(command, env, checkpoints, rng, timeout=120):
+def run_to_end_timed(command, env, progress, timeout=600):
+    """Run to the end while watching ``progress()`` (a count that grows as training goes); returns the shortest
+    time between two of its steps, so that the kills below land inside a step on a fast or a slow machine."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, seen, times = time.monotonic() + timeout, progress(), []
+    try:
+        while process.poll() is None:
+            assert time.monotonic() < deadline, "the reference run did not finish"
+            now = progress()
+            if now != seen:
+                seen, times = now, times + [time.monotonic()]
+            time.sleep(0.002)
+        assert process.returncode == 0, process.stderr.read()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps, "the reference run showed fewer than two progress steps"
+    return min(gaps)
+
+
+def kill_at_random_point(command, env, checkpoints, rng, max_delay, timeout=120):
     """Start the run, wait until it has written a checkpoint newer than the one it resumed from, then SIGKILL
     it after a random delay. Returns False when the run finished before the kill landed."""
     start_step = newest_step(checkpoints)
@@ -184,7 +206,7 @@ def kill_at_random_point(command, env, checkpoints, rng, timeout=120):
         while newest_step(checkpoints) <= start_step and process.poll() is None:
             assert time.monotonic() < deadline, "the training run wrote no checkpoint"
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, max_delay))
         if process.poll() is not None:
             return False
         os.kill(process.pid, signal.SIGKILL)
@@ -206,10 +228,12 @@ def test_sigkill_twice_and_resume_is_bit_identical(tmp_path):
     script.write_text(RUNNER.format(tests=str(TESTS)))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_to_end([sys.executable, str(script), str(reference)], env)
+    step = run_to_end_timed([sys.executable, str(script), str(reference)], env,
+                            lambda: newest_step(reference / "checkpoints"))
     kills = 0
     while kills < 2:
-        if not kill_at_random_point([sys.executable, str(script), str(killed)], env, killed / "checkpoints", rng):
+        if not kill_at_random_point([sys.executable, str(script), str(killed)], env, killed / "checkpoints", rng,
+                                    max_delay=0.8 * step):
             pytest.fail(f"the run ended before kill {kills + 1} (ARDIR_KILL_SEED={seed})")
         kills += 1
     assert not (killed / "final.pt").exists()
@@ -234,11 +258,13 @@ def test_cli_sigkill_twice_and_resume_is_bit_identical(tmp_path):
     rng = random.Random(seed)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_to_end([sys.executable, *CLI, "--output-dir", str(reference)], env, timeout=600)
 
-    def epochs_done():
-        path = killed / "metrics.jsonl"
+    def epochs_done(run=killed):
+        path = run / "metrics.jsonl"
         return len(path.read_text().splitlines()) if path.exists() else 0
+
+    epoch = run_to_end_timed([sys.executable, *CLI, "--output-dir", str(reference)], env,
+                             lambda: epochs_done(reference))
 
     for kill in range(2):
         command = [sys.executable, *CLI, "--output-dir", str(killed)] + (["--resume"] if kill else [])
@@ -249,7 +275,7 @@ def test_cli_sigkill_twice_and_resume_is_bit_identical(tmp_path):
             while epochs_done() <= before and process.poll() is None:  # a new epoch is logged: training runs
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.8 * epoch))  # within the next epoch, however fast this machine is
             if process.poll() is not None:
                 pytest.fail(f"the run ended before kill {kill + 1} (ARDIR_KILL_SEED={seed}): "
                             f"{process.stderr.read()[-2000:]!r}")
