@@ -69,6 +69,10 @@ def test_suites_registry_and_departures(reproduce):
     assert c10.students == ("resnet18", "mobilenet_v2") and c10.eval_size is None and c10.aa_size is None
     args = reproduce.parse_args(["fashion-mnist"])
     assert reproduce.departures(fm, reproduce.resolve(fm, args)) == []
+    settings = reproduce.resolve(fm, args)  # sized for 2 h: no sanity checks, the teacher without CW/AutoAttack
+    assert settings["checks"] is False and settings["teacher_attacks"] == ["natural", "fgsm", "pgd20"]
+    assert reproduce.departures(fm, reproduce.resolve(fm, reproduce.parse_args(["fashion-mnist", "--no-checks"]))) == []
+    assert reproduce.resolve(c10, reproduce.parse_args(["cifar10"]))["checks"] is True
     args = reproduce.parse_args(["fashion-mnist", "--epochs", "2", "--aa-size", "0"])
     reduced = reproduce.departures(fm, reproduce.resolve(fm, args))
     assert any(d.startswith("epochs = 2") for d in reduced) and any(d.startswith("aa_size = 0") for d in reduced)
@@ -151,6 +155,7 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     rows = {(r["student"], r["method"]): r for r in record["rows"]}
     assert rows[("cnn_small", "ardir")]["seeds"] == [0, 1]
     assert ("cnn_large (teacher)", "teacher") in rows
+    assert set(json.loads((runs / "teacher_eval.json").read_text())["accuracy"]) == {"natural", "fgsm", "pgd20"}
     assert rows[("cnn_small", "ardir")]["std"]["natural"] is not None
     line = next(l for l in md.splitlines() if l.startswith("| cnn_small | ardir | 0,1 |"))
     assert " ± " in line and "--methods ardir" in md
