@@ -67,11 +67,12 @@ def test_suites_registry_and_departures(reproduce):
     c10 = reproduce.SUITES["cifar10"]
     assert c10.teacher_model == "wrn34_10" and c10.teacher_method == "trades"
     assert c10.students == ("resnet18", "mobilenet_v2") and c10.eval_size is None and c10.aa_size is None
-    args = reproduce.parse_args(["fashion-mnist"])
-    assert reproduce.departures(fm, reproduce.resolve(fm, args)) == []
-    settings = reproduce.resolve(fm, args)  # sized for 2 h: no sanity checks, the teacher without CW/AutoAttack
+    settings = reproduce.resolve(fm, reproduce.parse_args(["fashion-mnist"]))
+    assert reproduce.departures(fm, settings) == []
+    # sized for 2 h: no sanity checks, the teacher without CW/AutoAttack; --no-checks then departs from nothing
     assert settings["checks"] is False and settings["teacher_attacks"] == ["natural", "fgsm", "pgd20"]
-    assert reproduce.departures(fm, reproduce.resolve(fm, reproduce.parse_args(["fashion-mnist", "--no-checks"]))) == []
+    no_checks = reproduce.resolve(fm, reproduce.parse_args(["fashion-mnist", "--no-checks"]))
+    assert reproduce.departures(fm, no_checks) == []
     assert reproduce.resolve(c10, reproduce.parse_args(["cifar10"]))["checks"] is True
     args = reproduce.parse_args(["fashion-mnist", "--epochs", "2", "--aa-size", "0"])
     reduced = reproduce.departures(fm, reproduce.resolve(fm, args))
