@@ -240,6 +240,21 @@ def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str]):
                             fake_data=settings["fake_data"], seed=seed, limit=settings["train_size"])
 
 
+def _teacher_key(settings: Dict[str, Any]) -> Dict[str, Any]:
+    keys = ("dataset", "eps", "step_size", "steps", "teacher_model", "teacher_method", "teacher_epochs",
+            "teacher_kwargs", "batch_size", "train_size", "limit_batches", "fake_data")
+    return json.loads(json.dumps({k: settings[k] for k in keys}))
+
+
+def cached_teacher(settings: Dict[str, Any], run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The record of the teacher cached in ``run_dir`` when it was trained with these settings, else None."""
+    path, meta_path = run_dir / "teacher.pt", run_dir / "teacher.json"
+    if not (path.exists() and meta_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    return meta if meta.get("settings") == _teacher_key(settings) else None
+
+
 def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str], device: torch.device,
                 progress: bool, log) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The suite's teacher: loaded from ``settings["teacher"]``, or trained once and cached in ``run_dir``."""
@@ -251,19 +266,17 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
             teacher = load_teacher(spec, num_classes=settings["num_classes"], in_chans=settings["in_chans"],
                                    device=device, model_name=settings["teacher_model"])
         return teacher, {"spec": spec}
-    key = {k: settings[k] for k in ("dataset", "eps", "step_size", "steps", "teacher_model", "teacher_method",
-                                    "teacher_epochs", "teacher_kwargs", "batch_size", "train_size",
-                                    "limit_batches", "fake_data")}
+    key = _teacher_key(settings)
     path = run_dir / "teacher.pt"
     meta_path = run_dir / "teacher.json"
-    teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
-                                  in_chans=settings["in_chans"]).to(device)
-    if path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == json.loads(json.dumps(key)):
-            teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            log(f"teacher: reusing {path}")
-            return teacher.eval(), meta
+    meta = cached_teacher(settings, run_dir)
+    if meta is not None:
+        teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
+                                      in_chans=settings["in_chans"]).to(device)
+        teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        log(f"teacher: reusing {path}")
+        return teacher.eval(), meta
+    if path.exists():
         log(f"teacher: {path} was trained with other settings; training a new one")
     torch.manual_seed(0)  # the shared teacher: seed 0
     teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
@@ -282,8 +295,10 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     meta = {"settings": key, "train_seconds": round(time.time() - wall, 1),
             "train_cpu_seconds": round(time.process_time() - cpu, 1), "history": _jsonable(history)}
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), path)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    torch.save(teacher.state_dict(), path.with_suffix(".pt.tmp"))
+    os.replace(path.with_suffix(".pt.tmp"), path)  # the weights before the record that vouches for them
+    meta_path.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(meta_path.with_suffix(".json.tmp"), meta_path)
     log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
     return teacher.eval(), meta
 
@@ -352,7 +367,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
             teacher: Optional[torch.nn.Module] = None, workers: int = 1) -> Dict[str, Any]:
     """Run one job of a suite -- a (student, method, seed[, variant]) row, or the teacher's evaluation when the
     method is ``"teacher"`` -- and write its JSON record to the job's path. The entry point of a worker process:
-    it re-reads the command line ``argv`` and loads the cached teacher itself when ``teacher`` is None."""
+    it re-reads the command line ``argv`` and loads the cached teacher itself when the job needs one and ``teacher`` is None."""
     path, student, method, seed, variant = job
     args = parse_args(argv)
     settings = resolve(SUITES[args.suite], args)
@@ -361,7 +376,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     progress = args.progress and workers == 1
     run_dir, teacher_dir = run_dirs(args)
-    if teacher is None:
+    if teacher is None and _needs_teacher(job):
         teacher, _ = get_teacher(settings, teacher_dir, args.data_dir, device, False, lambda msg: None)
     key = _jsonable({k: v for k, v in settings.items() if k != "students"})
     if method == "teacher":
@@ -389,6 +404,59 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     tmp.write_text(json.dumps(rec, indent=2))
     os.replace(tmp, path)  # a killed run leaves no half-written row behind
     return rec
+
+
+def train_teacher_job(argv: Sequence[str], workers: int) -> Dict[str, Any]:
+    """Train and cache the suite's teacher in a worker process (while the rows that need no teacher run in the
+    others); returns its record."""
+    args = parse_args(argv)
+    settings = resolve(SUITES[args.suite], args)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    _, teacher_dir = run_dirs(args)
+    _, meta = get_teacher(settings, teacher_dir, args.data_dir, torch.device(args.device), False, lambda msg: None)
+    return meta
+
+
+def _needs_teacher(job: Tuple[Path, str, str, int, Optional[str]]) -> bool:
+    return job[2] == "teacher" or ardir.methods.METHODS[job[2]].needs_teacher
+
+
+def _cost_rank(job: Tuple[Path, str, str, int, Optional[str]]) -> int:
+    """Dispatch order: rows trained under attack first, the teacher's evaluation and the attack-free students
+    (a few minutes each) last, where they fill the gaps at the end of the run instead of leaving a core idle."""
+    return {"teacher": 1, "natural": 2}.get(job[2], 0)
+
+
+def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int, Optional[str]]], workers: int,
+                   teacher_ready: bool, log, on_row) -> None:
+    """Run ``jobs`` (in this order, as cores free up) in ``workers`` spawned processes. A teacher that still has
+    to be trained is trained first, in one of them, alongside the jobs that need no teacher; the others wait."""
+    import concurrent.futures
+    import multiprocessing
+    queue = list(jobs)
+    log(f"{len(queue)} jobs on {workers} worker processes")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running: Dict[concurrent.futures.Future, Optional[Tuple]] = {}
+        if not teacher_ready:
+            log("teacher: training in a worker, alongside the rows that need no teacher")
+            running[pool.submit(train_teacher_job, argv, workers)] = None
+        while queue or running:
+            while len(running) < workers:
+                job = next((j for j in queue if teacher_ready or not _needs_teacher(j)), None)
+                if job is None:
+                    break
+                queue.remove(job)
+                running[pool.submit(run_job, argv, job, None, workers)] = job
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                result = future.result()
+                if job is None:
+                    teacher_ready = True
+                    log(f"teacher: trained in {result['train_seconds']} s")
+                else:
+                    _log_record(log, job[0].stem, result)
+                    on_row()
 
 
 def _same_training(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> bool:
@@ -671,10 +739,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    teacher, teacher_meta = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)
-    meta["teacher"] = (f"{settings['teacher']}" if settings["teacher"] else
-                       f"{settings['teacher_model']} trained with {settings['teacher_method']} "
-                       f"({teacher_meta.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
+
+    def describe_teacher():
+        if settings["teacher"]:
+            meta["teacher"] = f"{settings['teacher']}"
+        else:
+            cached = cached_teacher(settings, teacher_dir) or {}
+            meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
+                               f"({cached.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
+
+    describe_teacher()
     key = _jsonable({k: v for k, v in settings.items() if k != "students"})
     teacher_eval = teacher_dir / ("teacher_eval.json" if settings["precision"] == "fp32" else
                                   f"teacher_eval_{settings['precision']}.json")
@@ -724,21 +798,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.table_only:
         meta["partial"] = [f"{job[0].stem}" for job in pending]
         pending = []
+    pending.sort(key=_cost_rank)
+    needs_teacher = any(map(_needs_teacher, pending))
     if args.workers == 1 or len(pending) <= 1:
+        teacher = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)[0] \
+            if needs_teacher else None
+        describe_teacher()
         for job in pending:
             log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
             _log_record(log, job[0].stem, run_job(argv_list, job, teacher=teacher, workers=1))
             write(collect())
     else:
-        import concurrent.futures
-        import multiprocessing
-        log(f"{len(pending)} jobs on {args.workers} worker processes")
-        with concurrent.futures.ProcessPoolExecutor(args.workers,
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, argv_list, job, None, args.workers): job for job in pending}
-            for future in concurrent.futures.as_completed(futures):
-                _log_record(log, futures[future][0].stem, future.result())
-                write(collect())
+        ready = not needs_teacher or settings["teacher"] is not None or cached_teacher(settings, teacher_dir)
+        run_in_workers(argv_list, pending, args.workers, bool(ready), log, lambda: write(collect()))
+        describe_teacher()
     write(collect(), footer=[f"Published numbers: {PUBLISHED_SOURCE}"] if published and not args.ablation else [])
     log(f"table written to {out_path.with_suffix('.md')} ({time.time() - started:.0f} s)")
     return 0

@@ -164,7 +164,8 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     capsys.readouterr()
     _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1", "--methods", "natural", "ardir")
     log = capsys.readouterr().out
-    assert "teacher: reusing" in log and log.count("done before") == 4 and "training" not in log
+    # nothing left to run: the teacher is neither trained nor loaded
+    assert log.count("done before") == 4 and "training" not in log and "teacher:" not in log
     assert (runs / "cnn_small__ardir__seed1.json").read_text() == before
 
 
@@ -178,6 +179,16 @@ def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
     assert block3["method_kwargs"]["layers"] == ["block3"]
 
 
+def test_jobs_dispatch_order(reproduce):
+    """Rows trained under attack go first, the teacher's evaluation and the attack-free rows last; each kind
+    keeps its order, and only distillation rows and the teacher's evaluation wait for a teacher."""
+    jobs = [(Path(f"{m}{s}"), "cnn_small", m, s, None) for s in (0, 1) for m in ("natural", "at", "ardir")]
+    jobs.insert(0, (Path("t"), "cnn_large (teacher)", "teacher", 0, None))
+    order = [(j[2], j[3]) for j in sorted(jobs, key=reproduce._cost_rank)]
+    assert order == [("at", 0), ("ardir", 0), ("at", 1), ("ardir", 1), ("teacher", 0), ("natural", 0), ("natural", 1)]
+    assert [reproduce._needs_teacher(j) for j in jobs[:4]] == [True, False, False, True]
+
+
 @pytest.mark.slow
 def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkeypatch):
     """Rows trained in two worker processes give the same table as one process; a bf16 run is a separate table
@@ -187,7 +198,11 @@ def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkey
     out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args)
     one = {n: json.loads((runs / f"cnn_small__{n}__seed0.json").read_text())["accuracy"] for n in ("natural", "ardir")}
     out2, runs2 = _dry_run(reproduce, tmp_path / "two", "fashion-mnist", *args, "--workers", "2")
-    assert "2 jobs on 2 worker processes" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "2 jobs on 2 worker processes" in log
+    # the teacher is trained in a worker while the natural row runs in the other; ardir waits for it
+    assert "teacher: training in a worker" in log and (runs2 / "teacher.pt").exists()
+    assert log.index("teacher: trained in") < log.index("cnn_small__ardir__seed0: train")
     for n in ("natural", "ardir"):
         rec = json.loads((runs2 / f"cnn_small__{n}__seed0.json").read_text())
         assert rec["accuracy"] == one[n] and "--workers" not in rec["command"]
