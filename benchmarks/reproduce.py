@@ -162,8 +162,8 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "seed (as the papers share one teacher); students cnn_small (25 k parameters).",
                  "Every method gets the same 10 epochs on the same 5,000 training images (seeded subset) and lr "
                  "(0.05, lr x0.1 at each method's paper fractions of the epochs); IAD's warm-up is scaled like "
-                 "its paper's 60/200: 0.3 x epochs. Sized so the whole suite (3 seeds) runs in about 2 hours on 2 "
-                 "CPU cores (measured: 2 h 3 min).",
+                 "its paper's 60/200: 0.3 x epochs. Sized so the whole suite (3 seeds) runs in under 2 hours on 2 "
+                 "CPU cores (measured: 1 h 54 min with --workers 2).",
                  "The teacher's row: natural, FGSM and PGD-20 on the full test set (CW∞ and AutoAttack on the "
                  "teacher would cost as much as five student rows). evaluate()'s sanity checks are off (--no-checks "
                  "is implied): AutoAttack's black-box Square already catches masked gradients.",
