@@ -41,6 +41,7 @@ import torch
 
 import ardir
 from ardir import data
+from ardir.checkpoint import atomic_save, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "benchmarks/reproduce.py"
@@ -295,10 +296,8 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     meta = {"settings": key, "train_seconds": round(time.time() - wall, 1),
             "train_cpu_seconds": round(time.process_time() - cpu, 1), "history": _jsonable(history)}
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), path.with_suffix(".pt.tmp"))
-    os.replace(path.with_suffix(".pt.tmp"), path)  # the weights before the record that vouches for them
-    meta_path.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(meta_path.with_suffix(".json.tmp"), meta_path)
+    atomic_save(teacher.state_dict(), path)  # the weights before the record that vouches for them
+    atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
     return teacher.eval(), meta
 
@@ -363,17 +362,23 @@ def run_dirs(args: argparse.Namespace) -> Tuple[Path, Path]:
     return base / rows, base / (args.suite + fake)
 
 
+def _job_setup(argv: Sequence[str], workers: int) -> Tuple[argparse.Namespace, Dict[str, Any], torch.device]:
+    """A job's arguments, settings and device, re-read from the command line ``argv``; with several workers the
+    cores are shared out between them."""
+    args = parse_args(argv)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return args, resolve(SUITES[args.suite], args), torch.device(args.device)
+
+
 def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
             teacher: Optional[torch.nn.Module] = None, workers: int = 1) -> Dict[str, Any]:
     """Run one job of a suite -- a (student, method, seed[, variant]) row, or the teacher's evaluation when the
     method is ``"teacher"`` -- and write its JSON record to the job's path. The entry point of a worker process:
-    it re-reads the command line ``argv`` and loads the cached teacher itself when the job needs one and ``teacher`` is None."""
+    it re-reads the command line ``argv`` and loads the cached teacher itself when the job needs one and
+    ``teacher`` is None."""
     path, student, method, seed, variant = job
-    args = parse_args(argv)
-    settings = resolve(SUITES[args.suite], args)
-    device = torch.device(args.device)
-    if workers > 1:  # the cores are shared out between the worker processes
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    args, settings, device = _job_setup(argv, workers)
     progress = args.progress and workers == 1
     run_dir, teacher_dir = run_dirs(args)
     if teacher is None and _needs_teacher(job):
@@ -400,20 +405,15 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant))
         rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)  # a killed run leaves no half-written row behind
+    atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
     return rec
 
 
 def train_teacher_job(argv: Sequence[str], workers: int) -> Dict[str, Any]:
     """Train and cache the suite's teacher in a worker process (while the rows that need no teacher run in the
     others); returns its record."""
-    args = parse_args(argv)
-    settings = resolve(SUITES[args.suite], args)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    _, teacher_dir = run_dirs(args)
-    _, meta = get_teacher(settings, teacher_dir, args.data_dir, torch.device(args.device), False, lambda msg: None)
+    args, settings, device = _job_setup(argv, workers)
+    _, meta = get_teacher(settings, run_dirs(args)[1], args.data_dir, device, False, lambda msg: None)
     return meta
 
 
@@ -709,7 +709,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
         f" (L∞, ε = {_fmt_eps(suite.eps)})"
 
+    def describe_teacher():  # read again at every write: a worker may have trained it meanwhile
+        if settings["teacher"]:
+            meta["teacher"] = f"{settings['teacher']}"
+        else:
+            cached = cached_teacher(settings, teacher_dir) or {}
+            meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
+                               f"({cached.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
+
     def write(records, footer=()):
+        if not args.template:
+            describe_teacher()
         rows = summarize(records, metrics)
         if published is not None and not args.ablation:  # every row of the suite appears, run or not
             have = {(r["student"], r["method"]) for r in rows}
@@ -739,16 +749,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    def describe_teacher():
-        if settings["teacher"]:
-            meta["teacher"] = f"{settings['teacher']}"
-        else:
-            cached = cached_teacher(settings, teacher_dir) or {}
-            meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
-                               f"({cached.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
-
-    describe_teacher()
     key = _jsonable({k: v for k, v in settings.items() if k != "students"})
     teacher_eval = teacher_dir / ("teacher_eval.json" if settings["precision"] == "fp32" else
                                   f"teacher_eval_{settings['precision']}.json")
@@ -803,7 +803,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.workers == 1 or len(pending) <= 1:
         teacher = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)[0] \
             if needs_teacher else None
-        describe_teacher()
         for job in pending:
             log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
             _log_record(log, job[0].stem, run_job(argv_list, job, teacher=teacher, workers=1))
@@ -811,7 +810,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         ready = not needs_teacher or settings["teacher"] is not None or cached_teacher(settings, teacher_dir)
         run_in_workers(argv_list, pending, args.workers, bool(ready), log, lambda: write(collect()))
-        describe_teacher()
     write(collect(), footer=[f"Published numbers: {PUBLISHED_SOURCE}"] if published and not args.ablation else [])
     log(f"table written to {out_path.with_suffix('.md')} ({time.time() - started:.0f} s)")
     return 0
