@@ -9,8 +9,10 @@ Public API::
     ardir.FeatureHooks                       -- outputs of named modules
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
+    ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name or robustbench:NAME
+    ardir.gpu_data.GPULoader                 -- a data set kept on the GPU, augmented there
 """
-from . import data, losses, methods, models
+from . import data, gpu_data, losses, methods, models, teachers
 from .attacks import PGD
 from .evaluate import Report, evaluate
 from .hooks import FeatureHooks
@@ -22,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
     "PGD", "FeatureHooks", "evaluate", "Report", "data", "Method", "Natural", "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR",
-    "create_method", "list_methods", "models", "methods", "losses",
+    "create_method", "list_methods", "models", "methods", "losses", "teachers", "gpu_data",
 ]

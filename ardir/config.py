@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import inspect
+import re
 import math
 import os
 import typing
@@ -143,11 +144,22 @@ def _kind(hint: Any) -> Optional[Tuple[str, bool]]:
 
 
 def _first_line(doc: Optional[str], name: str) -> str:
-    """The text after ``name:`` (or ``a, name, b:``) in a docstring's argument list, first line only."""
-    for line in (doc or "").splitlines():
+    """The first sentence of ``name``'s entry (``name:`` or ``a, name, b:``) in a docstring's argument list; the
+    entry's continuation lines (indented deeper) are part of it."""
+    lines = (doc or "").splitlines()
+    for i, line in enumerate(lines):
         head, sep, tail = line.strip().partition(":")
-        if sep and name in [n.strip() for n in head.split(",")]:
-            return tail.strip()
+        if not (sep and name in [n.strip() for n in head.split(",")]):
+            continue
+        indent = len(line) - len(line.lstrip())
+        text = [tail.strip()]
+        for more in lines[i + 1:]:
+            if not more.strip() or len(more) - len(more.lstrip()) <= indent:
+                break
+            text.append(more.strip())
+        entry = " ".join(text)
+        end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", entry)
+        return entry[:end.start() + 1] if end else entry
     return ""
 
 
@@ -186,8 +198,15 @@ def method_keys() -> List[Option]:
                 kind = _kind(hints[arg])
                 if kind is None:
                     continue
-                help_ = _first_line(cls.__doc__, arg) or _first_line(METHODS[name].__doc__, arg)
                 users = [m for m in sorted(METHODS) if arg in method_arguments(m)]
+                helps = {m: next(filter(None, (_first_line(c.__doc__, arg) for c in METHODS[m].__mro__)), "")
+                         for m in users}
+                groups: Dict[str, List[str]] = {}
+                for m, h in helps.items():
+                    if h:
+                        groups.setdefault(h, []).append(m)
+                help_ = next(iter(groups), "") if len(groups) == 1 else \
+                    "; ".join(f"{', '.join(ms)}: {h.rstrip('.')}" for h, ms in groups.items())
                 seen[arg] = Option(arg, kind[0], None, (help_ + " " if help_ else "") +
                                    f"[{', '.join(users)}; default: the method's own]", "method")
     return list(seen.values())

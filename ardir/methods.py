@@ -127,6 +127,9 @@ class TRADES(Method):
     Inner: PGD on ``KL(p(S(x)) || p(S(x')))``, start ``x + 0.001 N(0, I)``, student in eval mode.
     Outer: ``CE(S(x), y) + beta * KL(p(S(x)) || p(S(x')))``, KL averaged over the batch; beta = 6 (CIFAR-10).
     Schedule (TRADES code, CIFAR): 100 epochs, lr x0.1 at 75 and 90.
+
+    Arguments:
+        beta: weight of the robust KL term (6).
     """
     name = "trades"
     attack_loss = "kl"
@@ -157,6 +160,11 @@ class ARD(Method):
     does; with alpha = 1 it scales the whole gradient, i.e. the effective learning rate, so the published numbers
     depend on it. ``"batchmean"`` is the KL as written in the paper.
     Schedule: 200 epochs, lr x0.1 at 100 and 150.
+
+    Arguments:
+        tau: temperature of the distillation KL (ARD 30, IAD and ARDIR 1).
+        alpha: weight of the distillation term, in [0, 1]; the natural CE gets ``1 - alpha`` (1).
+        kl_reduction: ``"mean"`` (the reference code's ``nn.KLDivLoss()``, /C) or ``"batchmean"``.
     """
     name = "ard"
     needs_teacher = True
@@ -191,6 +199,10 @@ class IAD(ARD):
     ARD (tau = 1) plus, after ``warmup_epochs`` (60) of plain ARD, the student's introspection term
     ``mean_i (1 - a_i) * KL(p(S(x_i)) || p(S(x'_i)))`` with ``a_i = p_T(y_i | x'_i) ** beta``, beta = 0.1: the less
     the teacher is trusted on x'_i, the more the student relies on itself.
+
+    Arguments:
+        beta: exponent of the teacher's trust ``p_T(y | x') ** beta`` (0.1).
+        warmup_epochs: epochs of plain ARD before the introspection term starts (60 of 200).
     """
     name = "iad"
 
@@ -223,6 +235,11 @@ class RSLAD(Method):
     ``kl_reduction="mean"`` (default, the reference code) divides by C; the reference multiplies by 10 on
     CIFAR-100 to keep the scale: pass ``kl_scale=10`` there.
     Schedule: 300 epochs, lr x0.1 at 215, 260 and 285.
+
+    Arguments:
+        adv_weight: weight of the adversarial KL term; the natural one gets ``1 - adv_weight`` (5/6).
+        kl_reduction: ``"mean"`` (the reference code's ``nn.KLDivLoss()``, /C) or ``"batchmean"``.
+        kl_scale: factor on both terms (1; the reference code uses 10 on CIFAR-100).
     """
     name = "rslad"
     needs_teacher = True
@@ -260,7 +277,8 @@ class ARDIR(ARD):
             default: the models' ``default_ir_layers`` (the pooled penultimate ``features`` of bundled models).
         layer_weights: lambda_l per layer (default 1 each).
         distance: D, ``"nmse"`` (MSE of per-sample L2-normalised features, default), ``"mse"`` or ``"cosine"``.
-        w_ce, w_kl, w_ir: term weights; tau: temperature of the KL term.
+        w_ce, w_kl, w_ir: the weights of the three terms (0, 1, 1).
+        tau: temperature of the KL term (1).
         teacher_input: the teacher's features on the ``"natural"`` batch (default: the representation as a label)
             or the ``"adversarial"`` one.
         attack_loss: the inner maximisation, ``"ce"`` (as ARD, default) or ``"kl"`` to the teacher (as RSLAD).

@@ -28,14 +28,15 @@ NAN_POLICIES = ("stop", "skip")
 
 
 def method_arguments(name: str) -> List[str]:
-    """The keyword arguments a method accepts (its own and the attack's)."""
+    """The keyword arguments a method accepts: its own ``__init__``'s and, when that takes ``**attack``, the attack
+    settings of :class:`~ardir.methods.Method` (where every method sends them). An intermediate class's arguments
+    are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so ``alpha`` is not an ARDIR argument."""
     names = []
-    for cls in METHODS[name].__mro__:
-        if cls in (nn.Module, object):
-            continue
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and p.name != "self"):
-                names.append(p.name)
+    for init in (METHODS[name].__init__, Method.__init__):
+        params = list(inspect.signature(init).parameters.values())
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     return list(dict.fromkeys(names))
 
 

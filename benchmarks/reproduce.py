@@ -276,7 +276,7 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
                                       in_chans=settings["in_chans"]).to(device)
         teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         log(f"teacher: reusing {path}")
-        return teacher.eval(), meta
+        return teacher.eval().requires_grad_(False), meta
     if path.exists():
         log(f"teacher: {path} was trained with other settings; training a new one")
     torch.manual_seed(0)  # the shared teacher: seed 0
@@ -299,7 +299,7 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     atomic_save(teacher.state_dict(), path)  # the weights before the record that vouches for them
     atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
-    return teacher.eval(), meta
+    return teacher.eval().requires_grad_(False), meta
 
 
 def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader, progress: bool) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ teacher WRN-16-4 instead of WRN-34-10, batch 16, PGD-2 during training and valid
 images, attacks natural/FGSM/PGD-5 without the evaluation's sanity checks. The student is still a ResNet-18.
 
     python examples/cifar10.py --teacher robustbench:Zhang2019Theoretically            # the paper's setting
-    python examples/cifar10.py --teacher runs/cifar10/teacher.pt --layers layer4:block3  # reuse a teacher
+    python examples/cifar10.py --teacher runs/cifar10/teacher.pt --layers block3:layer4  # reuse a teacher
 """
 from __future__ import annotations
 

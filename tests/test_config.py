@@ -4,9 +4,11 @@ import math
 import typing
 
 import pytest
+import torch
 
 from ardir import config as cfg
 from ardir.cli import build_parser
+from ardir.methods import create_method
 from ardir.trainer import Trainer, method_arguments
 
 
@@ -70,6 +72,38 @@ def test_method_arguments_must_belong_to_the_method():
         cfg.resolve({"method": "ardr"})
     config = cfg.resolve({"method": "ard", "tau": 30.0, "eps": "8/255"})
     assert cfg.method_kwargs(config) == {"tau": 30.0, "eps": pytest.approx(8 / 255)}
+
+
+def test_an_argument_a_method_fixes_is_not_its_argument(tiny):
+    # ARDIR builds on ARD but fixes alpha = 1: offering alpha for ARDIR crashed inside ARD.__init__.
+    assert "alpha" in method_arguments("ard") and "alpha" not in method_arguments("ardir")
+    assert "tau" in method_arguments("ardir") and "eps" in method_arguments("ardir")
+    with pytest.raises(cfg.ConfigError, match=r"alpha: method 'ardir' does not take this argument"):
+        cfg.resolve({"method": "ardir", "alpha": 0.5})
+    loader = [(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))]
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['alpha'\] for method 'ardir'"):
+        Trainer(tiny(), loader, teacher=tiny().requires_grad_(False).eval(), alpha=0.5)
+    for method in ("at", "trades", "ard", "iad", "rslad", "ardir"):
+        create_method(method, **{arg: DEFAULTS_PROBE[arg] for arg in method_arguments(method) if arg in DEFAULTS_PROBE})
+
+
+DEFAULTS_PROBE = {"eps": 0.1, "step_size": 0.02, "steps": 3, "tau": 2.0, "alpha": 0.5, "beta": 1.0,
+                  "kl_reduction": "batchmean", "w_ir": 0.5, "adv_weight": 0.5, "warmup_epochs": 1}
+
+
+def test_help_is_each_arguments_first_sentence_with_its_continuation_lines():
+    keys = cfg.schema()
+    # an entry that wraps onto the next docstring line is kept whole up to its first full stop
+    assert keys["precision"].help.endswith('or ``"fp16"`` (autocast in float16 with a gradient scaler; CUDA).')
+    assert "bf16 is the fast choice" not in keys["precision"].help
+    assert keys["teacher_input"].help.startswith('the teacher\'s features on the ``"natural"`` batch')
+    assert '``"adversarial"``' in keys["teacher_input"].help
+    assert keys["w_ir"].help.startswith("the weights of the three terms (0, 1, 1).")
+    # one argument with different meanings in different methods says which is which
+    assert "iad: exponent" in keys["beta"].help and "trades: weight of the robust KL term (6)" in keys["beta"].help
+    assert keys["alpha"].help.endswith("[ard, iad; default: the method's own]")
+    for name, option in keys.items():
+        assert option.help, name
 
 
 def test_schema_covers_every_trainer_and_method_argument():
