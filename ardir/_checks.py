@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from typing import Iterable
 
 
@@ -27,22 +29,39 @@ def eps_value(argument: str, value: float) -> float:
 
 
 def positive(argument: str, value: float) -> float:
-    """A strictly positive number."""
+    """A strictly positive, finite number."""
     value = number(argument, value)
     if not value > 0:
         raise ValueError(f"{argument}={value} must be > 0")
     return value
 
 
-def non_negative_int(argument: str, value: int) -> int:
-    """A whole number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{argument}={value!r} must be a whole number >= 0")
+def non_negative(argument: str, value: float) -> float:
+    """A finite number >= 0."""
+    value = number(argument, value)
+    if value < 0:
+        raise ValueError(f"{argument}={value} must be >= 0")
     return value
 
 
+def non_negative_int(argument: str, value: int) -> int:
+    """A whole number >= 0 (Python or NumPy integer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{argument}={value!r} must be a whole number >= 0")
+    return int(value)
+
+
+def positive_int(argument: str, value: int) -> int:
+    """A whole number >= 1 (Python or NumPy integer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{argument}={value!r} must be a whole number >= 1")
+    return int(value)
+
+
 def number(argument: str, value: float) -> float:
-    """A real number (not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (Python or NumPy; not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{argument}={value!r} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{argument}={value} must be a finite number")
     return float(value)

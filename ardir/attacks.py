@@ -101,7 +101,9 @@ class PGD:
 
     The gradient is taken with ``torch.autograd.grad`` with respect to the input only, so no weight gradient is
     computed and no ``.grad`` is left on any parameter; a DistributedDataParallel model is attacked through its
-    ``.module`` (no gradient all-reduce). The loop never synchronises with the host. Called under
+    ``.module`` (no gradient all-reduce). A call checks its inputs (:meth:`check_inputs`: types, shapes, devices;
+    the [0, 1] pixel range on the first call only, as that check is a host synchronisation); the loop itself never
+    synchronises with the host. Called under
     ``torch.autocast`` it runs in that precision (the sign of the gradient is robust to bf16; under fp16 the loss is
     scaled by :data:`FP16_ATTACK_LOSS_SCALE` first). A model registered with :func:`compile_for_attack` is run
     compiled.
@@ -124,6 +126,7 @@ class PGD:
         self.random_start = one_of("random_start", "none" if random_start is None else random_start,
                                    STARTS, "random start")
         self.mode = one_of("mode", mode, MODES, "model mode")
+        self._range_checked = False
 
     def __repr__(self) -> str:
         return (f"PGD(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, loss={self.loss!r}, "
@@ -131,7 +134,37 @@ class PGD:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_inputs(images, labels, target_probs, pixel_range=not self._range_checked)
+        self._range_checked = True
         return self.forward(images, labels, target_probs)
+
+    def check_inputs(self, images: torch.Tensor, labels: torch.Tensor, target_probs: Optional[torch.Tensor] = None,
+                     pixel_range: bool = True) -> None:
+        """Raise a ``TypeError``/``ValueError`` naming the problem: images a floating-point tensor (N, ...) on the
+        model's device, labels int64 (N,), target_probs (N, K); with ``pixel_range`` also images in [0, 1]."""
+        if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError(f"images and labels must be tensors, got {type(images).__name__} and "
+                            f"{type(labels).__name__}")
+        if not images.is_floating_point() or images.dim() < 2:
+            raise TypeError(f"images must be a floating-point tensor (N, C, H, W) in [0, 1], got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+            raise TypeError(f"labels must be int64 class indices shaped ({len(images)},), got {labels.dtype} "
+                            f"{tuple(labels.shape)}")
+        param = next(self.model.parameters(), None)
+        if param is not None and (images.device != param.device or labels.device != param.device):
+            raise ValueError(f"images ({images.device}) and labels ({labels.device}) must be on the model's device "
+                             f"({param.device})")
+        if target_probs is not None and (not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 2
+                                         or len(target_probs) != len(images)):
+            got = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
+            raise TypeError(f"target_probs must be probabilities shaped (N, K) = ({len(images)}, K), got {got}")
+        if pixel_range and images.numel():
+            lo, hi = torch.aminmax(images.detach())
+            if lo < -1e-4 or hi > 1 + 1e-4:
+                raise ValueError(f"images have pixel values in [{float(lo):.3g}, {float(hi):.3g}], outside [0, 1]: "
+                                 "the attack works in pixel space (its eps is in [0, 1] units); put the "
+                                 "normalisation inside the model (ardir.models.create(..., mean=..., std=...))")
 
     def start(self, images: torch.Tensor) -> torch.Tensor:
         """The random starting point, inside the ball and [0, 1]."""

@@ -6,13 +6,15 @@ C classes, p(z) = softmax(z), KL(P || Q) = sum_c P_c (log P_c - log Q_c).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import eps_value, non_negative_int, number, one_of, positive
+from ._checks import eps_value, non_negative, non_negative_int, number, one_of, positive
 from .attacks import PGD, STARTS, MODES, kl_to, model_mode
 from .hooks import FeatureHooks, check_layers
 from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
@@ -34,9 +36,30 @@ def list_methods() -> List[str]:
 
 def create_method(name: str, **kwargs) -> "Method":
     """Build a method by name (``"at"``, ``"trades"``, ``"ard"``, ``"iad"``, ``"rslad"``, ``"ardir"``,
-    ``"natural"``) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
-    cls = METHODS[one_of("method", name, list_methods(), "method")]
-    return cls(**kwargs)
+    ``"natural"``; any case) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a name ({', '.join(list_methods())}), got {type(name).__name__}")
+    name = one_of("method", name.lower(), list_methods(), "method")
+    valid = method_arguments(name)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, valid, n=3, cutoff=0.6) for k in unknown}
+        hint = "".join(f"did you mean {' or '.join(map(repr, c))} for {k!r}? " for k, c in close.items() if c)
+        raise TypeError(f"unknown argument(s) {unknown} for method {name!r}; {hint}it accepts: {', '.join(valid)}")
+    return METHODS[name](**kwargs)
+
+
+def method_arguments(name: str) -> List[str]:
+    """The keyword arguments a method accepts: its own ``__init__``'s and, when that takes ``**attack``, the attack
+    settings of :class:`~ardir.methods.Method` (where every method sends them). An intermediate class's arguments
+    are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so ``alpha`` is not an ARDIR argument."""
+    names = []
+    for init in (METHODS[name].__init__, Method.__init__):
+        params = list(inspect.signature(init).parameters.values())
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
 
 
 class Method(nn.Module):
@@ -80,7 +103,7 @@ class Method(nn.Module):
         """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached."""
         pgd = PGD(student, eps=self.eps, alpha=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
                   random_start=self.random_start, mode=self.attack_mode)
-        return pgd(images, labels, target_probs)
+        return pgd.forward(images, labels, target_probs)  # the trainer has checked the data
 
     def setup(self, student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor) -> None:
         """Called once by the trainer before the optimiser is built, with a sample batch (to create adapters)."""
@@ -139,7 +162,7 @@ class TRADES(Method):
 
     def __init__(self, beta: float = 6.0, **attack):
         super().__init__(**attack)
-        self.beta = number("beta", beta)
+        self.beta = non_negative("beta", beta)
 
     def forward(self, student, images, labels, teacher=None) -> Terms:
         adv = self.attack(student, images, labels)  # target: the student's own natural prediction
@@ -209,7 +232,7 @@ class IAD(ARD):
     def __init__(self, tau: float = 1.0, alpha: float = 1.0, beta: float = 0.1, warmup_epochs: int = 60,
                  kl_reduction: str = "mean", **attack):
         super().__init__(tau=tau, alpha=alpha, kl_reduction=kl_reduction, **attack)
-        self.beta = number("beta", beta)
+        self.beta = non_negative("beta", beta)
         self.warmup_epochs = non_negative_int("warmup_epochs", warmup_epochs)
 
     def forward(self, student, images, labels, teacher=None) -> Terms:
@@ -251,6 +274,8 @@ class RSLAD(Method):
     def __init__(self, adv_weight: float = 5 / 6, kl_reduction: str = "mean", kl_scale: float = 1.0, **attack):
         super().__init__(**attack)
         self.adv_weight = number("adv_weight", adv_weight)
+        if not 0 <= self.adv_weight <= 1:
+            raise ValueError(f"adv_weight={adv_weight} must be in [0, 1] (the natural term gets 1 - adv_weight)")
         self.kl_reduction = one_of("kl_reduction", kl_reduction, KL_REDUCTIONS, "KL reduction")
         self.kl_scale = positive("kl_scale", kl_scale)
 
@@ -295,14 +320,18 @@ class ARDIR(ARD):
                  kl_reduction: str = "batchmean", **attack):
         super().__init__(tau=tau, alpha=1.0, kl_reduction=kl_reduction, **attack)
         self.attack_loss = one_of("attack_loss", attack_loss, ("ce", "kl"), "ARDIR attack loss")
+        if isinstance(layers, str):  # one layer name, not its letters
+            layers = [layers]
         self.layers = None if layers is None else [self._pair(spec) for spec in layers]
         if self.layers is not None and not self.layers:
             raise ValueError("layers is empty: name at least one layer to match, or pass None for the default")
-        self.layer_weights = None if layer_weights is None else [number("layer_weights", w) for w in layer_weights]
+        self.layer_weights = (None if layer_weights is None else
+                              [non_negative("layer_weights", w) for w in layer_weights])
         if self.layers is not None and self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
             raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {len(self.layers)} layers")
         self.distance = one_of("distance", distance, DISTANCES, "feature distance")
-        self.w_ce, self.w_kl, self.w_ir = number("w_ce", w_ce), number("w_kl", w_kl), number("w_ir", w_ir)
+        self.w_ce, self.w_kl, self.w_ir = (non_negative("w_ce", w_ce), non_negative("w_kl", w_kl),
+                                           non_negative("w_ir", w_ir))
         self.teacher_input = one_of("teacher_input", teacher_input, ("natural", "adversarial"), "teacher input")
         self.adapters = nn.ModuleList()
 

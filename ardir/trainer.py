@@ -1,9 +1,8 @@
 """The training loop: one trainer runs every method (AT, TRADES, ARD, IAD, RSLAD, ARDIR, natural)."""
 from __future__ import annotations
 
+import collections.abc
 import contextlib
-import difflib
-import inspect
 import math
 import time
 import warnings
@@ -12,32 +11,81 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import non_negative_int, one_of, positive
+from ._checks import non_negative, non_negative_int, one_of, positive, positive_int
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
-from .methods import METHODS, Method, create_method, list_methods
+from .methods import Method, create_method, method_arguments  # noqa: F401 (method_arguments: re-exported)
 
 Callback = Callable[["Trainer", Dict[str, Any]], None]
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("stop", "skip")
 
 
-def method_arguments(name: str) -> List[str]:
-    """The keyword arguments a method accepts: its own ``__init__``'s and, when that takes ``**attack``, the attack
-    settings of :class:`~ardir.methods.Method` (where every method sends them). An intermediate class's arguments
-    are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so ``alpha`` is not an ARDIR argument."""
-    names = []
-    for init in (METHODS[name].__init__, Method.__init__):
-        params = list(inspect.signature(init).parameters.values())
-        names += [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
+def _images_labels(batch: Any, loader: str):
+    """A loader's ``(images, labels)`` batch, or an error saying what the trainer expects."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch
+    what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else \
+        f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise TypeError(f"{loader} must yield (images, labels) batches, got {what}: wrap the dataset so that each item "
+                    "is (image, label)")
+
+
+def _check_tensors(what: str, images: Any, labels: Any) -> None:
+    """Images a floating-point tensor (N, C, H, W), labels int64 (N,)."""
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"the {what} must hold tensors (images, labels), got ({type(images).__name__}, "
+                        f"{type(labels).__name__}): add torchvision.transforms.ToTensor() to the dataset's transform")
+    if not images.is_floating_point():
+        raise TypeError(f"the {what}'s images are {images.dtype}; they must be floating point in [0, 1] "
+                        "(ToTensor() converts uint8 images; or divide by 255)")
+    if labels.dtype != torch.int64 or labels.dim() != 1 or len(labels) != len(images):
+        raise TypeError(f"the {what}'s labels must be int64 class indices shaped (N,) = ({len(images)},), got "
+                        f"{labels.dtype} {tuple(labels.shape)}")
+
+
+def _probe(name: str, model: nn.Module, images: torch.Tensor) -> int:
+    """The number of classes ``model`` predicts on a sample batch; a model that cannot take the data, or that does
+    not return logits (N, C), is an error naming it."""
+    try:
+        with torch.no_grad(), model_mode(model, "eval"):
+            out = model(images)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{name} cannot take the training images, shaped {tuple(images.shape)} "
+                         f"({images.dtype}): {str(err).splitlines()[0]} -- check its input channels "
+                         "(ardir.models.create(..., in_chans=C)) and image size") from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"{name} must return logits shaped (N, num_classes), got {got}: wrap it so that forward "
+                        "returns the logits tensor alone")
+    return int(out.shape[1])
+
+
+def _built(argument: str, factory: Any, given: Any, kind: type, example: str) -> Any:
+    """``factory(given)``, refusing an already built object (a common slip) with an example of a factory."""
+    if isinstance(factory, kind) or not callable(factory):
+        raise TypeError(f"{argument} must be a factory, e.g. {example}; got {type(factory).__name__} (the trainer "
+                        "builds it, so that it covers the ARDIR adapters too and can be restored on resume)")
+    return factory(given)
+
+
+def _milestones(milestones: Any, epochs: int) -> List[int]:
+    """Epoch numbers 1 .. epochs, increasing; fractions of the schedule are refused (they would never be reached)."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, collections.abc.Iterable):
+        raise TypeError(f"milestones={milestones!r} must be a list of epoch numbers, e.g. [100, 150]")
+    values = list(milestones)
+    if any(isinstance(m, float) and 0 < m < 1 for m in values):
+        raise ValueError(f"milestones={values} look like fractions of the schedule; give epoch numbers, e.g. "
+                         f"{[max(1, round(m * epochs)) if isinstance(m, float) and 0 < m < 1 else m for m in values]}")
+    values = [positive_int("milestones", m) for m in values]
+    if epochs and any(m > epochs for m in values):
+        warnings.warn(f"milestones {[m for m in values if m > epochs]} lie after the last epoch ({epochs}); the lr "
+                      "never drops there", stacklevel=3)
+    return sorted(values)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -110,9 +158,18 @@ class Trainer:
                  **method_kwargs):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+        if not any(p.requires_grad for p in student.parameters()):
+            raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
+                             "model to train, not a frozen one" + (" (teacher is student)" if teacher is student
+                                                                  else ""))
+        if teacher is student:
+            raise ValueError("teacher is student: pass the frozen robust teacher and a separate student model")
         self.method = self._build_method(method or self.default_method, method_kwargs)
         if self.method.needs_teacher and teacher is None:
             raise ValueError(f"method {self.method.name!r} distils from a teacher: pass teacher=<a robust model>")
+        if teacher is not None and not self.method.needs_teacher:
+            warnings.warn(f"method {self.method.name!r} uses no teacher; the teacher passed is ignored",
+                          stacklevel=2)
         self.student = student
         self.device = _model_device(student)
         devices = sorted({str(t.device) for t in (*student.parameters(), *student.buffers())})
@@ -136,9 +193,14 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.val_attack_steps = non_negative_int("val_attack_steps", val_attack_steps)
-        self.limit_batches = None if limit_batches is None else non_negative_int("limit_batches", limit_batches)
+        self.limit_batches = None if limit_batches is None else positive_int("limit_batches", limit_batches)
         self.progress = progress
+        if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+            raise TypeError("callbacks must be a list of functions fn(trainer, record); for one, pass [fn]")
         self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            if not callable(callback):
+                raise TypeError(f"callbacks: {callback!r} is not callable; each callback is fn(trainer, record)")
         self.epochs = self.method.epochs if epochs is None else non_negative_int("epochs", epochs)
         self.epoch = 0
         self.step = 0
@@ -169,16 +231,19 @@ class Trainer:
         params = list(student.parameters()) + list(self.method.parameters())
         self._trained_params = params
         if optimizer is not None:
-            self.optimizer = optimizer(params)
+            self.optimizer = _built("optimizer", optimizer, params, torch.optim.Optimizer,
+                                    "lambda params: torch.optim.Adam(params, lr=1e-3)")
         else:
-            self.optimizer = torch.optim.SGD(params, lr=positive("lr", lr), momentum=momentum,
-                                             weight_decay=weight_decay)
+            self.optimizer = torch.optim.SGD(params, lr=positive("lr", lr), momentum=non_negative("momentum", momentum),
+                                             weight_decay=non_negative("weight_decay", weight_decay))
         if scheduler is not None:
-            self.scheduler = scheduler(self.optimizer)
+            self.scheduler = _built("scheduler", scheduler, self.optimizer, torch.optim.lr_scheduler.LRScheduler,
+                                    "lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 200)")
         else:
             if milestones is None:
                 milestones = sorted({max(1, round(f * self.epochs)) for f in self.method.milestones})
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(milestones), lr_gamma)
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, _milestones(milestones, self.epochs), positive("lr_gamma", lr_gamma))
 
     # ---------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -189,16 +254,7 @@ class Trainer:
             return method
         if not isinstance(method, str):
             raise TypeError(f"method must be a name or an ardir.methods.Method, got {type(method).__name__}")
-        name = method.lower()
-        if name in METHODS:
-            valid = method_arguments(name)
-            unknown = [k for k in kwargs if k not in valid]
-            if unknown:
-                close = {k: difflib.get_close_matches(k, valid, n=3, cutoff=0.6) for k in unknown}
-                hint = "".join(f"did you mean {' or '.join(map(repr, c))} for {k!r}? " for k, c in close.items() if c)
-                raise TypeError(f"unknown argument(s) {unknown} for method {name!r}; {hint}"
-                                f"it accepts: {', '.join(valid)}")
-        return create_method(name, **kwargs)
+        return create_method(method, **kwargs)
 
     def _freeze(self, teacher: nn.Module) -> nn.Module:
         if not isinstance(teacher, nn.Module):
@@ -237,17 +293,19 @@ class Trainer:
         return images.to(self.device)
 
     def _check_models(self, images: torch.Tensor) -> int:
-        with torch.no_grad(), model_mode(self.student, "eval"):
-            num_classes = self.student(images).shape[1]
+        if not images.is_floating_point():
+            raise TypeError(f"the training images are {images.dtype}; they must be floating point in [0, 1] "
+                            "(ToTensor() converts uint8 images; or divide by 255)")
+        num_classes = _probe("student", self.student, images)
         if self.teacher is not None:
-            with torch.no_grad():
-                t_classes = self.teacher(images).shape[1]
+            t_classes = _probe("teacher", self.teacher, images)
             if t_classes != num_classes:
                 raise ValueError(f"teacher predicts {t_classes} classes but student {num_classes}: "
                                  "distillation needs the same label space")
         return num_classes
 
     def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        _check_tensors("training batch", images, labels)
         lo, hi = float(images.min()), float(images.max())
         if lo < -1e-4 or hi > 1 + 1e-4:
             raise ValueError(f"the first training batch has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1]: "
@@ -301,9 +359,10 @@ class Trainer:
         bar = tqdm(self._epoch_batches(batches), desc=f"epoch {self.epoch + 1}/{self.epochs}", total=total,
                    initial=batches, leave=False,
                    unit="batch", disable=None if self.progress and self.is_main else True)
-        for images, labels in bar:
+        for batch in bar:
             if self.limit_batches is not None and batches >= self.limit_batches:
                 break
+            images, labels = _images_labels(batch, "train_loader")
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.channels_last and images.dim() == 4:
@@ -359,21 +418,30 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         """Natural and PGD accuracy (%) of the student on ``val_loader`` with the method's eps and step."""
         attack = PGD(self.student, eps=self.method.eps, alpha=self.method.step_size, steps=self.val_attack_steps)
+        checked = False
         # (natural correct, adversarial correct, seen) counted on the device: no host sync per batch; summed over
         # the processes of a process group (each evaluates its shard, see ardir.distributed.shard_loader).
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         with model_mode(self.student, "eval"), self.autocast():
-            for images, labels in self.val_loader:
+            for batch in self.val_loader:
+                images, labels = _images_labels(batch, "val_loader")
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                 if self.channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
+                if not checked:  # once per validation: a normalised val_loader would give meaningless accuracies
+                    _check_tensors("validation batch", images, labels)
+                    attack.check_inputs(images, labels)
+                    checked = True
                 with torch.no_grad():
                     counts[0] += (self.student(images).argmax(1) == labels).sum()
-                adv = attack(images, labels)
+                adv = attack.forward(images, labels)
                 with torch.no_grad():
                     counts[1] += (self.student(adv).argmax(1) == labels).sum()
                 counts[2] += len(labels)
         natural, correct_adv, total = distributed.all_reduce_sum(counts).tolist()
+        if total == 0:
+            raise ValueError("val_loader yielded no batch: give it at least one (images, labels) batch, or pass "
+                             "val_loader=None")
         return {"val_natural": 100 * natural / total, "val_pgd": 100 * correct_adv / total}
 
     # ------------------------------------------------------------------------ checkpoints, faults, resume
@@ -574,6 +642,7 @@ class Trainer:
         mid_epoch = self._progress is not None
         return {"format": FORMAT, "version": VERSION,
                 "student": self.student.state_dict(), "method": self.method.state_dict(),
+                "method_name": self.method.name,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "history": list(self.history),
@@ -587,6 +656,10 @@ class Trainer:
         if state.get("format", FORMAT) != FORMAT or int(state.get("version", VERSION)) > VERSION:
             raise CheckpointError(f"checkpoint format {state.get('format')!r} version {state.get('version')} is "
                                   f"not supported by this ardir (format {FORMAT!r} version <= {VERSION})")
+        saved = state.get("method_name")  # absent from checkpoints written before it was recorded
+        if saved is not None and saved != self.method.name:
+            raise CheckpointError(f"the checkpoint was written by a {saved!r} run, this trainer runs "
+                                  f"{self.method.name!r}: resume with method={saved!r}, or start a new run")
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])

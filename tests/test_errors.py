@@ -261,3 +261,165 @@ def test_device_side_nan_check_without_host_sync(tmp_path):
     assert [r["skipped_batches"] for r in history] == [2, 0]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in history)
     assert all(torch.isfinite(p).all() for p in skipping.student.parameters())
+
+
+# ------------------------------------------------------------------------ data and models that do not fit
+def test_a_model_with_other_input_channels_is_named_not_a_conv_error():
+    three = ardir.models.create("cnn_small", in_chans=3, width=4, num_classes=4)
+    with pytest.raises(ValueError, match=r"student cannot take the training images, shaped \(2, 1, 8, 8\).*"
+                                         r"in_chans"):
+        ardir.ATTrainer(three, loader(), **FAST)
+    teacher = ardir.models.create("cnn_small", in_chans=3, width=4, num_classes=4).eval().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"teacher cannot take the training images"):
+        ardir.Trainer(TinyNet(), loader(), teacher=teacher, **FAST)
+
+
+class TupleNet(TinyNet):
+    def forward(self, x):
+        return super().forward(x), x
+
+
+def test_a_model_must_return_logits():
+    with pytest.raises(TypeError, match=r"student must return logits shaped \(N, num_classes\), got tuple"):
+        ardir.ATTrainer(TupleNet(), loader(), **FAST)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (torch.rand(8, 1, 8, 8).double(), torch.randint(0, 4, (8,)), None),  # float64 is floating point: fine
+    ((torch.rand(8, 1, 8, 8) * 255).to(torch.uint8), torch.randint(0, 4, (8,)), r"images are torch.uint8.*ToTensor"),
+    (torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,)).float(), r"labels must be int64 .* got torch.float32"),
+    (torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8, 1)), r"labels must be int64 .* got torch.int64 \(4, 1\)"),
+])
+def test_batch_dtypes_are_checked_before_training(x, y, message):
+    def run():
+        ardir.ATTrainer(TinyNet().double() if x.dtype == torch.float64 else TinyNet(),
+                        loader(8, x, y), epochs=1, progress=False, **FAST).fit()
+    if message is None:
+        run()
+        return
+    with pytest.raises(TypeError, match=message):
+        run()
+
+
+def test_batches_must_be_pairs():
+    triples = [(torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,)), torch.arange(4))]
+    with pytest.raises(TypeError, match=r"train_loader must yield \(images, labels\) batches, got a list of 3"):
+        ardir.ATTrainer(TinyNet(), [list(b) for b in triples], epochs=1, progress=False, **FAST).fit()
+
+
+def test_a_normalised_or_empty_val_loader_is_refused():
+    normalised = loader(8, x=torch.randn(8, 1, 8, 8) * 2)
+    trainer = ardir.ATTrainer(TinyNet(), loader(8), val_loader=normalised, epochs=1, progress=False, **FAST)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        trainer.fit()
+    trainer = ardir.ATTrainer(TinyNet(), loader(8), val_loader=[], epochs=1, progress=False, **FAST)
+    with pytest.raises(ValueError, match=r"val_loader yielded no batch"):
+        trainer.fit()
+
+
+# ------------------------------------------------------------------------------ the trainer's arguments
+def test_a_frozen_student_or_the_teacher_as_student():
+    with pytest.raises(ValueError, match=r"student has no trainable parameters"):
+        ardir.ATTrainer(frozen(), loader(), **FAST)
+    net = TinyNet()
+    with pytest.raises(ValueError, match=r"teacher is student"):
+        ardir.Trainer(net, loader(), teacher=net, **FAST)
+
+
+def test_a_teacher_given_to_a_method_without_one_is_reported_unused():
+    with pytest.warns(UserWarning, match=r"method 'at' uses no teacher; the teacher passed is ignored"):
+        ardir.ATTrainer(TinyNet(), loader(), teacher=frozen(), **FAST)
+
+
+def test_optimizer_scheduler_and_callbacks_of_the_wrong_kind():
+    net = TinyNet()
+    with pytest.raises(TypeError, match=r"optimizer must be a factory, e\.g\. lambda params: .*got Adam"):
+        ardir.ATTrainer(net, loader(), optimizer=torch.optim.Adam(net.parameters()), **FAST)
+    with pytest.raises(TypeError, match=r"scheduler must be a factory.*got StepLR"):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        ardir.ATTrainer(net, loader(), scheduler=torch.optim.lr_scheduler.StepLR(opt, 1), **FAST)
+    with pytest.raises(TypeError, match=r"callbacks must be a list .* pass \[fn\]"):
+        ardir.ATTrainer(TinyNet(), loader(), callbacks=print, **FAST)
+    with pytest.raises(TypeError, match=r"callbacks: 1 is not callable"):
+        ardir.ATTrainer(TinyNet(), loader(), callbacks=[1], **FAST)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(milestones=[0.5, 0.75], epochs=10), ValueError, r"look like fractions.*\[5, 8\]"),
+    (dict(milestones=[0, 3]), ValueError, r"milestones=0 must be a whole number >= 1"),
+    (dict(milestones="5"), TypeError, r"milestones='5' must be a list of epoch numbers"),
+    (dict(lr_gamma=-1.0), ValueError, r"lr_gamma=-1.0 must be > 0"),
+    (dict(lr=float("inf")), ValueError, r"lr=inf must be a finite number"),
+    (dict(weight_decay=float("nan")), ValueError, r"weight_decay=nan must be a finite number"),
+    (dict(momentum="0.9"), TypeError, r"momentum='0.9' must be a number"),
+    (dict(limit_batches=0), ValueError, r"limit_batches=0 must be a whole number >= 1"),
+])
+def test_schedule_and_optimiser_settings_are_checked(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ardir.ATTrainer(TinyNet(), loader(), **FAST, **kwargs)
+
+
+def test_milestones_after_the_last_epoch_warn():
+    with pytest.warns(UserWarning, match=r"milestones \[20\] lie after the last epoch \(10\)"):
+        ardir.ATTrainer(TinyNet(), loader(), epochs=10, milestones=[5, 20], **FAST)
+
+
+def test_numpy_numbers_are_numbers():
+    np = pytest.importorskip("numpy")
+    trainer = ardir.ATTrainer(TinyNet(), loader(), epochs=np.int64(2), eps=np.float32(0.1), step_size=0.03,
+                              steps=np.int64(1))
+    assert trainer.epochs == 2 and isinstance(trainer.epochs, int)
+    assert trainer.method.eps == pytest.approx(0.1) and trainer.method.steps == 1
+
+
+# ---------------------------------------------------------------------------------- the methods' arguments
+def test_create_method_names_valid_arguments_and_ignores_case():
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['taus'\] for method 'ard'; did you mean 'tau'"):
+        ardir.create_method("ard", taus=30)
+    assert ardir.create_method("ARD").name == "ard"
+
+
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("trades", dict(beta=-1.0), r"beta=-1.0 must be >= 0"),
+    ("iad", dict(beta=-0.1), r"beta=-0.1 must be >= 0"),
+    ("rslad", dict(adv_weight=2.0), r"adv_weight=2.0 must be in \[0, 1\]"),
+    ("ardir", dict(w_ir=float("nan")), r"w_ir=nan must be a finite number"),
+    ("ardir", dict(w_kl=-1.0), r"w_kl=-1.0 must be >= 0"),
+    ("ardir", dict(layers=["features"], layer_weights=[-1.0]), r"layer_weights=-1.0 must be >= 0"),
+    ("ard", dict(tau=float("inf")), r"tau=inf must be a finite number"),
+])
+def test_method_weights_are_checked(method, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ardir.create_method(method, **kwargs)
+
+
+def test_ardir_layers_may_be_one_name():
+    assert ardir.create_method("ardir", layers="features").layers == [("features", "features")]
+
+
+# ------------------------------------------------------------------------------------------------ PGD
+def test_pgd_checks_its_inputs():
+    model = TinyNet().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,))
+    pgd = ardir.PGD(model, eps=0.1, alpha=0.03, steps=1)
+    with pytest.raises(ValueError, match=r"pixel values in \[.*\], outside \[0, 1\].*inside the model"):
+        pgd((x - 0.5) / 0.25, y)
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor .* got torch.uint8"):
+        pgd((x * 255).to(torch.uint8), y)
+    with pytest.raises(TypeError, match=r"labels must be int64 class indices shaped \(4,\), got torch.int64 \(3,\)"):
+        pgd(x, y[:3])
+    with pytest.raises(TypeError, match=r"images and labels must be tensors, got ndarray"):
+        pgd(x.numpy(), y)
+    with pytest.raises(TypeError, match=r"target_probs must be probabilities shaped \(N, K\) = \(4, K\)"):
+        ardir.PGD(model, eps=0.1, alpha=0.03, steps=1, loss="kl")(x, y, target_probs=torch.rand(3, 4))
+    assert pgd(x, y).shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
+    data = loader(8)
+    at = ardir.ATTrainer(TinyNet(), data, epochs=1, progress=False, checkpoint_dir=tmp_path, **FAST)
+    at.fit()
+    trades = ardir.TRADESTrainer(TinyNet(), data, epochs=2, progress=False, **FAST)
+    with pytest.raises(ck.CheckpointError, match=r"written by a 'at' run, this trainer runs 'trades'"):
+        trades.resume(tmp_path)

@@ -151,7 +151,7 @@ def test_ardir_adapter_only_when_shapes_differ():
 def test_adapter_trains_with_student_and_is_saved_but_not_exported(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
     loader = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, C, (32,))), batch_size=16)
-    student, teacher = TinyNet(width=8), TinyNet(width=12)
+    student, teacher = TinyNet(width=8), TinyNet(width=12).eval().requires_grad_(False)
     trainer = ardir.Trainer(student, loader, teacher=teacher, epochs=1, progress=False, eps=0.1, step_size=0.05,
                             steps=2)
     adapter = trainer.method.adapters[0].map
