@@ -286,12 +286,13 @@ def _to_nchw(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     return images.contiguous()
 
 
-def _load_tensors(spec: DatasetSpec, split: str, root: Path,
-                  download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, C, H, W) and int64 labels (N,) of a built-in dataset."""
+def _load_tensors(spec: DatasetSpec, split: str, root: Path, download: bool,
+                  system: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) and int64 labels (N,) of a built-in dataset; ``system``: also look in the system
+    copies (:attr:`DatasetSpec.system_dirs`)."""
     looked: List[Path] = []
     if spec.idx_files:
-        for directory in (root, root / spec.torchvision_subdir, *spec.system_dirs):
+        for directory in (root, root / spec.torchvision_subdir, *(spec.system_dirs if system else ())):
             looked.append(directory)
             files = _find_idx(directory, split)
             if files is not None:
@@ -359,7 +360,8 @@ def get_dataset(name: str, split: str = "train", data_dir: Optional[PathLike] = 
     if spec.name == "imagefolder":
         return _get_image_folder(spec, split, data_dir, size, augment)
     root = Path(data_dir).expanduser() if data_dir is not None else _default_data_dir()
-    images, labels = _load_tensors(spec, split, root, download)
+    # an explicit data_dir is where the data must be: no silent fall-back to a system copy when it is wrong
+    images, labels = _load_tensors(spec, split, root, download, system=data_dir is None)
     return InMemoryImageDataset(images, labels, spec.crop_padding, spec.hflip, augment)
 
 

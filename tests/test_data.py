@@ -108,9 +108,10 @@ def test_test_split_never_augmented():
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_real_fashion_mnist(tmp_path):
-    train = get_dataset("fashion-mnist", "train", data_dir=tmp_path, download=False)
-    test = get_dataset("fmnist", "test", data_dir=tmp_path, download=False)
+def test_real_fashion_mnist(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_default_data_dir", lambda: tmp_path)  # nothing there: the Debian package's copy
+    train = get_dataset("fashion-mnist", "train", download=False)
+    test = get_dataset("fmnist", "test", download=False)
     assert (len(train), len(test)) == (60000, 10000)
     for dataset in (train, test):
         x, y = dataset[0]
@@ -147,12 +148,27 @@ def test_missing_fashion_mnist_names_every_path(tmp_path, monkeypatch):
     spec = DATASETS["fashion-mnist"]
     monkeypatch.setitem(DATASETS, "fashion-mnist",
                         data.DatasetSpec(**{**spec.__dict__, "system_dirs": (tmp_path / "system",)}))
+    monkeypatch.setattr(data, "_default_data_dir", lambda: tmp_path / "default")
     with pytest.raises(DatasetNotFoundError) as error:
-        get_dataset("fashion-mnist", data_dir=tmp_path / "mine", download=False)
+        get_dataset("fashion-mnist", download=False)
     message = str(error.value)
-    for path in (tmp_path / "mine", tmp_path / "mine" / "FashionMNIST" / "raw", tmp_path / "system"):
+    for path in (tmp_path / "default", tmp_path / "default" / "FashionMNIST" / "raw", tmp_path / "system"):
         assert str(path) in message
     assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_an_explicit_data_dir_is_not_replaced_by_a_system_copy(tmp_path, monkeypatch):
+    spec = DATASETS["fashion-mnist"]
+    system = tmp_path / "system"
+    system.mkdir()
+    _write_idx(system / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    _write_idx(system / "t10k-labels-idx1-ubyte.gz", np.arange(3))
+    monkeypatch.setitem(DATASETS, "fashion-mnist", data.DatasetSpec(**{**spec.__dict__, "system_dirs": (system,)}))
+    monkeypatch.setattr(data, "_default_data_dir", lambda: tmp_path / "default")
+    assert len(get_dataset("fashion-mnist", "test", download=False)) == 3  # no data_dir: the system copy
+    with pytest.raises(DatasetNotFoundError) as error:  # a mistyped --data-dir is an error, not the system copy
+        get_dataset("fashion-mnist", "test", data_dir=tmp_path / "mine", download=False)
+    assert str(tmp_path / "mine") in str(error.value) and str(system) not in str(error.value)
 
 
 def test_image_folder(tmp_path):
