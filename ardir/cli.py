@@ -133,6 +133,8 @@ def _device(name: str) -> torch.device:
         raise CLIError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"device {name!r} asked for, but torch sees no Apple GPU (MPS); use --device cpu")
     return device
 
 
@@ -217,6 +219,7 @@ class RunLogger:
             atomic_save({"format": MODEL_FORMAT, "config": self.config, "model_info": self.model_info,
                          "model": trainer.student.state_dict(), **self.best}, self.output_dir / "best.pt")
         atomic_save(self.last_state(trainer), self.output_dir / "last.pt")
+        trainer.last_checkpoint = self.output_dir / "last.pt"  # what a numerical fault's message points to
         self.log(_format_record(record, trainer.epochs) + ("  *best*" if improved else ""))
 
     def last_state(self, trainer) -> Dict[str, Any]:
@@ -324,7 +327,13 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         if newer is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
             trainer.resume(newer.parent)  # the newest one that loads
         else:
-            trainer.load_state_dict(state["trainer"])
+            try:
+                trainer.load_state_dict(state["trainer"])
+            except (CheckpointError, KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise CLIError(f"--resume: {last} does not fit this run ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0]}); resume with the run's own settings (drop the flags "
+                               "that change the model, method or optimiser) or start a new --output-dir") from None
+            trainer.last_checkpoint = last
             _set_rng_state(state["rng"], loaders.train)
         _truncate_metrics(logger.metrics_path, trainer.epoch)
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
@@ -410,11 +419,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"ardir {args.command}: error: {err}", file=sys.stderr)
         return 130 if "interrupted" in str(err) else 2
-    except ValueError as err:  # the library's argument checks: one sentence naming the argument
+    except (ValueError, TypeError, OSError) as err:  # the library's checks: one sentence naming the argument
         if os.environ.get("ARDIR_DEBUG"):
             raise
         print(f"ardir {args.command}: error: {err} (set ARDIR_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the run diverged: the message names the step and the last good checkpoint
+        if os.environ.get("ARDIR_DEBUG"):
+            raise
+        print(f"ardir {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

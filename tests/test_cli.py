@@ -137,6 +137,33 @@ def test_errors_are_one_sentence(tmp_path, capsys, extra, message):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_resume_with_another_model_is_one_sentence(teacher_run, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_run, copy)
+    assert run("train", "--output-dir", copy, "--resume", "--epochs", "3", "--model", "cnn_large") == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_diverging_run_stops_naming_last_pt(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert run("train", *TINY, "--method", "at", "--epochs", "3", "--lr", "1e30", "--output-dir", out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ardir train: stopped: ") and "Traceback" not in err
+    assert f"last good checkpoint: {out / 'last.pt'}" in err and "loss is nan at epoch 2" in err
+
+
+def test_bad_paths_are_one_sentence(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run("train", *TINY, "--method", "at", "--output-dir", blocker / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ardir train: error: ") and "Traceback" not in err
+    assert run("train", "--config", tmp_path) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_existing_run_needs_resume(teacher_run, capsys):
     assert run("train", *TINY, "--method", "at", "--output-dir", teacher_run) == 2
     assert "already holds a run" in capsys.readouterr().err
