@@ -23,6 +23,7 @@ images, attacks natural/FGSM/PGD-5 without the evaluation's sanity checks. The s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import torch
 
 import ardir
 from ardir import data, models
+from ardir.evaluate import parse_attack
+from ardir.hooks import check_layers
 from ardir.teachers import load_teacher
 
 PAPER = dict(teacher_model="wrn34_10", batch_size=128, steps=10, val_size=1000, n_examples=None,
@@ -39,7 +42,24 @@ DRY_RUN = dict(teacher_model="wrn16_4", batch_size=16, steps=2, val_size=32, n_e
 EPS, STEP = 8 / 255, 2 / 255
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def size(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before anything trains (a typo must not cost a teacher's training)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="an existing copy of CIFAR-10 (else torchvision downloads)")
     parser.add_argument("--fake-data", action="store_true", help="random images of CIFAR-10's shape: a dry run")
@@ -48,14 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-model", default=None, help="architecture of the teacher trained here, or of a "
                         "plain state_dict --teacher (default wrn34_10)")
     parser.add_argument("--robustbench-dir", default=None, help="RobustBench's model directory (default ./models)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of every stage (default: each method's "
+    parser.add_argument("--epochs", type=size, default=None, help="epochs of every stage (default: each method's "
                         "paper protocol, 100 TRADES, 200 ARDIR)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="TRADES epochs (default: --epochs or 100)")
-    parser.add_argument("--limit-batches", type=int, default=None, help="batches per epoch (dry runs)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="PGD steps of the training attacks (10)")
-    parser.add_argument("--val-size", type=int, default=None, help="validation images held out of the train set")
-    parser.add_argument("--n-examples", type=int, default=None, help="test images evaluated (default: all)")
+    parser.add_argument("--teacher-epochs", type=size, default=None, help="TRADES epochs (default: --epochs or 100)")
+    parser.add_argument("--limit-batches", type=count, default=None, help="batches per epoch (dry runs)")
+    parser.add_argument("--batch-size", type=count, default=None)
+    parser.add_argument("--steps", type=size, default=None, help="PGD steps of the training attacks (10)")
+    parser.add_argument("--val-size", type=size, default=None, help="validation images held out of the train set")
+    parser.add_argument("--n-examples", type=count, default=None, help="test images evaluated (default: all)")
     parser.add_argument("--attacks", nargs="+", default=None, help="ardir.evaluate attack names")
     parser.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
                         help="run ardir.evaluate's sanity checks (default: yes, except with --fake-data)")
@@ -67,6 +87,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    for name in args.attacks or ():
+        try:
+            parse_attack(name)
+        except ValueError as err:
+            parser.error(f"--attacks: {err}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU; use --device cpu")
     defaults = DRY_RUN if args.fake_data else PAPER
     chosen = []
     for key, value in defaults.items():
@@ -108,12 +135,18 @@ def main(argv=None):
           f"validation images; device {device}")
 
     # 1. The teacher: loaded, or trained with TRADES (the best validation-PGD epoch is kept).
+    student = models.create("resnet18", num_classes=loaders.num_classes).to(device)
+    layers = [tuple(s.split(":", 1)) if ":" in s else s for s in args.layers]
     if args.teacher:
         teacher = load_teacher(args.teacher, loaders.num_classes, loaders.in_chans, device,
                                model_name=args.teacher_model, model_dir=args.robustbench_dir)
         print(f"teacher: {args.teacher}")
     else:
         teacher = models.create(args.teacher_model, num_classes=loaders.num_classes).to(device)
+    pairs = [(spec, spec) if isinstance(spec, str) else spec for spec in layers]
+    check_layers(teacher, [t for t, _ in pairs], "--layers (teacher)")  # before the teacher's training
+    check_layers(student, [s for _, s in pairs], "--layers (student)")
+    if not args.teacher:
         best: dict = {}
         ardir.TRADESTrainer(teacher, loaders.train, epochs=args.teacher_epochs or args.epochs,
                             callbacks=[keep_best(best)], **common, **attack).fit()
@@ -126,8 +159,6 @@ def main(argv=None):
         print(f"teacher: {args.teacher_model} trained with TRADES -> {out / 'teacher.pt'}")
 
     # 2. ARDIR: a ResNet-18 student matches the teacher's outputs and internal representations.
-    student = models.create("resnet18", num_classes=loaders.num_classes).to(device)
-    layers = [tuple(s.split(":", 1)) if ":" in s else s for s in args.layers]
     best = {}
     ardir.Trainer(student, loaders.train, teacher=teacher, epochs=args.epochs, layers=layers, w_ir=args.w_ir,
                   callbacks=[keep_best(best)], **common, **attack).fit()
@@ -161,4 +192,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, TypeError, OSError) as err:  # ardir's checks name the argument: one line, no traceback
+        sys.exit(f"cifar10.py: error: {err}")

@@ -13,6 +13,7 @@ Fashion-MNIST comes from ``--data-dir``, the Debian package ``dataset-fashion-mn
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -23,14 +24,22 @@ from ardir import data
 EPS = 0.1  # the usual L-inf radius for (Fashion-)MNIST
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (checked before anything trains)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="an existing copy of Fashion-MNIST")
-    parser.add_argument("--train-size", type=int, default=6000, help="training images used (of 60,000)")
-    parser.add_argument("--test-size", type=int, default=1000, help="test images evaluated (of 10,000)")
-    parser.add_argument("--teacher-epochs", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=5, help="student (ARDIR) epochs")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-size", type=count, default=6000, help="training images used (of 60,000)")
+    parser.add_argument("--test-size", type=count, default=1000, help="test images evaluated (of 10,000)")
+    parser.add_argument("--teacher-epochs", type=count, default=4)
+    parser.add_argument("--epochs", type=count, default=5, help="student (ARDIR) epochs")
+    parser.add_argument("--batch-size", type=count, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -61,4 +70,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, TypeError, OSError) as err:  # ardir's checks name the argument: one line, no traceback
+        sys.exit(f"fashion_mnist.py: error: {err}")

@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 
@@ -203,6 +205,37 @@ def test_examples_cifar10_dry_run(tmp_path):
     assert [name for name, _ in rows] == ["teacher", "student (ResNet-18, ARDIR)"]
     assert {p.name for p in tmp_path.iterdir()} >= {"teacher.pt", "student.pt", "results.md", "student.json"}
     assert "| student (ResNet-18, ARDIR) |" in (tmp_path / "results.md").read_text()
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attacks", "pdg5"], r"--attacks: attacks='pdg5' is not a known attack.*did you mean 'pgd20'"),
+    (["--n-examples", "0"], r"--n-examples: .*0 must be >= 1"),
+    (["--epochs", "-1"], r"--epochs: .*-1 must be >= 0"),
+])
+def test_examples_check_arguments_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _example("cifar10").parse_args(["--fake-data", *argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        _example("fashion_mnist").main(["--test-size", "0"])
+    assert "--test-size: " in capsys.readouterr().err
+
+
+def test_cifar10_example_checks_layers_before_the_teacher_trains(tmp_path, monkeypatch):
+    example = _example("cifar10")
+    trained = []
+    monkeypatch.setattr(example.ardir, "TRADESTrainer", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=r"--layers \(teacher\): WideResNet has no module named 'layer4'"):
+        example.main(["--fake-data", "--layers", "layer4:block3", "--output-dir", str(tmp_path), "--quiet"])
+    assert not trained
 
 
 PUBLIC_MODULES = ["ardir", "ardir.config", "ardir.cli", "ardir.teachers", "ardir.plot", "ardir.data",
