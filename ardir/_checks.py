@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Iterable
+from typing import Any, Iterable
 
 
 def one_of(argument: str, value: str, choices: Iterable[str], what: str = "value") -> str:
@@ -65,3 +65,22 @@ def number(argument: str, value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{argument}={value} must be a finite number")
     return float(value)
+
+
+def logits_of(name: str, model: Any, images: Any) -> Any:
+    """``model(images)`` under ``torch.no_grad``, checked to be logits (N, C); a model that cannot take the images
+    (wrong input channels, image size, dtype) is a ``ValueError`` naming it and the images' shape."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(images)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{name} cannot take the images, shaped {tuple(images.shape)} ({images.dtype}): "
+                         f"{str(err).splitlines()[0]} -- check its input channels (ardir.models.create(..., "
+                         "in_chans=C)) and image size") from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"{name} must return logits shaped (N, num_classes), got {got}: wrap it so that forward "
+                        "returns the logits tensor alone")
+    return out

@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import non_negative, non_negative_int, one_of, positive, positive_int
+from ._checks import logits_of, non_negative, non_negative_int, one_of, positive, positive_int
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
@@ -49,20 +49,9 @@ def _check_tensors(what: str, images: Any, labels: Any) -> None:
 
 
 def _probe(name: str, model: nn.Module, images: torch.Tensor) -> int:
-    """The number of classes ``model`` predicts on a sample batch; a model that cannot take the data, or that does
-    not return logits (N, C), is an error naming it."""
-    try:
-        with torch.no_grad(), model_mode(model, "eval"):
-            out = model(images)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"{name} cannot take the training images, shaped {tuple(images.shape)} "
-                         f"({images.dtype}): {str(err).splitlines()[0]} -- check its input channels "
-                         "(ardir.models.create(..., in_chans=C)) and image size") from err
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TypeError(f"{name} must return logits shaped (N, num_classes), got {got}: wrap it so that forward "
-                        "returns the logits tensor alone")
-    return int(out.shape[1])
+    """The number of classes ``model`` predicts on a sample batch (see :func:`~ardir._checks.logits_of`)."""
+    with model_mode(model, "eval"):
+        return int(logits_of(name, model, images).shape[1])
 
 
 def _built(argument: str, factory: Any, given: Any, kind: type, example: str) -> Any:

@@ -266,11 +266,11 @@ def test_device_side_nan_check_without_host_sync(tmp_path):
 # ------------------------------------------------------------------------ data and models that do not fit
 def test_a_model_with_other_input_channels_is_named_not_a_conv_error():
     three = ardir.models.create("cnn_small", in_chans=3, width=4, num_classes=4)
-    with pytest.raises(ValueError, match=r"student cannot take the training images, shaped \(2, 1, 8, 8\).*"
+    with pytest.raises(ValueError, match=r"student cannot take the images, shaped \(2, 1, 8, 8\).*"
                                          r"in_chans"):
         ardir.ATTrainer(three, loader(), **FAST)
     teacher = ardir.models.create("cnn_small", in_chans=3, width=4, num_classes=4).eval().requires_grad_(False)
-    with pytest.raises(ValueError, match=r"teacher cannot take the training images"):
+    with pytest.raises(ValueError, match=r"teacher cannot take the images"):
         ardir.Trainer(TinyNet(), loader(), teacher=teacher, **FAST)
 
 
@@ -423,3 +423,22 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
     trades = ardir.TRADESTrainer(TinyNet(), data, epochs=2, progress=False, **FAST)
     with pytest.raises(ck.CheckpointError, match=r"written by a 'at' run, this trainer runs 'trades'"):
         trades.resume(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_checks_every_batch_and_names_a_model_that_does_not_fit():
+    model = TinyNet().eval()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    y[6] = 9  # a class the model does not have, in the second batch (a class-sorted test set)
+    with pytest.raises(ValueError, match=r"the batch of samples 4\.\.7 has labels in \[\d, 9\] but the model has 4"):
+        ardir.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), eps=0.1, attacks=("natural",),
+                       progress=False, checks=False, warn=False)
+    x[5] += 2  # pixels out of range in a later batch
+    y[6] = 0
+    with pytest.raises(ValueError, match=r"the batch of samples 4\.\.7 has pixel values in .* outside \[0, 1\]"):
+        ardir.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), eps=0.1, attacks=("natural",),
+                       progress=False, checks=False, warn=False)
+    rgb = ardir.models.create("cnn_small", in_chans=3, width=4, num_classes=4)
+    with pytest.raises(ValueError, match=r"model cannot take the images, shaped \(4, 1, 8, 8\).*in_chans"):
+        ardir.evaluate(rgb, DataLoader(TensorDataset(x[:4].clamp(0, 1), y[:4]), batch_size=4), eps=0.1,
+                       attacks=("natural",), progress=False, checks=False, warn=False)
