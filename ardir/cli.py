@@ -57,8 +57,25 @@ class CLIError(Exception):
 def _flag_type(kind: str):
     item = kind[5:-1] if kind.startswith("list[") else kind
     if item == "float":
-        return lambda text: cfg._float("value", text)
+        def parse_float(text: str) -> float:
+            try:
+                return cfg._float("value", text)
+            except cfg.ConfigError as err:  # argparse shows an ArgumentTypeError's own words
+                raise argparse.ArgumentTypeError(str(err).replace("value: ", "", 1)) from None
+        parse_float.__name__ = "float"
+        return parse_float
     return {"int": int, "str": str}[item]
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
@@ -104,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--sweep-attack", default="pgd20", help="attack of the eps sweep and of the large-eps check")
     eval_p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                         help="run ardir.evaluate's sanity checks (an eps sweep needs them)")
-    eval_p.add_argument("--n-examples", type=int, default=None, help="test images evaluated (default: the run's, "
+    eval_p.add_argument("--n-examples", type=_count, default=None, help="test images evaluated (default: the run's, "
                         "else all)")
     eval_p.add_argument("--data-dir", default=None, help="the dataset's location (default: the run's)")
     eval_p.add_argument("--fake-data", action=argparse.BooleanOptionalAction, default=None,
                         help="evaluate on fake data (default: as the run was trained)")
-    eval_p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    eval_p.add_argument("--batch-size", type=_count, default=None, help="evaluation batch size (default: the run's)")
     eval_p.add_argument("--device", default="auto")
     eval_p.add_argument("--output", default=None, help="report path without suffix (default: report beside the "
                         "checkpoint)")

@@ -162,10 +162,16 @@ def read_idx(path: PathLike) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path} is not an idx file: {len(raw)} bytes (truncated or empty); download it again")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim]) if len(raw) >= 4 + 4 * ndim else None
+    expected = None if shape is None else 4 + 4 * ndim + int(np.prod(shape))
+    if shape is None or len(raw) != expected:
+        raise ValueError(f"{path} is truncated or corrupt: {len(raw)} bytes where its header announces "
+                         f"{expected if expected is not None else 'more'}; download it again")
     # Copied so the array is writable: torch warns about (and cannot protect) read-only buffers.
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 

@@ -43,15 +43,23 @@ class FeatureHooks(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(names, str):
             names = [names]
-        check_layers(model, names)
+        if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names={names!r} must be module names (strings) as in model.named_modules(), "
+                            "e.g. ['layer3', 'layer4']")
+        check_layers(model, names, "names")
         self.model = model
         self.names = list(dict.fromkeys(names))
         self._outputs: Dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> "FeatureHooks":
+        if self._handles:
+            raise RuntimeError("this FeatureHooks is already active: nest two FeatureHooks objects instead of "
+                               "entering one twice")
         modules = dict(self.model.named_modules())
         for name in self.names:
             self._handles.append(modules[name].register_forward_hook(self._recorder(name)))

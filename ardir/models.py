@@ -72,6 +72,8 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[S
     Returns:
         an ``nn.Module`` mapping (N, in_chans, H, W) images in [0, 1] to (N, num_classes) logits.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} must be a model name ({', '.join(list_models())} or 'timm/<name>')")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -87,6 +89,12 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[S
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (normalisation inside the model) or neither")
     if mean is not None:
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"mean and std need one value per input channel (in_chans={in_chans}), got "
+                             f"{len(mean)} and {len(std)}")
+        if not all(s > 0 for s in std) or not all(-1 <= m <= 2 for m in mean):
+            raise ValueError(f"mean={list(mean)}, std={list(std)}: give them in [0, 1] pixel units (std > 0), "
+                             "e.g. CIFAR-10's mean (0.4914, 0.4822, 0.4465), not 0-255 values")
         add_normalization(model, mean, std)
     return model
 

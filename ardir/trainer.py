@@ -265,6 +265,9 @@ class Trainer:
 
     def _sample_batch(self) -> torch.Tensor:
         """A couple of images for shape probing, taken without touching the global RNG (the data order)."""
+        if isinstance(self.train_loader, collections.abc.Iterator):
+            raise TypeError(f"train_loader is a one-shot iterator ({type(self.train_loader).__name__}): the trainer "
+                            "iterates it once per epoch; pass a DataLoader or a list of (images, labels) batches")
         dataset = getattr(self.train_loader, "dataset", None)
         try:
             if len(self.train_loader) == 0:

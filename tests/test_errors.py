@@ -88,8 +88,11 @@ def test_empty_loaders():
     empty = DataLoader(TensorDataset(torch.rand(0, 1, 8, 8), torch.zeros(0).long()))
     with pytest.raises(ValueError, match="train_loader is empty"):
         ardir.ATTrainer(TinyNet(), empty)
+    class NoBatches:  # re-iterable, but no len() and no dataset
+        def __iter__(self):
+            return iter([])
     with pytest.raises(ValueError, match="train_loader is empty"):
-        ardir.ATTrainer(TinyNet(), iter([]))  # no len(), no dataset: an exhausted iterable
+        ardir.ATTrainer(TinyNet(), NoBatches())
 
 
 def test_labels_out_of_range():
@@ -442,3 +445,55 @@ def test_evaluate_checks_every_batch_and_names_a_model_that_does_not_fit():
     with pytest.raises(ValueError, match=r"model cannot take the images, shaped \(4, 1, 8, 8\).*in_chans"):
         ardir.evaluate(rgb, DataLoader(TensorDataset(x[:4].clamp(0, 1), y[:4]), batch_size=4), eps=0.1,
                        attacks=("natural",), progress=False, checks=False, warn=False)
+
+
+# -------------------------------------------------------------------------- hooks, models, data files
+def test_feature_hooks_arguments():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
+        ardir.FeatureHooks("resnet18", ["layer4"])
+    with pytest.raises(TypeError, match=r"names=None must be module names"):
+        ardir.FeatureHooks(TinyNet(), None)
+    with pytest.raises(ValueError, match=r"^names: TinyNet has no module named 'fc2'"):
+        ardir.FeatureHooks(TinyNet(), ["fc2"])
+    hooks = ardir.FeatureHooks(TinyNet(), "fc")
+    with hooks:
+        with pytest.raises(RuntimeError, match=r"already active"):
+            hooks.__enter__()
+
+
+def test_model_creation_arguments():
+    with pytest.raises(TypeError, match=r"name=None must be a model name"):
+        ardir.models.create(None)
+    with pytest.raises(ValueError, match=r"one value per input channel \(in_chans=3\), got 1 and 1"):
+        ardir.models.create("cnn_small", in_chans=3, mean=[0.5], std=[0.25])
+    with pytest.raises(ValueError, match=r"in \[0, 1\] pixel units"):
+        ardir.models.create("cnn_small", in_chans=1, mean=[125.3], std=[63.0])
+    with pytest.raises(ValueError, match=r"std > 0"):
+        ardir.models.create("cnn_small", in_chans=1, mean=[0.5], std=[0.0])
+
+
+def test_a_one_shot_iterator_is_not_a_loader():
+    batches = iter([(torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,)))] * 3)
+    with pytest.raises(TypeError, match=r"train_loader is a one-shot iterator \(list_iterator\)"):
+        ardir.ATTrainer(TinyNet(), batches, **FAST)
+
+
+def test_truncated_idx_files_are_named(tmp_path):
+    import gzip
+    from ardir.data import read_idx
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(7840))
+    with pytest.raises(ValueError, match=rf"{path} is truncated or corrupt: .* download it again"):
+        read_idx(path)
+    with gzip.open(path, "wb") as f:
+        f.write(b"")
+    with pytest.raises(ValueError, match=r"is not an idx file: 0 bytes"):
+        read_idx(path)
+
+
+def test_cli_float_flags_keep_their_message(capsys):
+    from ardir.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", "--eps", "abc"])
+    assert "argument --eps: expected a float (or a fraction like \"8/255\"), got str 'abc'" in capsys.readouterr().err
