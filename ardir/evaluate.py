@@ -595,9 +595,14 @@ class _State:
         self.path, self.config = path, config
         self.batches: List[Dict[str, Any]] = []
         if path is not None and path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path} is not an ardir evaluation state file (format {saved.get('format')!r})")
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"state_path {path} cannot be read as an evaluation state ({type(err).__name__}: "
+                                 f"{err}); delete it (the evaluation restarts) or pass another state_path") from None
+            if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+                found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+                raise ValueError(f"{path} is not an ardir evaluation state file (format {found!r})")
             if saved["config"] != config:
                 diff = sorted(k for k in set(config) | set(saved["config"])
                               if config.get(k) != saved["config"].get(k))
@@ -857,6 +862,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     step_size = eps / 4 if step_size is None else positive("step_size", step_size)
     if isinstance(attacks, str):
         attacks = [attacks]
+    if not isinstance(attacks, Iterable):
+        raise TypeError(f"attacks={attacks!r} must be attack names, e.g. ('natural', 'pgd20', 'autoattack')")
     attacks = list(attacks)
     if not attacks:
         raise ValueError("attacks is empty: give at least one attack name, e.g. ('natural', 'pgd20')")
@@ -872,6 +879,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1 (or None: the loader's batches)")
     large_eps = None if (large_eps is None or not checks) else eps_value("large_eps", large_eps)
+    if isinstance(eps_sweep, (int, float)):
+        eps_sweep = [eps_sweep]
     sweep = sorted({eps_value("eps_sweep", e) for e in (eps_sweep or [])}) if checks else []
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed={seed!r} must be an int")

@@ -362,6 +362,16 @@ class ARDIR(ARD):
                 FeatureHooks(student, [s for _, s in self.layers]) as s_feats:
             teacher(sample)
             student(sample)
+            for name, model, feats, names in (("teacher", teacher, t_feats, [t for t, _ in self.layers]),
+                                              ("student", student, s_feats, [s for _, s in self.layers])):
+                silent = [n for n in names if n not in feats]
+                if silent:
+                    raise ValueError(f"layers ({name}): {type(model).__name__}'s {silent} did not run in its forward "
+                                     "pass (the module exists but forward never calls it); pick layers that run")
+                odd = [n for n in names if not isinstance(feats[n], torch.Tensor)]
+                if odd:
+                    raise ValueError(f"layers ({name}): {odd} return {type(feats[odd[0]]).__name__}, not a tensor; "
+                                     "match a layer whose output is a feature tensor")
             shapes = [(tuple(s_feats[s].shape), tuple(t_feats[t].shape)) for t, s in self.layers]
         adapters = []
         for (t_name, s_name), (s_shape, t_shape) in zip(self.layers, shapes):
@@ -373,6 +383,9 @@ class ARDIR(ARD):
         self.adapters = nn.ModuleList(adapters).to(param.device if param is not None else images.device)
 
     def forward(self, student, images, labels, teacher=None) -> Terms:
+        if self.layers is None or len(self.adapters) != len(self.layers):
+            raise RuntimeError("ARDIR.setup(student, teacher, images) must run before the first batch (the Trainer "
+                               "calls it); it resolves the layers and builds the adapters")
         t_layers, s_layers = [t for t, _ in self.layers], [s for _, s in self.layers]
         with FeatureHooks(teacher, t_layers) as t_feats:
             t_logits = teacher_logits(teacher, images)

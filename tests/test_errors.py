@@ -497,3 +497,35 @@ def test_cli_float_flags_keep_their_message(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--eps", "abc"])
     assert "argument --eps: expected a float (or a fraction like \"8/255\"), got str 'abc'" in capsys.readouterr().err
+
+
+class UnusedLayerNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Linear(2, 2)  # registered, never called by forward
+
+
+def test_ardir_layers_that_never_run_and_setup_skipped():
+    with pytest.raises(ValueError, match=r"layers \(student\): UnusedLayerNet's \['spare'\] did not run"):
+        ardir.Trainer(UnusedLayerNet(), loader(), teacher=frozen(), layers=[("fc", "spare")], **FAST)
+    method = ardir.create_method("ardir", layers=["features"])
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,))
+    with pytest.raises(RuntimeError, match=r"ARDIR.setup\(student, teacher, images\) must run"):
+        method(TinyNet(), x, y, frozen())
+
+
+def test_evaluate_argument_kinds_and_a_corrupt_state_file(tmp_path):
+    data = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,))), batch_size=4)
+    model = TinyNet().eval()
+    with pytest.raises(TypeError, match=r"attacks=None must be attack names"):
+        ardir.evaluate(model, data, eps=0.1, attacks=None, progress=False)
+    report = ardir.evaluate(model, data, eps=0.1, attacks=("natural",), eps_sweep=0.05, large_eps=None,
+                            progress=False, warn=False)
+    assert set(report.sweep) == {0.05, 0.1}
+    state = tmp_path / "state.json"
+    state.write_text('{"format": "ardir-eval-st')
+    with pytest.raises(ValueError, match=r"state_path .* cannot be read as an evaluation state \(JSONDecodeError"):
+        ardir.evaluate(model, data, eps=0.1, attacks=("natural",), state_path=state, progress=False)
+    state.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"is not an ardir evaluation state file \(format 'list'\)"):
+        ardir.evaluate(model, data, eps=0.1, attacks=("natural",), state_path=state, progress=False)
