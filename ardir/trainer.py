@@ -91,7 +91,8 @@ class Trainer:
         student: the model trained, taking (N, C, H, W) images in [0, 1].
         train_loader: yields ``(images, labels)`` batches, images in [0, 1] (normalisation inside the model).
         teacher: the frozen robust teacher (needed by ARD, IAD, RSLAD, ARDIR). It is switched to eval mode and
-            its parameters frozen, with a warning when they were not.
+            its parameters frozen, with a warning when they were not; given to a method that uses none (AT, TRADES,
+            natural) it is left alone, with a warning.
         method: a method name (``ardir.methods.list_methods()``) or a :class:`~ardir.methods.Method` instance.
         epochs: default: the method's paper protocol (200 for ARD/ARDIR, 300 for RSLAD, 100 for TRADES).
         lr, momentum, weight_decay: SGD settings (0.1, 0.9, 2e-4 as in the papers).
@@ -147,18 +148,18 @@ class Trainer:
                  **method_kwargs):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
-        if not any(p.requires_grad for p in student.parameters()):
-            raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
-                             "model to train, not a frozen one" + (" (teacher is student)" if teacher is student
-                                                                  else ""))
         if teacher is student:
             raise ValueError("teacher is student: pass the frozen robust teacher and a separate student model")
+        if not any(p.requires_grad for p in student.parameters()):
+            raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
+                             "model to train, not a frozen one")
         self.method = self._build_method(method or self.default_method, method_kwargs)
         if self.method.needs_teacher and teacher is None:
             raise ValueError(f"method {self.method.name!r} distils from a teacher: pass teacher=<a robust model>")
         if teacher is not None and not self.method.needs_teacher:
             warnings.warn(f"method {self.method.name!r} uses no teacher; the teacher passed is ignored",
                           stacklevel=2)
+            teacher = None  # left as it was: not frozen, not converted to channels-last
         self.student = student
         self.device = _model_device(student)
         devices = sorted({str(t.device) for t in (*student.parameters(), *student.buffers())})
