@@ -82,6 +82,11 @@ step epochs_b512_bf16 150 90 "$PY" benchmarks/throughput.py --pair paper --devic
 bench b512_bf16_compile 200 120 --batch-size 512 --precision bf16 --compile
 bench b128_bf16_compile 150 100 --batch-size 128 --precision bf16 --compile
 
+# Candidates not yet measured on a GPU (run when the budget allows): CUDA graphs against batch 128's launch-bound
+# steps, and kernel autotuning at batch 512. Either becomes a Trainer option once a row shows it pays.
+bench b128_bf16_cudagraphs 150 100 --batch-size 128 --precision bf16 --compile-mode reduce-overhead
+bench b512_bf16_autotune 240 180 --batch-size 512 --precision bf16 --compile-mode max-autotune-no-cudagraphs
+
 echo
 echo "=================== gpu_check done in $(elapsed)s; files in $OUT"
 echo "--- steps"

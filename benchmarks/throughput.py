@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ardir  # noqa: E402
 from ardir import models  # noqa: E402
-from ardir.attacks import _ATTACK_MODULES  # noqa: E402
+from ardir.attacks import _ATTACK_MODULES, compile_for_attack  # noqa: E402
 from ardir.gpu_data import GPULoader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,9 +228,12 @@ def synthetic(pair, n, seed):
 def make_trainer(args, device, teacher, student, loader, epochs=1000, **extra):
     eps = PAIRS[args.pair][6]
     kwargs = dict(eps=eps, step_size=args.step_size or eps / 4, steps=10)
-    return ardir.Trainer(student, loader, teacher=teacher, method=args.method, epochs=epochs, lr=0.01,
-                         progress=False, precision=args.precision, channels_last=args.channels_last,
-                         compile=args.compile, **kwargs, **extra)
+    trainer = ardir.Trainer(student, loader, teacher=teacher, method=args.method, epochs=epochs, lr=0.01,
+                            progress=False, precision=args.precision, channels_last=args.channels_last,
+                            compile=args.compile, **kwargs, **extra)
+    if args.compile_mode:  # a torch.compile mode for the attack's forward passes, measured before it is offered
+        compile_for_attack(trainer.student, mode=args.compile_mode)
+    return trainer
 
 
 def ardir_loader(args, device, images, labels):
@@ -332,7 +335,8 @@ def run_throughput(args, device) -> Dict:
     achieved = ard * flops
     result = dict(device=device_name(device), method=args.method, pair=f"{t_name} -> {s_name}",
                   batch=args.batch_size, precision=args.precision, channels_last=trainer.channels_last,
-                  compile=args.compile, loader=type(loader).__name__, reference_images_per_s=ref,
+                  compile=args.compile_mode or args.compile, loader=type(loader).__name__,
+                  reference_images_per_s=ref,
                   ardir_images_per_s=ard, speedup=ard / ref if ref == ref else float("nan"),
                   gflop_per_image=flops / 1e9, achieved_tflops=achieved / 1e12,
                   reference_tflops=ref * flops / 1e12, peak_tflops=peak / 1e12,
@@ -414,6 +418,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--channels-last", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
                         help="true/false; default: the trainer's (True on CUDA)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                                 "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the attack's forward passes (implies --compile): "
+                             "reduce-overhead adds CUDA graphs, max-autotune searches kernels")
     parser.add_argument("--loader", default="auto", choices=["auto", "gpu", "dataloader"],
                         help="ardir's loader: device-resident GPULoader (auto) or a DataLoader")
     parser.add_argument("--workers", type=int, default=0, help="ardir DataLoader workers (--loader dataloader)")
@@ -429,6 +437,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="train this many full epochs instead (seconds and peak memory per epoch)")
     parser.add_argument("--epoch-images", type=int, default=50000)
     args = parser.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

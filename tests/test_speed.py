@@ -216,3 +216,21 @@ def test_throughput_benchmark_runs_and_writes_its_row(tmp_path, capsys):
     assert len(rows) == 1 and "cnn_large -> cnn_small" in rows[0] and "`python " in rows[0]
     bench.main(["--device", "cpu", "--batch-size", "4", "--epochs-check", "2", "--epoch-images", "8"])
     assert "peak memory epoch 1 -> 2" in capsys.readouterr().out
+
+
+def test_throughput_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode (a candidate for the GPU check) is passed to torch.compile of the attack's forward passes."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    monkeypatch.setattr(bench, "compile_for_attack", lambda model, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(bench.ardir, "Trainer", lambda *a, **k: calls.append(k["compile"]) or
+                        type("T", (), {"student": a[0]})())
+    args = type("Args", (), dict(pair="fmnist", step_size=None, method="ardir", precision="fp32",
+                                 channels_last=None, compile=True, compile_mode="reduce-overhead"))()
+    bench.make_trainer(args, torch.device("cpu"), TinyNet(), TinyNet(), [])
+    assert calls == [True, {"mode": "reduce-overhead"}]
