@@ -84,3 +84,44 @@ def logits_of(name: str, model: Any, images: Any) -> Any:
         raise TypeError(f"{name} must return logits shaped (N, num_classes), got {got}: wrap it so that forward "
                         "returns the logits tensor alone")
     return out
+
+
+def batch_tensors(what: str, images: Any, labels: Any = None) -> None:
+    """Images a floating-point tensor (N, ...) and, when given, labels int64 (N,); else a ``TypeError`` that says
+    which and how to fix it. ``what`` names the data in the message (``"the first training batch"``)."""
+    import torch
+
+    if not isinstance(images, torch.Tensor) or (labels is not None and not isinstance(labels, torch.Tensor)):
+        raise TypeError(f"{what}: images and labels must be tensors, got {type(images).__name__} and "
+                        f"{type(labels).__name__} (a dataset of PIL images needs transforms.ToTensor())")
+    if not images.is_floating_point() or images.dim() < 2:
+        raise TypeError(f"{what}: images must be a floating-point tensor (N, C, H, W) in [0, 1], got {images.dtype} "
+                        f"{tuple(images.shape)} (ToTensor() converts uint8 images; or divide by 255)")
+    if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
+        raise TypeError(f"{what}: labels must be int64 class indices shaped ({len(images)},), got {labels.dtype} "
+                        f"{tuple(labels.shape)}")
+
+
+def pixel_range(what: str, images: Any) -> None:
+    """Images within [0, 1] (1e-4 of float slack), else a ``ValueError`` saying where normalisation belongs. One
+    host synchronisation on an accelerator."""
+    import torch
+
+    if not images.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(images.detach().float()))
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"{what} has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1]: attacks work in pixel "
+                         "space (eps in [0, 1] units); drop Normalize from the transforms and put it inside the model "
+                         "(ardir.models.create(..., mean=..., std=...))")
+
+
+def label_range(what: str, labels: Any, num_classes: int, model: str = "model") -> None:
+    """Labels within 0 .. num_classes - 1, else a ``ValueError`` naming the fix. One host synchronisation."""
+    if not labels.numel():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{what}: labels range over [{lo}, {hi}] but the {model} has {num_classes} outputs: labels "
+                         f"must be 0 .. num_classes - 1; build the {model} with num_classes={max(hi + 1, num_classes)}"
+                         " or fix the dataset's labels")

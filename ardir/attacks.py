@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import eps_value, non_negative_int, one_of, positive
+from ._checks import batch_tensors, eps_value, non_negative_int, one_of, pixel_range, positive
 
 LOSSES = ("ce", "kl", "cw")
 STARTS = ("uniform", "normal", "none")
@@ -134,23 +134,15 @@ class PGD:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_inputs(images, labels, target_probs, pixel_range=not self._range_checked)
+        self.check_inputs(images, labels, target_probs, check_range=not self._range_checked)
         self._range_checked = True
         return self.forward(images, labels, target_probs)
 
     def check_inputs(self, images: torch.Tensor, labels: torch.Tensor, target_probs: Optional[torch.Tensor] = None,
-                     pixel_range: bool = True) -> None:
+                     check_range: bool = True) -> None:
         """Raise a ``TypeError``/``ValueError`` naming the problem: images a floating-point tensor (N, ...) on the
-        model's device, labels int64 (N,), target_probs (N, K); with ``pixel_range`` also images in [0, 1]."""
-        if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError(f"images and labels must be tensors, got {type(images).__name__} and "
-                            f"{type(labels).__name__}")
-        if not images.is_floating_point() or images.dim() < 2:
-            raise TypeError(f"images must be a floating-point tensor (N, C, H, W) in [0, 1], got {images.dtype} "
-                            f"{tuple(images.shape)}")
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise TypeError(f"labels must be int64 class indices shaped ({len(images)},), got {labels.dtype} "
-                            f"{tuple(labels.shape)}")
+        model's device, labels int64 (N,), target_probs (N, K); with ``check_range`` also images in [0, 1]."""
+        batch_tensors("PGD", images, labels)
         param = next(self.model.parameters(), None)
         if param is not None and (images.device != param.device or labels.device != param.device):
             raise ValueError(f"images ({images.device}) and labels ({labels.device}) must be on the model's device "
@@ -159,12 +151,8 @@ class PGD:
                                          or len(target_probs) != len(images)):
             got = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
             raise TypeError(f"target_probs must be probabilities shaped (N, K) = ({len(images)}, K), got {got}")
-        if pixel_range and images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            if lo < -1e-4 or hi > 1 + 1e-4:
-                raise ValueError(f"images have pixel values in [{float(lo):.3g}, {float(hi):.3g}], outside [0, 1]: "
-                                 "the attack works in pixel space (its eps is in [0, 1] units); put the "
-                                 "normalisation inside the model (ardir.models.create(..., mean=..., std=...))")
+        if check_range:
+            pixel_range("PGD's images", images)
 
     def start(self, images: torch.Tensor) -> torch.Tensor:
         """The random starting point, inside the ball and [0, 1]."""

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._checks import eps_value, logits_of, one_of, positive
+from ._checks import eps_value, label_range, logits_of, one_of, pixel_range, positive
 from .attacks import PGD, model_mode
 from .autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
 
@@ -896,19 +896,6 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     return report
 
 
-def _check_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, start: int) -> None:
-    """Pixels in [0, 1] and labels 0 .. num_classes - 1 in a batch after the first (one host sync, which the
-    per-batch results need anyway)."""
-    lo, hi = torch.aminmax(images.detach().float())
-    bad_pixels = bool(lo < -1e-4) or bool(hi > 1 + 1e-4)
-    bad_labels = bool(labels.min() < 0) or bool(labels.max() >= num_classes)
-    if bad_pixels or bad_labels:
-        what = (f"pixel values in [{float(lo):.3g}, {float(hi):.3g}], outside [0, 1]" if bad_pixels else
-                f"labels in [{int(labels.min())}, {int(labels.max())}] but the model has {num_classes} outputs")
-        raise ValueError(f"the batch of samples {start}..{start + len(labels) - 1} has {what}: every batch must "
-                         "hold [0, 1] images and labels 0 .. num_classes - 1")
-
-
 def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engine, batch_size, checks, large_eps,
          sweep, sweep_attack, state_path, progress, dataset):
     """The body of :func:`evaluate` once the arguments are checked."""
@@ -921,18 +908,12 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
 
     with model_mode(model, "eval"), _frozen(model):
         images, labels = first[0].to(device), first[1].to(device)
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-4 or hi > 1 + 1e-4:
-            raise ValueError(f"pixel values lie in [{lo:.3g}, {hi:.3g}], outside [0, 1]: attacks work in pixel "
-                             "space; drop Normalize from the transforms and put it inside the model "
-                             "(ardir.models.create(..., mean=..., std=...))")
+        pixel_range("the first batch", images)
         logits = logits_of("model", model, images)
         with torch.no_grad():
             randomized = bool(checks) and not torch.allclose(logits, model(images), rtol=1e-4, atol=1e-4)
         num_classes = logits.shape[1]
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but the model has "
-                             f"{num_classes} outputs")
+        label_range("the first batch", labels, num_classes)
 
         # The plan: natural first, the requested attacks, then the sweep / large-eps runs of the checks.
         ctx = _Context(model, eps, step_size, num_classes, engine)
@@ -975,7 +956,9 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
             while batch is not None:
                 images, labels = batch[0].to(device), batch[1].to(device).long()
                 if index:  # the first batch was checked above; a later one out of range would count silently
-                    _check_batch(images, labels, num_classes, start)
+                    what = f"the batch of samples {start}..{start + len(labels) - 1}"
+                    pixel_range(what, images)
+                    label_range(what, labels, num_classes)
                 entry = state.batch(index, start, labels)
                 done = entry["results"]
                 natural = None

@@ -14,7 +14,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import logits_of, non_negative, non_negative_int, one_of, positive, positive_int
+from ._checks import (batch_tensors, label_range, logits_of, non_negative, non_negative_int, one_of, pixel_range,
+                      positive, positive_int)
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
@@ -33,19 +34,6 @@ def _images_labels(batch: Any, loader: str):
         f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
     raise TypeError(f"{loader} must yield (images, labels) batches, got {what}: wrap the dataset so that each item "
                     "is (image, label)")
-
-
-def _check_tensors(what: str, images: Any, labels: Any) -> None:
-    """Images a floating-point tensor (N, C, H, W), labels int64 (N,)."""
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"the {what} must hold tensors (images, labels), got ({type(images).__name__}, "
-                        f"{type(labels).__name__}): add torchvision.transforms.ToTensor() to the dataset's transform")
-    if not images.is_floating_point():
-        raise TypeError(f"the {what}'s images are {images.dtype}; they must be floating point in [0, 1] "
-                        "(ToTensor() converts uint8 images; or divide by 255)")
-    if labels.dtype != torch.int64 or labels.dim() != 1 or len(labels) != len(images):
-        raise TypeError(f"the {what}'s labels must be int64 class indices shaped (N,) = ({len(images)},), got "
-                        f"{labels.dtype} {tuple(labels.shape)}")
 
 
 def _probe(name: str, model: nn.Module, images: torch.Tensor) -> int:
@@ -286,9 +274,7 @@ class Trainer:
         return images.to(self.device)
 
     def _check_models(self, images: torch.Tensor) -> int:
-        if not images.is_floating_point():
-            raise TypeError(f"the training images are {images.dtype}; they must be floating point in [0, 1] "
-                            "(ToTensor() converts uint8 images; or divide by 255)")
+        batch_tensors("the training images", images)
         num_classes = _probe("student", self.student, images)
         if self.teacher is not None:
             t_classes = _probe("teacher", self.teacher, images)
@@ -298,17 +284,9 @@ class Trainer:
         return num_classes
 
     def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        _check_tensors("training batch", images, labels)
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-4 or hi > 1 + 1e-4:
-            raise ValueError(f"the first training batch has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1]: "
-                             "attacks work in pixel space; drop Normalize from the transforms and put it inside "
-                             "the model (ardir.models.create(..., mean=..., std=...))")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but the student has "
-                             f"{self.num_classes} outputs: labels must be 0 .. num_classes - 1; build the student "
-                             f"(and teacher) with num_classes={max(int(labels.max()) + 1, self.num_classes)} or "
-                             "fix the dataset's labels")
+        batch_tensors("the first training batch", images, labels)
+        pixel_range("the first training batch", images)
+        label_range("the first training batch", labels, self.num_classes, "student")
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> List[Dict[str, Any]]:
@@ -422,8 +400,9 @@ class Trainer:
                 if self.channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if not checked:  # once per validation: a normalised val_loader would give meaningless accuracies
-                    _check_tensors("validation batch", images, labels)
-                    attack.check_inputs(images, labels)
+                    batch_tensors("the first validation batch", images, labels)
+                    pixel_range("the first validation batch", images)
+                    label_range("the first validation batch", labels, self.num_classes, "student")
                     checked = True
                 with torch.no_grad():
                     counts[0] += (self.student(images).argmax(1) == labels).sum()

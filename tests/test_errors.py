@@ -289,7 +289,7 @@ def test_a_model_must_return_logits():
 
 @pytest.mark.parametrize("x, y, message", [
     (torch.rand(8, 1, 8, 8).double(), torch.randint(0, 4, (8,)), None),  # float64 is floating point: fine
-    ((torch.rand(8, 1, 8, 8) * 255).to(torch.uint8), torch.randint(0, 4, (8,)), r"images are torch.uint8.*ToTensor"),
+    ((torch.rand(8, 1, 8, 8) * 255).to(torch.uint8), torch.randint(0, 4, (8,)), r"images must be a floating-point tensor .* got torch.uint8.*ToTensor"),
     (torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,)).float(), r"labels must be int64 .* got torch.float32"),
     (torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8, 1)), r"labels must be int64 .* got torch.int64 \(4, 1\)"),
 ])
@@ -433,7 +433,7 @@ def test_evaluate_checks_every_batch_and_names_a_model_that_does_not_fit():
     model = TinyNet().eval()
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
     y[6] = 9  # a class the model does not have, in the second batch (a class-sorted test set)
-    with pytest.raises(ValueError, match=r"the batch of samples 4\.\.7 has labels in \[\d, 9\] but the model has 4"):
+    with pytest.raises(ValueError, match=r"the batch of samples 4\.\.7: labels range over \[\d, 9\] but the model has 4"):
         ardir.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), eps=0.1, attacks=("natural",),
                        progress=False, checks=False, warn=False)
     x[5] += 2  # pixels out of range in a later batch
