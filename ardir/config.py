@@ -26,9 +26,9 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import inspect
-import re
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from fractions import Fraction
