@@ -223,14 +223,18 @@ class IAD(ARD):
     ``mean_i (1 - a_i) * KL(p(S(x_i)) || p(S(x'_i)))`` with ``a_i = p_T(y_i | x'_i) ** beta``, beta = 0.1: the less
     the teacher is trusted on x'_i, the more the student relies on itself.
 
+    Unlike ARD's, IAD's reference code (IAD-I.py) averages the KL over the batch only (``(1/N) sum_i KL_i``), so
+    ``kl_reduction="batchmean"`` is its default; both terms are weighted by ``alpha``, as there.
+
     Arguments:
         beta: exponent of the teacher's trust ``p_T(y | x') ** beta`` (0.1).
         warmup_epochs: epochs of plain ARD before the introspection term starts (60 of 200).
+        kl_reduction: ``"batchmean"`` (IAD-I.py's batch mean) or ``"mean"`` (also divided by C).
     """
     name = "iad"
 
     def __init__(self, tau: float = 1.0, alpha: float = 1.0, beta: float = 0.1, warmup_epochs: int = 60,
-                 kl_reduction: str = "mean", **attack):
+                 kl_reduction: str = "batchmean", **attack):
         super().__init__(tau=tau, alpha=alpha, kl_reduction=kl_reduction, **attack)
         self.beta = non_negative("beta", beta)
         self.warmup_epochs = non_negative_int("warmup_epochs", warmup_epochs)
@@ -243,7 +247,7 @@ class IAD(ARD):
         s_adv, s_nat = student(adv), student(images)
         trust = F.softmax(teacher_logits(teacher, adv), 1).gather(1, labels[:, None]).squeeze(1) ** self.beta
         terms = {"kl": self.alpha * self.distillation(t_logits, s_adv),
-                 "introspection": ((1 - trust) * kl_to(F.softmax(s_nat, 1), s_adv)).mean()}
+                 "introspection": self.alpha * ((1 - trust) * kl_to(F.softmax(s_nat, 1), s_adv)).mean()}
         if self.alpha < 1:
             terms["ce"] = (1 - self.alpha) * F.cross_entropy(s_nat, labels)
         return terms

@@ -97,7 +97,7 @@ def test_iad(setup, epoch):
     method.epoch = epoch
     terms = method(student, x, y, teacher)
     s_adv = student(adv)
-    ard = kl_rows(softmax(teacher(x)), log_softmax(s_adv)).mean() / C
+    ard = kl_rows(softmax(teacher(x)), log_softmax(s_adv)).mean()  # IAD-I.py: (1/N) sum_i KL_i, not /C as ARD
     expected = ard
     if epoch >= 60:
         s_nat = student(x)
@@ -187,3 +187,12 @@ def test_unknown_method_and_argument():
         ardir.Trainer(TinyNet(), loader, teacher=TinyNet(), method="rsald")
     with pytest.raises(TypeError, match="tau"):
         ardir.ARDTrainer(TinyNet(), loader, teacher=TinyNet(), temperature=3)
+
+
+def test_iad_weights_both_terms_by_alpha(setup):
+    """IAD-I.py: alpha * (teacher KL + introspection) + (1 - alpha) * CE on the natural batch."""
+    student, teacher, x, y, adv, fixed = setup
+    full, half = fixed(ardir.IAD(warmup_epochs=0)), fixed(ardir.IAD(alpha=0.5, warmup_epochs=0))
+    a, b = full(student, x, y, teacher), half(student, x, y, teacher)
+    assert torch.allclose(b["introspection"], 0.5 * a["introspection"]) and torch.allclose(b["kl"], 0.5 * a["kl"])
+    assert torch.allclose(b["ce"], 0.5 * torch.nn.functional.cross_entropy(student(x), y))
