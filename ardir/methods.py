@@ -149,7 +149,8 @@ class TRADES(Method):
 
     Inner: PGD on ``KL(p(S(x)) || p(S(x')))``, start ``x + 0.001 N(0, I)``, student in eval mode.
     Outer: ``CE(S(x), y) + beta * KL(p(S(x)) || p(S(x')))``, KL averaged over the batch; beta = 6 (CIFAR-10).
-    Schedule (TRADES code, CIFAR): 100 epochs, lr x0.1 at 75 and 90.
+    Schedule: 100 epochs, lr x0.1 at 75 and 90, the TRADES script's lr steps run for 100 epochs (the script itself
+    stops at 76 by default: ``epochs=76, milestones=[74]``).
 
     Arguments:
         beta: weight of the robust KL term (6).
