@@ -402,7 +402,8 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     else:
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
                       ABLATIONS[variant] if variant is not None else None)
-        rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant))
+        rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant),
+                   method_config=method_config(settings, method, ABLATIONS[variant] if variant is not None else None))
         rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
     atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
@@ -457,6 +458,17 @@ def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int
                 else:
                     _log_record(log, job[0].stem, result)
                     on_row()
+
+
+def method_config(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Optional[Dict]:
+    """Every hyperparameter of the row's method as this ardir builds it, its library defaults included (None for the
+    teacher's row). Rows record it, and a row is reused only while it still holds: a changed default in the library
+    (say, a corrected KL reduction) makes the rows trained under the old one stale, not silently reused."""
+    if method == "teacher":
+        return None
+    built = ardir.create_method(method, **method_arguments(settings, method, extra))
+    return _jsonable({name: getattr(built, name) for name in ardir.methods.method_arguments(method)
+                      if hasattr(built, name)})
 
 
 def _same_training(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> bool:
@@ -763,7 +775,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for f in sorted(run_dir.glob("*__seed*.json")):
             rec = json.loads(f.read_text())
             if rec.get("settings") == key and (rec.get("variant") is not None) == args.ablation \
-                    and rec["student"] in settings["students"]:
+                    and rec["student"] in settings["students"] and rec.get("method_config") == method_config(
+                        settings, rec["method"], ABLATIONS.get(rec.get("variant")) if rec.get("variant") else None):
                 found.append(rec)
         return found
 
@@ -778,15 +791,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.precision != "fp32":
             stem += f"__{args.precision}"
         path = run_dir / f"{stem}.json"
+        config = method_config(settings, method, ABLATIONS[variant] if variant is not None else None)
         if path.exists() and not args.force:
-            if json.loads(path.read_text()).get("settings") == key:
+            done = json.loads(path.read_text())
+            if done.get("settings") == key and done.get("method_config") == config:
                 log(f"{stem}: done before, reusing {path.name} (--force reruns it)")
                 continue
-            log(f"{stem}: {path.name} has other settings; rerunning")
+            log(f"{stem}: {path.name} has other " + ("settings" if done.get("settings") != key else
+                "method settings (this ardir builds the method differently)") + "; rerunning")
         same = teacher_dir / f"{student}__ardir__seed{seed}.json"
         if variant is not None and not ABLATIONS[variant] and same.exists() and not args.force:
             rec = json.loads(same.read_text())  # the library's defaults: the method table's ARDIR row
-            if _same_training(rec.get("settings"), key):
+            if _same_training(rec.get("settings"), key) and rec.get("method_config") == config:
                 rec.update(variant=variant, settings=key,
                            reused_from=str(same.relative_to(ROOT) if same.is_relative_to(ROOT) else same))
                 path.write_text(json.dumps(rec, indent=2))

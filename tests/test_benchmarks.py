@@ -167,6 +167,24 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     # nothing left to run: the teacher is neither trained nor loaded
     assert log.count("done before") == 4 and "training" not in log and "teacher:" not in log
     assert (runs / "cnn_small__ardir__seed1.json").read_text() == before
+    # a row trained when the library built the method differently (a default since changed) is stale: rerun
+    row = runs / "cnn_small__ardir__seed1.json"
+    stale = json.loads(before)
+    assert stale["method_config"]["kl_reduction"] == "batchmean"
+    stale["method_config"]["kl_reduction"] = "mean"
+    row.write_text(json.dumps(stale))
+    _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "1", "--methods", "ardir")
+    log = capsys.readouterr().out
+    assert "has other method settings (this ardir builds the method differently); rerunning" in log
+    assert json.loads(row.read_text())["method_config"]["kl_reduction"] == "batchmean"
+
+
+def test_rows_record_the_methods_library_defaults(reproduce):
+    settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    iad = reproduce.method_config(settings, "iad")
+    assert iad["kl_reduction"] == "batchmean" and iad["warmup_epochs"] == 3 and iad["eps"] == 0.1
+    assert reproduce.method_config(settings, "ard")["tau"] == 30.0
+    assert reproduce.method_config(settings, "teacher") is None
 
 
 @pytest.mark.slow
