@@ -125,3 +125,10 @@ def label_range(what: str, labels: Any, num_classes: int, model: str = "model") 
         raise ValueError(f"{what}: labels range over [{lo}, {hi}] but the {model} has {num_classes} outputs: labels "
                          f"must be 0 .. num_classes - 1; build the {model} with num_classes={max(hi + 1, num_classes)}"
                          " or fix the dataset's labels")
+
+
+def check_batch(what: str, images: Any, labels: Any, num_classes: int, model: str = "model") -> None:
+    """:func:`batch_tensors`, :func:`pixel_range` and :func:`label_range` on one batch (a few host syncs)."""
+    batch_tensors(what, images, labels)
+    pixel_range(what, images)
+    label_range(what, labels, num_classes, model)

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._checks import eps_value, label_range, logits_of, one_of, pixel_range, positive
+from ._checks import check_batch, eps_value, label_range, logits_of, one_of, pixel_range, positive
 from .attacks import PGD, model_mode
 from .autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
 
@@ -956,9 +956,8 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
             while batch is not None:
                 images, labels = batch[0].to(device), batch[1].to(device).long()
                 if index:  # the first batch was checked above; a later one out of range would count silently
-                    what = f"the batch of samples {start}..{start + len(labels) - 1}"
-                    pixel_range(what, images)
-                    label_range(what, labels, num_classes)
+                    check_batch(f"the batch of samples {start}..{start + len(labels) - 1}", images, labels,
+                                num_classes)
                 entry = state.batch(index, start, labels)
                 done = entry["results"]
                 natural = None

@@ -14,8 +14,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import (batch_tensors, label_range, logits_of, non_negative, non_negative_int, one_of, pixel_range,
-                      positive, positive_int)
+from ._checks import (batch_tensors, check_batch, logits_of, non_negative, non_negative_int, one_of, positive,
+                      positive_int)
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
@@ -284,9 +284,7 @@ class Trainer:
         return num_classes
 
     def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        batch_tensors("the first training batch", images, labels)
-        pixel_range("the first training batch", images)
-        label_range("the first training batch", labels, self.num_classes, "student")
+        check_batch("the first training batch", images, labels, self.num_classes, "student")
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> List[Dict[str, Any]]:
@@ -400,9 +398,7 @@ class Trainer:
                 if self.channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if not checked:  # once per validation: a normalised val_loader would give meaningless accuracies
-                    batch_tensors("the first validation batch", images, labels)
-                    pixel_range("the first validation batch", images)
-                    label_range("the first validation batch", labels, self.num_classes, "student")
+                    check_batch("the first validation batch", images, labels, self.num_classes, "student")
                     checked = True
                 with torch.no_grad():
                     counts[0] += (self.student(images).argmax(1) == labels).sum()
