@@ -16,7 +16,7 @@ The keys come from three places, so no option is listed twice:
 * every argument of :class:`ardir.Trainer` with a plain type (``epochs``, ``lr``, ``milestones``, ...), read from
   its signature;
 * every argument of every method (``tau``, ``layers``, ``beta``, ...), read from the methods' signatures
-  (:func:`ardir.trainer.method_arguments`). A method argument left unset takes the method's own default.
+  (:func:`ardir.methods.method_arguments`). A method argument left unset takes the method's own default.
 
 Unknown keys are errors naming the key and its closest matches; a wrong type is an error naming the key, the
 expected type and what was given. :func:`dump_toml` writes the resolved configuration back as TOML.
@@ -184,7 +184,7 @@ def trainer_keys() -> List[Option]:
 def method_keys() -> List[Option]:
     """Options from every method's signature; unset (``None``) means the chosen method's own default."""
     from .methods import METHODS
-    from .trainer import method_arguments
+    from .methods import method_arguments
 
     seen: Dict[str, Option] = {}
     for name in sorted(METHODS):
@@ -314,7 +314,7 @@ def resolve(*layers: Mapping[str, Any]) -> Dict[str, Any]:
     The method arguments are checked against the chosen method: an argument it does not take is an error.
     """
     from .methods import METHODS
-    from .trainer import method_arguments
+    from .methods import method_arguments
 
     options = schema()
     config = {name: option.default for name, option in options.items()}

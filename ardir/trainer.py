@@ -19,7 +19,7 @@ from ._checks import (batch_tensors, check_batch, logits_of, non_negative, non_n
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
-from .methods import Method, create_method, method_arguments  # noqa: F401 (method_arguments: re-exported)
+from .methods import Method, create_method
 
 Callback = Callable[["Trainer", Dict[str, Any]], None]
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -8,8 +8,8 @@ import torch
 
 from ardir import config as cfg
 from ardir.cli import build_parser
-from ardir.methods import create_method
-from ardir.trainer import Trainer, method_arguments
+from ardir.methods import create_method, method_arguments
+from ardir.trainer import Trainer
 
 
 def test_unknown_key_is_an_error_naming_the_key_and_close_matches():
