@@ -529,3 +529,29 @@ def test_evaluate_argument_kinds_and_a_corrupt_state_file(tmp_path):
     state.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"is not an ardir evaluation state file \(format 'list'\)"):
         ardir.evaluate(model, data, eps=0.1, attacks=("natural",), state_path=state, progress=False)
+
+
+def test_cli_counts_and_an_absent_mps_device(capsys, monkeypatch):
+    from ardir import cli
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoint", "x.pt", "--batch-size", "0"])
+    assert "argument --batch-size: 0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoint", "x.pt", "--n-examples", "ten"])
+    assert "argument --n-examples: expected a whole number, got 'ten'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(cli.CLIError, match=r"device 'mps' asked for, but torch sees no Apple GPU"):
+        cli._device("mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cifar10_example_refuses_cuda_without_a_gpu(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "cifar10.py"
+    spec = importlib.util.spec_from_file_location("cifar10_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit):
+        example.parse_args(["--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
