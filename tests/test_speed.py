@@ -199,14 +199,20 @@ def test_no_memory_growth_across_epochs():
     assert abs(peaks[2] - peaks[0]) <= 0.05 * peaks[0], peaks
 
 
-def test_throughput_benchmark_runs_and_writes_its_row(tmp_path, capsys):
-    """benchmarks/throughput.py end to end on a tiny setting (the lead's GPU run must not be its first run)."""
+@pytest.fixture
+def bench():
+    """benchmarks/throughput.py as a module."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     spec = importlib.util.spec_from_file_location("throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_runs_and_writes_its_row(bench, tmp_path, capsys):
+    """benchmarks/throughput.py end to end on a tiny setting (the lead's GPU run must not be its first run)."""
     results = tmp_path / "throughput.md"
     bench.main(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--repeats", "1", "--results", str(results),
                 "--json", str(tmp_path / "r.json")])
@@ -218,14 +224,8 @@ def test_throughput_benchmark_runs_and_writes_its_row(tmp_path, capsys):
     assert "peak memory epoch 1 -> 2" in capsys.readouterr().out
 
 
-def test_throughput_compile_mode_reaches_torch_compile(monkeypatch):
+def test_throughput_compile_mode_reaches_torch_compile(bench, monkeypatch):
     """--compile-mode (a candidate for the GPU check) is passed to torch.compile of the attack's forward passes."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     calls = []
     monkeypatch.setattr(bench, "compile_for_attack", lambda model, **kwargs: calls.append(kwargs))
     monkeypatch.setattr(bench.ardir, "Trainer", lambda *a, **k: calls.append(k["compile"]) or
@@ -234,3 +234,34 @@ def test_throughput_compile_mode_reaches_torch_compile(monkeypatch):
                                  channels_last=None, compile=True, compile_mode="reduce-overhead"))()
     bench.make_trainer(args, torch.device("cpu"), TinyNet(), TinyNet(), [])
     assert calls == [True, {"mode": "reduce-overhead"}]
+
+
+@pytest.mark.parametrize("cudnn_tf32", [True, False])
+def test_fp32_matmul_peak_on_cuda_is_timed_as_the_convolutions_run(bench, monkeypatch, cudnn_tf32):
+    """The fp32 peak on CUDA uses TF32 matmuls exactly when cuDNN's convolutions do, and restores the setting."""
+    seen = []
+    monkeypatch.setattr(bench, "_timed_matmul", lambda *a: seen.append(torch.get_float32_matmul_precision()) or 1.0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    before = torch.get_float32_matmul_precision()
+    bench.matmul_peak(torch.device("cuda"), torch.float32)
+    bench.matmul_peak(torch.device("cuda"), torch.bfloat16)
+    bench.matmul_peak(torch.device("cpu"), torch.float32)
+    assert seen == [("high" if cudnn_tf32 else before), before, before]
+    assert torch.get_float32_matmul_precision() == before
+
+
+def test_rows_always_land_in_a_table(bench, tmp_path):
+    """A row appended after prose starts a new table instead of becoming a stray line of text."""
+    r = dict(device="cpu", method="ardir", pair="a -> b", batch=8, precision="fp32", channels_last=True, compile=False,
+             loader="GPULoader", reference_images_per_s=1.0, ardir_images_per_s=2.0, speedup=2.0, gflop_per_image=0.1,
+             achieved_tflops=0.2, fraction_of_peak=0.5, peak_memory_mb_ardir=1, peak_memory_mb_reference=1,
+             epoch_seconds_50k=1.0, commit="abc", command="python x")
+    path = tmp_path / "t.md"
+    bench.write_row(path, r)
+    bench.write_row(path, r)
+    lines = path.read_text().splitlines()
+    assert lines.count(bench.HEADER.splitlines()[0]) == 1 and lines[-1].startswith("| 20") and lines[-2].startswith("| 20")
+    path.write_text(path.read_text() + "\nSummary of that run.")
+    bench.write_row(path, r)
+    lines = path.read_text().splitlines()
+    assert lines[-5:-1] == ["Summary of that run.", "", *bench.HEADER.splitlines()] and lines[-1].startswith("| 20")
