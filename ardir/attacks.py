@@ -188,12 +188,13 @@ class PGD:
                     target_probs = F.softmax(net(images).float(), 1)
             target_probs = None if target_probs is None else target_probs.detach()
             adv = self.start(images)
+            # the eps-ball and [0, 1] intersect in [low, high] (images are in [0, 1]), so one clamp projects onto both
+            low, high = (images - self.eps).clamp_(min=0), (images + self.eps).clamp_(max=1)
             for _ in range(self.steps):
                 adv.requires_grad_(True)
                 loss = self.objective(net(adv), labels, target_probs)
                 if scale is not None:
                     loss = loss * scale
                 grad, = torch.autograd.grad(loss, adv)
-                adv = adv.detach() + self.alpha * grad.sign()
-                adv = torch.min(torch.max(adv, images - self.eps), images + self.eps).clamp_(0, 1)
+                adv = torch.clamp(torch.add(adv.detach(), grad.sign(), alpha=self.alpha), low, high)
         return adv.detach()

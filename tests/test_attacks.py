@@ -36,6 +36,23 @@ def test_pgd_raises_the_climbed_loss(loss):
     assert after > before
 
 
+def test_pgd_step_is_the_textbook_update_bit_for_bit():
+    """One clamp to the ball-and-box intersection gives exactly Madry's step, ball projection then [0, 1] clip."""
+    model = TinyNet().eval()
+    x, y = batch(32)
+    x[:8] = x[:8].round()  # pixels at 0 and 1, where the ball leaves the box
+    torch.manual_seed(3)
+    adv = ardir.PGD(model, eps=0.1, alpha=0.03, steps=6)(x, y)
+    torch.manual_seed(3)
+    ref = (x + torch.empty_like(x).uniform_(-0.1, 0.1)).clamp(0, 1)
+    for _ in range(6):
+        ref.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(ref), y, reduction="sum"), ref)
+        ref = ref.detach() + 0.03 * grad.sign()
+        ref = torch.min(torch.max(ref, x - 0.1), x + 0.1).clamp(0, 1)
+    assert torch.equal(adv, ref)
+
+
 def test_pgd_leaves_no_parameter_gradient_and_restores_modes():
     model = TinyNet()
     model.train()
