@@ -43,7 +43,8 @@ from . import models
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from .teachers import TeacherNotFoundError, load_teacher, model_from_checkpoint
 
-__all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError"]
+__all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError", "count", "whole",
+           "attack_name", "device_name"]
 
 RUN_FORMAT = "ardir-run"
 MODEL_FORMAT = "ardir-model"
@@ -67,15 +68,43 @@ def _flag_type(kind: str):
     return {"int": int, "str": str}[item]
 
 
-def _count(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
+# argparse types, shared with examples/ and benchmarks/ so that every script rejects a bad flag before any work
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
     return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return _whole_number(text, 1)
+
+
+def whole(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return _whole_number(text, 0)
+
+
+def attack_name(text: str) -> str:
+    """An argparse type: an attack name of :func:`ardir.evaluate` (``natural``, ``pgd20``, ``cw30``, ...)."""
+    from .evaluate import parse_attack
+    try:
+        parse_attack(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device torch can use on this machine; ``"auto"`` is CUDA when present, else the CPU."""
+    try:
+        return str(_device(text))
+    except CLIError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
@@ -121,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--sweep-attack", default="pgd20", help="attack of the eps sweep and of the large-eps check")
     eval_p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                         help="run ardir.evaluate's sanity checks (an eps sweep needs them)")
-    eval_p.add_argument("--n-examples", type=_count, default=None, help="test images evaluated (default: the run's, "
+    eval_p.add_argument("--n-examples", type=count, default=None, help="test images evaluated (default: the run's, "
                         "else all)")
     eval_p.add_argument("--data-dir", default=None, help="the dataset's location (default: the run's)")
     eval_p.add_argument("--fake-data", action=argparse.BooleanOptionalAction, default=None,
                         help="evaluate on fake data (default: as the run was trained)")
-    eval_p.add_argument("--batch-size", type=_count, default=None, help="evaluation batch size (default: the run's)")
+    eval_p.add_argument("--batch-size", type=count, default=None, help="evaluation batch size (default: the run's)")
     eval_p.add_argument("--device", default="auto")
     eval_p.add_argument("--output", default=None, help="report path without suffix (default: report beside the "
                         "checkpoint)")

@@ -55,6 +55,19 @@ def add_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[flo
     return model
 
 
+def check_name(name: str) -> str:
+    """Return ``name`` if :func:`create` builds it (one of :func:`list_models` or ``"timm/<timm name>"``); otherwise
+    raise a ``TypeError``/``ValueError`` that lists the closest names. Builds nothing."""
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} must be a model name ({', '.join(list_models())} or 'timm/<name>')")
+    if name.startswith("timm/"):
+        import timm
+        one_of("name", name[len("timm/"):], timm.list_models(), "timm model")
+    else:
+        one_of("name", name, list_models(), "model")
+    return name
+
+
 def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[Sequence[float]] = None,
            std: Optional[Sequence[float]] = None, **kwargs) -> nn.Module:
     """Build a model by name.
@@ -72,19 +85,16 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[S
     Returns:
         an ``nn.Module`` mapping (N, in_chans, H, W) images in [0, 1] to (N, num_classes) logits.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name={name!r} must be a model name ({', '.join(list_models())} or 'timm/<name>')")
+    check_name(name)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans={in_chans!r} must be a positive integer")
     if name.startswith("timm/"):
         import timm
-        timm_name = name[len("timm/"):]
-        one_of("name", timm_name, timm.list_models(), "timm model")
-        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = timm.create_model(name[len("timm/"):], pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                  **kwargs)
     else:
-        one_of("name", name, list_models(), "model")
         model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (normalisation inside the model) or neither")

@@ -7,9 +7,9 @@ at eps = 0.1 with both AutoAttack engines (needs torchattacks and pyautoattack),
 torchattacks.PGD, checks the masking flags on a quantised model and the resumable state on the device.
 Results of one run on an H200: benchmarks/results/evaluate_gpu.md.
 """
-import os, sys, time, json
-import numpy as np, torch, torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+import os, time
+import torch, torch.nn as nn
+from torch.utils.data import DataLoader
 import ardir, torchattacks, pyautoattack
 from ardir.evaluate import evaluate
 DEV = os.environ.get("DEV", "cuda")

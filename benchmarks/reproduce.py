@@ -21,10 +21,8 @@ is listed at the top of the table as a REDUCED run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -42,6 +40,8 @@ import torch
 import ardir
 from ardir import data
 from ardir.checkpoint import atomic_save, atomic_write_text
+from ardir.cli import attack_name, count, device_name, whole
+from ardir.teachers import TeacherNotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "benchmarks/reproduce.py"
@@ -460,6 +460,26 @@ def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int
                     on_row()
 
 
+def check_ardir_layers(settings: Dict[str, Any], jobs: Sequence[Tuple[Path, str, str, int, Optional[str]]]) -> None:
+    """Set up every ARDIR job's method on untrained models, so that layers that do not fit (a student without the
+    default layers, an ablation's layer the model lacks) fail now, in one line, not after the teacher has trained."""
+    pairs = {(student, variant) for _, student, method, _, variant in jobs if method == "ardir"}
+    if not pairs:
+        return
+    build = (lambda name: ardir.models.create(name, num_classes=settings["num_classes"], in_chans=settings["in_chans"]))
+    teacher = build(settings["teacher_model"])
+    spec = data.DATASETS[settings["dataset"]]
+    sample = torch.rand(2, settings["in_chans"], spec.image_size, spec.image_size)
+    for student, variant in sorted(pairs, key=str):
+        method = ardir.create_method("ardir", **method_arguments(settings, "ardir",
+                                                                 ABLATIONS[variant] if variant is not None else None))
+        try:
+            method.setup(build(student), teacher, sample)
+        except ValueError as err:
+            raise SystemExit(f"reproduce.py: error: ARDIR with student {student}"
+                             + (f" (variant {variant!r})" if variant else "") + f": {err}") from None
+
+
 def method_config(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Optional[Dict]:
     """Every hyperparameter of the row's method as this ardir builds it, its library defaults included (None for the
     teacher's row). Rows record it, and a row is reused only while it still holds: a changed default in the library
@@ -649,18 +669,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("suite", choices=sorted(SUITES))
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="rows to run (default: all the suite's)")
     p.add_argument("--students", nargs="+", help="students (default: the suite's)")
-    p.add_argument("--seeds", nargs="+", type=int, help="default: the suite's (fashion-mnist 0 1 2, CIFAR 0)")
-    p.add_argument("--epochs", type=int, help="student epochs (default: the suite's); also the teacher's unless "
+    p.add_argument("--seeds", nargs="+", type=whole, help="default: the suite's (fashion-mnist 0 1 2, CIFAR 0)")
+    p.add_argument("--epochs", type=count, help="student epochs (default: the suite's); also the teacher's unless "
                                               "--teacher-epochs")
-    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--teacher-epochs", type=count)
     p.add_argument("--teacher", help="a checkpoint path, a model name or robustbench:NAME (default: train it)")
-    p.add_argument("--train-size", type=int, help="training images (default: the suite's)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--train-steps", type=int, help="PGD steps of the training attacks (dry runs)")
-    p.add_argument("--attacks", nargs="+", help="attacks on the evaluation set (default: the suite's)")
-    p.add_argument("--eval-size", type=int, help="evaluate on a seeded random subset of this many test images")
-    p.add_argument("--aa-size", type=int, help="AutoAttack subset size (0: skip AutoAttack)")
-    p.add_argument("--limit-batches", type=int, help="stop each epoch after this many batches (dry runs)")
+    p.add_argument("--train-size", type=count, help="training images (default: the suite's)")
+    p.add_argument("--batch-size", type=count)
+    p.add_argument("--train-steps", type=whole, help="PGD steps of the training attacks (dry runs)")
+    p.add_argument("--attacks", nargs="+", type=attack_name, help="attacks on the evaluation set (default: the suite's)")
+    p.add_argument("--eval-size", type=count, help="evaluate on a seeded random subset of this many test images")
+    p.add_argument("--aa-size", type=whole, help="AutoAttack subset size (0: skip AutoAttack)")
+    p.add_argument("--limit-batches", type=count, help="stop each epoch after this many batches (dry runs)")
     p.add_argument("--fake-data", action="store_true", help="random images instead of the data set (dry runs)")
     p.add_argument("--data-dir")
     p.add_argument("--no-checks", action="store_true", help="skip evaluate()'s sanity checks (faster)")
@@ -673,16 +693,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--table-only", action="store_true",
                    help="rewrite the table from the rows that have finished; run nothing (marks missing rows)")
     p.add_argument("--template", action="store_true", help="write the table with the published numbers only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1, ... (auto: CUDA when present)")
     p.add_argument("--progress", action="store_true", help="tqdm bars (with --workers 1)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=count, default=1,
                    help="rows trained side by side in this many processes, the CPU cores shared between them "
                         "(small models use one core poorly; default 1)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="students' training precision (autocast); evaluation is always fp32")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers {args.workers}: must be at least 1")
+    for name in args.students or ():
+        try:
+            ardir.models.check_name(name)
+        except (TypeError, ValueError) as err:
+            p.error(f"--students {name}: {err}")
+    unknown = [v for v in args.variants or () if v not in ABLATIONS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(ABLATIONS)}")
+    settings = resolve(SUITES[args.suite], args)
+    if settings["train_size"] is not None and settings["batch_size"] > settings["train_size"]:
+        p.error(f"--batch-size {settings['batch_size']} is larger than the {settings['train_size']} training images "
+                "(--train-size): no full batch is left")
     return args
 
 
@@ -695,9 +726,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = list(args.seeds if args.seeds is not None else suite.seeds)
     if args.ablation:
         labels = list(args.variants or ABLATIONS)
-        unknown = [v for v in labels if v not in ABLATIONS]
-        if unknown:
-            raise SystemExit(f"unknown variants {unknown}; known: {list(ABLATIONS)}")
         jobs = [(s, "ardir", seed, v) for seed in seeds for s in settings["students"] for v in labels]
         name = f"ablation_{suite.results_name}"
     else:
@@ -815,6 +843,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         meta["partial"] = [f"{job[0].stem}" for job in pending]
         pending = []
     pending.sort(key=_cost_rank)
+    check_ardir_layers(settings, pending)
     needs_teacher = any(map(_needs_teacher, pending))
     if args.workers == 1 or len(pending) <= 1:
         teacher = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)[0] \
@@ -841,4 +870,7 @@ def _slug(text: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TeacherNotFoundError as err:  # a mistyped --teacher: one line, not a traceback
+        sys.exit(f"reproduce.py: error: --teacher: {err}")

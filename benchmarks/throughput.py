@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ardir  # noqa: E402
 from ardir import models  # noqa: E402
 from ardir.attacks import _ATTACK_MODULES, compile_for_attack  # noqa: E402
+from ardir import cli  # noqa: E402
 from ardir.gpu_data import GPULoader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,18 +425,29 @@ def run_epochs(args, device) -> Dict:
                 batch=args.batch_size, pair=args.pair, compile=args.compile)
 
 
+def _true_or_false(text: str) -> bool:
+    """An argparse type: true/false (also 1/0, yes/no)."""
+    word = text.lower()
+    if word in ("1", "true", "yes"):
+        return True
+    if word in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="ardir", choices=["ardir", "ard", "rslad"])
     parser.add_argument("--pair", default="fmnist", choices=sorted(PAIRS),
                         help="fmnist: cnn_large -> cnn_small on 1x28x28; paper: wrn34_10 -> resnet18 on 3x32x32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3, help="training steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median), after a warm-up")
+    parser.add_argument("--device", type=cli.device_name, default="auto",
+                        help="cpu, cuda, cuda:1, ... (auto: CUDA when present)")
+    parser.add_argument("--batch-size", type=cli.count, default=128)
+    parser.add_argument("--steps", type=cli.count, default=3, help="training steps per timed run")
+    parser.add_argument("--repeats", type=cli.count, default=3, help="timed runs per side (median), after a warm-up")
     parser.add_argument("--step-size", type=float, default=None, help="PGD step (default eps/4)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--channels-last", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--channels-last", default=None, type=_true_or_false,
                         help="true/false; default: the trainer's (True on CUDA)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
@@ -444,19 +456,24 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "reduce-overhead adds CUDA graphs, max-autotune searches kernels")
     parser.add_argument("--loader", default="auto", choices=["auto", "gpu", "dataloader"],
                         help="ardir's loader: device-resident GPULoader (auto) or a DataLoader")
-    parser.add_argument("--workers", type=int, default=0, help="ardir DataLoader workers (--loader dataloader)")
-    parser.add_argument("--ref-workers", type=int, default=None,
+    parser.add_argument("--workers", type=cli.whole, default=0, help="ardir DataLoader workers (--loader dataloader)")
+    parser.add_argument("--ref-workers", type=cli.whole, default=None,
                         help="reference DataLoader workers (default 2 on CUDA as ARD's script, 0 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=cli.count, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reference", action="store_true", help="time ardir only (no speedup)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "throughput.md"),
                         help="Markdown file the row is appended to ('' for none)")
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
-    parser.add_argument("--epochs-check", type=int, default=0,
+    parser.add_argument("--epochs-check", type=cli.whole, default=0,
                         help="train this many full epochs instead (seconds and peak memory per epoch)")
-    parser.add_argument("--epoch-images", type=int, default=50000)
+    parser.add_argument("--epoch-images", type=cli.count, default=50000)
     args = parser.parse_args(argv)
+    if args.step_size is not None and not 0 < args.step_size < float("inf"):
+        parser.error(f"argument --step-size: {args.step_size} must be a positive number")
+    if args.epochs_check and args.epoch_images < args.batch_size:
+        parser.error(f"--epoch-images {args.epoch_images} is smaller than --batch-size {args.batch_size}: an epoch "
+                     "would have no full batch")
     args.compile = args.compile or args.compile_mode is not None
     if args.threads:
         torch.set_num_threads(args.threads)

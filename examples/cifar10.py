@@ -31,7 +31,7 @@ import torch
 
 import ardir
 from ardir import data, models
-from ardir.evaluate import parse_attack
+from ardir.cli import attack_name, count, device_name, whole
 from ardir.hooks import check_layers
 from ardir.teachers import load_teacher
 
@@ -40,22 +40,6 @@ PAPER = dict(teacher_model="wrn34_10", batch_size=128, steps=10, val_size=1000, 
 DRY_RUN = dict(teacher_model="wrn16_4", batch_size=16, steps=2, val_size=32, n_examples=32,
                attacks=["natural", "fgsm", "pgd5"], val_attack_steps=2, checks=False)
 EPS, STEP = 8 / 255, 2 / 255
-
-
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def size(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,32 +52,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-model", default=None, help="architecture of the teacher trained here, or of a "
                         "plain state_dict --teacher (default wrn34_10)")
     parser.add_argument("--robustbench-dir", default=None, help="RobustBench's model directory (default ./models)")
-    parser.add_argument("--epochs", type=size, default=None, help="epochs of every stage (default: each method's "
+    parser.add_argument("--epochs", type=whole, default=None, help="epochs of every stage (default: each method's "
                         "paper protocol, 100 TRADES, 200 ARDIR)")
-    parser.add_argument("--teacher-epochs", type=size, default=None, help="TRADES epochs (default: --epochs or 100)")
+    parser.add_argument("--teacher-epochs", type=whole, default=None, help="TRADES epochs (default: --epochs or 100)")
     parser.add_argument("--limit-batches", type=count, default=None, help="batches per epoch (dry runs)")
     parser.add_argument("--batch-size", type=count, default=None)
-    parser.add_argument("--steps", type=size, default=None, help="PGD steps of the training attacks (10)")
-    parser.add_argument("--val-size", type=size, default=None, help="validation images held out of the train set")
+    parser.add_argument("--steps", type=whole, default=None, help="PGD steps of the training attacks (10)")
+    parser.add_argument("--val-size", type=whole, default=None, help="validation images held out of the train set")
     parser.add_argument("--n-examples", type=count, default=None, help="test images evaluated (default: all)")
-    parser.add_argument("--attacks", nargs="+", default=None, help="ardir.evaluate attack names")
+    parser.add_argument("--attacks", nargs="+", type=attack_name, default=None, help="ardir.evaluate attack names")
     parser.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
                         help="run ardir.evaluate's sanity checks (default: yes, except with --fake-data)")
     parser.add_argument("--layers", nargs="+", default=["features"],
                         help="ARDIR layers: a name in both models or teacher_layer:student_layer")
     parser.add_argument("--w-ir", type=float, default=1.0, help="weight of the internal-representation term")
     parser.add_argument("--output-dir", default="runs/cifar10", help="teacher.pt, student.pt, results.md")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1, ... (auto: CUDA when "
+                        "present)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in args.attacks or ():
-        try:
-            parse_attack(name)
-        except ValueError as err:
-            parser.error(f"--attacks: {err}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA GPU; use --device cpu")
     defaults = DRY_RUN if args.fake_data else PAPER
     chosen = []
     for key, value in defaults.items():

@@ -20,16 +20,9 @@ import torch
 
 import ardir
 from ardir import data
+from ardir.cli import count
 
 EPS = 0.1  # the usual L-inf radius for (Fashion-)MNIST
-
-
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 1 (checked before anything trains)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def main(argv=None):

@@ -237,3 +237,29 @@ def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkey
     md, _ = _table(out / "fashion_mnist.md")
     assert "**PARTIAL run** — 2 rows" in md and "cnn_small__ardir__seed1" in md
     assert not (runs / "cnn_small__ardir__seed1.json").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], "argument --epochs: 0 must be >= 1"),
+    (["--batch-size", "x"], "argument --batch-size: expected a whole number"),
+    (["--aa-size", "-1"], "argument --aa-size: -1 must be >= 0"),
+    (["--seeds", "-1"], "argument --seeds: -1 must be >= 0"),
+    (["--attacks", "pdg5"], "did you mean 'pgd20'"),
+    (["--students", "resnet81"], "--students resnet81: name='resnet81' is not a known model"),
+    (["--ablation", "--variants", "w_ir 9"], "--variants: unknown ['w_ir 9']"),
+    (["--train-size", "64", "--batch-size", "65"], "--batch-size 65 is larger than the 64 training images"),
+    (["--workers", "0"], "argument --workers: 0 must be >= 1"),
+])
+def test_bad_flags_stop_before_any_work(reproduce, capsys, flags, words):
+    """A typo is a one-line usage error at once, not a traceback after the teacher has trained."""
+    with pytest.raises(SystemExit) as info:
+        reproduce.parse_args(["fashion-mnist", *flags])
+    assert info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_ardir_layers_are_checked_before_the_teacher_trains(reproduce, tmp_path):
+    settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    job = lambda student, variant=None: (tmp_path / "x.json", student, "ardir", 0, variant)  # noqa: E731
+    reproduce.check_ardir_layers(settings, [job("cnn_small"), job("cnn_small", "layers block3 (conv map, 1x1 adapter)")])
+    with pytest.raises(SystemExit, match="ARDIR with student timm/resnet18: layers: these models name no default"):
+        reproduce.check_ardir_layers(settings, [job("timm/resnet18")])

@@ -554,4 +554,4 @@ def test_cifar10_example_refuses_cuda_without_a_gpu(capsys):
     spec.loader.exec_module(example)
     with pytest.raises(SystemExit):
         example.parse_args(["--device", "cuda"])
-    assert "--device cuda: torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+    assert "argument --device: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err

@@ -4,7 +4,6 @@ CUDA-only tests skip on a CPU machine; ``benchmarks/gpu_check.sh`` runs them on 
 """
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ardir
@@ -265,3 +264,17 @@ def test_rows_always_land_in_a_table(bench, tmp_path):
     bench.write_row(path, r)
     lines = path.read_text().splitlines()
     assert lines[-5:-1] == ["Summary of that run.", "", *bench.HEADER.splitlines()] and lines[-1].startswith("| 20")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    (["--steps", "two"], "argument --steps: expected a whole number"),
+    (["--step-size", "-0.1"], "argument --step-size: -0.1 must be a positive number"),
+    (["--channels-last", "flase"], "argument --channels-last: expected true or false, got 'flase'"),
+    (["--epochs-check", "2", "--epoch-images", "64"], "--epoch-images 64 is smaller than --batch-size 128"),
+])
+def test_throughput_bad_flags_are_usage_errors(bench, capsys, flags, words):
+    with pytest.raises(SystemExit) as info:
+        bench.main(flags)
+    assert info.value.code == 2 and words in capsys.readouterr().err
