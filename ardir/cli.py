@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from . import data as ardir_data
+from . import distributed
 from . import models
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from .teachers import TeacherNotFoundError, load_teacher, model_from_checkpoint
@@ -322,7 +323,11 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     from .methods import METHODS
     from .trainer import Trainer
 
-    say = log or (lambda line: tqdm.write(line))
+    # under torchrun (WORLD_SIZE set) every process runs this; rank 0 alone speaks and writes (the trainer runs the
+    # logger's callbacks on rank 0 only)
+    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
+    main = distributed.is_main_process() and int(os.environ.get("RANK", 0)) == 0
+    say = (log or (lambda line: tqdm.write(line))) if main else (lambda line: None)
     file_values = cfg.load_toml(config_file) if config_file else {}
     output_dir = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.schema()["output_dir"].default)
     last = output_dir / "last.pt"
@@ -341,6 +346,8 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         config = cfg.resolve(file_values, flags)
     config["output_dir"] = str(output_dir)
     device = _device(config["device"])
+    if joined:  # one process per device: join torchrun's group (gloo for --device cpu)
+        device = distributed.init(backend="gloo" if device.type == "cpu" else None)
     _seed_everything(config["seed"])
 
     loaders = ardir_data.get_loaders(config["dataset"], data_dir=config["data_dir"], batch_size=config["batch_size"],
@@ -360,7 +367,8 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     elif config["teacher"]:
         say(f"note: method {config['method']!r} uses no teacher; --teacher is ignored")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(output_dir, config, info, loaders.train, best=state.get("best") if state else None, log=say)
     trainer_kwargs = cfg.trainer_kwargs(config)
     if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
@@ -381,11 +389,13 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
                                "that change the model, method or optimiser) or start a new --output-dir") from None
             trainer.last_checkpoint = last
             _set_rng_state(state["rng"], loaders.train)
-        _truncate_metrics(logger.metrics_path, trainer.epoch)
+        if main:
+            _truncate_metrics(logger.metrics_path, trainer.epoch)
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
-    elif logger.metrics_path.exists():
+    elif main and logger.metrics_path.exists():
         logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over
-    atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
+    if main:
+        atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
     if loaders.val is None:
         say("note: --val-size 0 holds out no validation split, so no best.pt is chosen; evaluate last.pt")
 
@@ -394,6 +404,9 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     except KeyboardInterrupt:
         raise CLIError(f"interrupted during epoch {trainer.epoch + 1}; `ardir train --output-dir {output_dir} "
                        f"--resume` continues from last.pt (epoch {trainer.epoch})") from None
+    finally:
+        if joined:
+            distributed.cleanup()
     best = logger.best
     summary = f"done: {output_dir}/last.pt"
     if best:

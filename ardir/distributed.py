@@ -22,7 +22,7 @@ How ardir runs data parallel, and why not through the ``DistributedDataParallel`
   ``SyncBatchNorm`` (statistics of the global batch; CUDA only, a PyTorch restriction).
 - Only rank 0 shows progress bars and runs callbacks (logging, checkpoints); :func:`is_main_process` tells the
   others. Evaluation in the trainer shards the validation set without padding (:func:`shard_loader` with
-  ``shuffle=False``) and sums the counts over the processes.
+  ``training=False``) and sums the counts over the processes.
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -39,7 +39,8 @@ from typing import Iterable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import (DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset,
+                              SubsetRandomSampler)
 
 
 def is_distributed() -> bool:
@@ -109,18 +110,39 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
-def shard_loader(loader: DataLoader, shuffle: Optional[bool] = None, seed: int = 0,
-                 batch_size: Optional[int] = None, keep_global_batch: bool = False) -> DataLoader:
-    """The same data loader with each process reading its own shard.
+def shared_seed(seed: int) -> int:
+    """Rank 0's ``seed`` in every process (a shuffle all processes must agree on); ``seed`` in a single process."""
+    if not is_distributed():
+        return int(seed)
+    box = [int(seed) % 2 ** 63]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
-    Training (``shuffle=True``, the default when ``loader`` shuffles): a ``DistributedSampler`` (the trainer
-    calls its ``set_epoch`` every epoch); ``batch_size`` is per process (default: the loader's, so the global batch
-    is ``world_size`` times larger; ``keep_global_batch=True`` uses ``loader.batch_size // world_size()``, so the
-    global batch and the learning rate's meaning stay those of one process).
-    Evaluation (``shuffle=False``): a :class:`ShardSampler`, every example exactly once over all processes.
+
+def shard_loader(loader: DataLoader, training: bool = True, seed: Optional[int] = None,
+                 batch_size: Optional[int] = None, keep_global_batch: bool = False) -> DataLoader:
+    """The same data loader with each process reading its own shard (the :class:`~ardir.Trainer` calls it on its
+    loaders in a process group).
+
+    The loader's own sampler says what is read: its order (sequential or shuffled) and, for a
+    ``SubsetRandomSampler``, the subset; a shard never reaches beyond it.
+
+    Training (``training=True``): a ``DistributedSampler``, so every process takes the same number of steps.
+    It shuffles when ``loader`` does, every process with the same ``seed`` (default: the seed of the loader's
+    ``generator``, else ``torch.initial_seed()``, rank 0's in either case); the trainer calls ``set_epoch`` every
+    epoch. When the data do not split evenly, ``drop_last=True`` drops the remainder, and ``drop_last=False`` repeats a
+    few examples to fill the last batch (as ``DistributedSampler`` does). ``batch_size`` is per process (default:
+    the loader's, so the global batch is ``world_size`` times larger; ``keep_global_batch=True`` uses
+    ``loader.batch_size // world_size()``, so the global batch and the learning rate's meaning stay those of one
+    process). A training loader with any other sampler (weighted, custom) raises ``ValueError``: how to split it
+    is the sampler's business; give such a loader a ``DistributedSampler`` of your own.
+
+    Evaluation (``training=False``): a :class:`ShardSampler` over the loader's indices in their order, every example
+    exactly once over all processes (no padding; processes may get one batch more or fewer).
+
     Returns ``loader`` unchanged in a single process, and when it is not a ``DataLoader`` (e.g. a
     :class:`~ardir.gpu_data.GPULoader`, which shards itself) or already uses a ``DistributedSampler`` or
-    :class:`ShardSampler`. The :class:`~ardir.Trainer` calls it on its loaders in a process group.
+    :class:`ShardSampler`.
     """
     if not is_distributed() or not isinstance(loader, DataLoader) or loader.batch_size is None \
             or isinstance(loader.sampler, (DistributedSampler, ShardSampler)):
@@ -129,14 +151,27 @@ def shard_loader(loader: DataLoader, shuffle: Optional[bool] = None, seed: int =
         if loader.batch_size % world_size():
             raise ValueError(f"batch size {loader.batch_size} does not split over {world_size()} processes")
         batch_size = loader.batch_size // world_size()
-    if shuffle is None:
-        shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
-    dataset = loader.dataset
-    if shuffle:
-        sampler: Sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=loader.drop_last)
+    dataset, sampler = loader.dataset, loader.sampler
+    if isinstance(sampler, SubsetRandomSampler):
+        dataset, shuffle = Subset(dataset, list(sampler.indices)), True
+    elif isinstance(sampler, RandomSampler) and not sampler.replacement and len(sampler) == len(dataset):
+        shuffle = True
+    elif isinstance(sampler, SequentialSampler):
+        shuffle = False
+    elif training:
+        raise ValueError(f"the training loader's sampler ({type(sampler).__name__}) cannot be split over "
+                         f"{world_size()} processes by ardir; give it a torch.utils.data.DistributedSampler of your "
+                         "own (with set_epoch), or use shuffle=True / a SubsetRandomSampler")
     else:
-        sampler = ShardSampler(len(dataset))
-    return DataLoader(dataset, batch_size=batch_size or loader.batch_size, sampler=sampler,
+        dataset, shuffle = Subset(dataset, list(sampler)), False
+    if training:
+        if seed is None:
+            seed = loader.generator.initial_seed() if loader.generator is not None else torch.initial_seed()
+        new: Sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle,
+                                          seed=shared_seed(seed), drop_last=loader.drop_last)
+    else:
+        new = ShardSampler(len(dataset))
+    return DataLoader(dataset, batch_size=batch_size or loader.batch_size, sampler=new,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                       collate_fn=loader.collate_fn, persistent_workers=loader.num_workers > 0)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from ._checks import non_negative_int
 
 
@@ -47,12 +48,14 @@ class GPULoader:
 
     Arguments:
         images: uint8 (N, C, H, W); labels: int64 (N,). Both are moved to ``device`` once.
-        batch_size: images per batch (per process in a process group).
+        batch_size: images per batch of this process; in a process group of W processes the global batch is
+            ``batch_size * W`` (:meth:`from_loader` divides a loader's batch by W instead).
         shuffle, drop_last: as ``DataLoader`` (defaults True, True: a training loader).
         crop_padding, hflip: the augmentation (0 / False: none).
         seed: the shuffle and augmentation seed; epoch ``e`` uses ``seed + e``.
         rank, world_size: shard of a process group (default: this process's, see :mod:`ardir.distributed`);
-            each process gets ``batch_size`` images of every global batch of ``batch_size * world_size``.
+            each process gets ``batch_size`` images of every global batch of ``batch_size * world_size``, with the
+            same shuffle and augmentation as one process reading the global batch.
         channels_last: return channels-last batches.
     """
 
@@ -60,7 +63,6 @@ class GPULoader:
                  device: Union[str, torch.device] = "cuda", shuffle: bool = True, drop_last: bool = True,
                  crop_padding: int = 0, hflip: bool = False, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, channels_last: bool = False):
-        from . import distributed
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
@@ -82,7 +84,11 @@ class GPULoader:
     def from_loader(cls, loader: DataLoader, device: Union[str, torch.device] = "cuda",
                     **kwargs) -> "GPULoader":
         """The GPU twin of an ardir loader (``ardir.data.get_loaders(...).train``): same images, labels, subset,
-        batch size and augmentation."""
+        global batch and augmentation.
+
+        As the :class:`~ardir.Trainer` does with a ``DataLoader``, the loader's batch size is the global batch: in a
+        process group of W processes each gets ``loader.batch_size // W`` images per step (``ValueError`` when it
+        does not divide), so the learning rate means what it means in one process."""
         dataset, indices = loader.dataset, None
         if isinstance(dataset, Subset):
             dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices)
@@ -93,7 +99,10 @@ class GPULoader:
         if indices is not None:
             images, labels = images[indices], labels[indices]
         augment = getattr(dataset, "augment", False)
-        options = dict(batch_size=loader.batch_size, drop_last=loader.drop_last,
+        world = kwargs.get("world_size") or distributed.world_size()
+        if "batch_size" not in kwargs and loader.batch_size % world:
+            raise ValueError(f"the loader's batch size {loader.batch_size} does not split over {world} processes")
+        options = dict(batch_size=loader.batch_size // world, drop_last=loader.drop_last,
                        shuffle=not isinstance(loader.sampler, torch.utils.data.SequentialSampler),
                        crop_padding=getattr(dataset, "crop_padding", 0) if augment else 0,
                        hflip=getattr(dataset, "hflip", False) if augment else False)
@@ -122,10 +131,12 @@ class GPULoader:
         per_step = self.batch_size * self.world_size
         for step in range(len(self)):
             chunk = order[step * per_step:(step + 1) * per_step]
-            chunk = chunk[self.rank::self.world_size]  # the same split as DistributedSampler's interleave
             images = self.images[chunk].float().div_(255)
             if self.crop_padding or self.hflip:
+                # drawn for the whole global batch, so every process draws alike and each gets its own images'
+                # crops: the processes together see exactly the one-process batch
                 images = crop_flip_batch(images, self.crop_padding, self.hflip, generator)
+            mine = slice(self.rank, None, self.world_size)  # the same split as DistributedSampler's interleave
             # the crop's gather leaves NHWC strides: hand out the layout asked for, not a mix
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-            yield images.contiguous(memory_format=fmt), self.labels[chunk]
+            yield images[mine].contiguous(memory_format=fmt), self.labels[chunk[mine]]

@@ -166,8 +166,8 @@ class Trainer:
         self.world_size = distributed.world_size()
         self.is_main = distributed.is_main_process()
         if self.world_size > 1:  # a plain DataLoader: each process takes its share of every global batch
-            train_loader = distributed.shard_loader(train_loader, shuffle=True, keep_global_batch=True)
-            val_loader = None if val_loader is None else distributed.shard_loader(val_loader, shuffle=False)
+            train_loader = distributed.shard_loader(train_loader, training=True, keep_global_batch=True)
+            val_loader = None if val_loader is None else distributed.shard_loader(val_loader, training=False)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.val_attack_steps = non_negative_int("val_attack_steps", val_attack_steps)
@@ -369,9 +369,11 @@ class Trainer:
         if self.world_size > 1:  # the epoch's mean over all processes; one model everywhere
             distributed.average_buffers(self.student)
             names = list(sums)
-            totals = distributed.all_reduce_sum(torch.stack([sums[k].float() for k in names] +
-                                                            [torch.tensor(float(seen), device=self.device)]))
-            sums, seen = dict(zip(names, totals[:-1])), int(totals[-1])
+            counts = [torch.as_tensor(n, device=self.device).float().reshape(())
+                      for n in (seen, self._fault["skipped_images"])]
+            totals = distributed.all_reduce_sum(torch.stack([sums[k].float() for k in names] + counts))
+            sums, seen = dict(zip(names, totals[:-2])), int(totals[-2])
+            self._fault["skipped_images"] = totals[-1]  # skipped images of every process, as seen counts them
         seconds = time.perf_counter() - start
         self.scheduler.step()
         self.epoch += 1

@@ -19,10 +19,15 @@ images, attacks natural/FGSM/PGD-5 without the evaluation's sanity checks. The s
 
     python examples/cifar10.py --teacher robustbench:Zhang2019Theoretically            # the paper's setting
     python examples/cifar10.py --teacher runs/cifar10/teacher.pt --layers block3:layer4  # reuse a teacher
+    torchrun --nproc_per_node=4 examples/cifar10.py --teacher robustbench:Zhang2019Theoretically  # 4 GPUs
+
+Under ``torchrun`` every process trains on its share of each batch of 128 (the same global batch and learning
+rate); rank 0 alone prints and writes files, and evaluates the test set on its own after training.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
             chosen.append(f"{key}={value}")
-    if args.fake_data:
+    if args.fake_data and os.environ.get("RANK", "0") == "0":
         print("dry run (--fake-data): " + ", ".join(chosen))
     return args
 
@@ -99,17 +104,27 @@ def keep_best(state: dict):
 
 def main(argv=None):
     args = parse_args(argv)
+    # `torchrun --nproc_per_node=N examples/cifar10.py`: each process trains on its shard of every batch; rank 0
+    # alone prints, writes files and, after training, evaluates (the other processes stop there)
+    distributed = ardir.distributed
+    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
+    device = torch.device(args.device)
+    if joined:
+        device = distributed.init(backend="gloo" if device.type == "cpu" else None)
+    main_process = distributed.is_main_process()
+    say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device, progress = torch.device(args.device), not args.quiet
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
     loaders = data.get_loaders("cifar10", data_dir=args.data_dir, batch_size=args.batch_size,
                                val_size=args.val_size, fake_data=args.fake_data, seed=args.seed)
     attack = dict(eps=EPS, step_size=STEP, steps=args.steps)
     common = dict(val_loader=loaders.val, val_attack_steps=args.val_attack_steps,
                   limit_batches=args.limit_batches, progress=progress)
     start = time.time()
-    print(f"CIFAR-10: {len(loaders.train.dataset)} training, {len(loaders.val.dataset) if loaders.val else 0} "
+    say(f"CIFAR-10: {len(loaders.train.dataset)} training, {len(loaders.val.dataset) if loaders.val else 0} "
           f"validation images; device {device}")
 
     # 1. The teacher: loaded, or trained with TRADES (the best validation-PGD epoch is kept).
@@ -118,7 +133,7 @@ def main(argv=None):
     if args.teacher:
         teacher = load_teacher(args.teacher, loaders.num_classes, loaders.in_chans, device,
                                model_name=args.teacher_model, model_dir=args.robustbench_dir)
-        print(f"teacher: {args.teacher}")
+        say(f"teacher: {args.teacher}")
     else:
         teacher = models.create(args.teacher_model, num_classes=loaders.num_classes).to(device)
     pairs = [(spec, spec) if isinstance(spec, str) else spec for spec in layers]
@@ -128,18 +143,23 @@ def main(argv=None):
         best: dict = {}
         ardir.TRADESTrainer(teacher, loaders.train, epochs=args.teacher_epochs or args.epochs,
                             callbacks=[keep_best(best)], **common, **attack).fit()
-        if "weights" in best:
+        if "weights" in best:  # rank 0's callback; the ARDIR trainer below hands rank 0's teacher to every process
             teacher.load_state_dict(best["weights"])
         teacher.eval().requires_grad_(False)  # frozen from now on
-        torch.save({"format": "ardir-model", "config": {"method": "trades", "dataset": "cifar10"},
-                    "model_info": {"name": args.teacher_model, "num_classes": loaders.num_classes, "in_chans": 3},
-                    "model": teacher.state_dict()}, out / "teacher.pt")
-        print(f"teacher: {args.teacher_model} trained with TRADES -> {out / 'teacher.pt'}")
+        if main_process:
+            torch.save({"format": "ardir-model", "config": {"method": "trades", "dataset": "cifar10"},
+                        "model_info": {"name": args.teacher_model, "num_classes": loaders.num_classes, "in_chans": 3},
+                        "model": teacher.state_dict()}, out / "teacher.pt")
+        say(f"teacher: {args.teacher_model} trained with TRADES -> {out / 'teacher.pt'}")
 
     # 2. ARDIR: a ResNet-18 student matches the teacher's outputs and internal representations.
     best = {}
     ardir.Trainer(student, loaders.train, teacher=teacher, epochs=args.epochs, layers=layers, w_ir=args.w_ir,
                   callbacks=[keep_best(best)], **common, **attack).fit()
+    if joined:
+        distributed.cleanup()
+    if not main_process:
+        return None
     if "weights" in best:
         student.load_state_dict(best["weights"])
         print(f"student: best validation PGD accuracy {best['val_pgd']:.2f}% at epoch {best['epoch']}")

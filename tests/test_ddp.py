@@ -3,6 +3,7 @@
 BatchNorm normalises each process's shard with its own batch statistics (as DDP does), so per-process results
 differ from one process on the whole batch by design; the equality test uses models without BatchNorm.
 """
+import json
 import os
 import socket
 
@@ -139,3 +140,135 @@ def test_single_process_helpers_are_no_ops():
 def test_shard_sampler_covers_every_index_once():
     shards = [list(distributed.ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
+
+
+# ------------------------------------------------------------- shard_loader and GPULoader in a pretend process group
+def _pretend_rank(monkeypatch, r, world=2):
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(distributed, "rank", lambda: r)
+    monkeypatch.setattr(distributed, "shared_seed", lambda seed: seed)
+
+
+def _indices(loader):
+    return [int(i) for _, labels in loader for i in labels]
+
+
+def test_shards_stay_inside_the_loaders_own_sampler(monkeypatch):
+    """A SubsetRandomSampler's subset (say, a held-out split) is all the shards read, in training and evaluation;
+    a sequential loader stays in order; a sampler ardir cannot split is refused by name."""
+    dataset = TensorDataset(torch.zeros(12, 1), torch.arange(12))
+    subset = list(range(6))
+    shards = {}
+    for r in range(2):
+        _pretend_rank(monkeypatch, r)
+        sub = DataLoader(dataset, batch_size=2, sampler=torch.utils.data.SubsetRandomSampler(subset))
+        train = distributed.shard_loader(sub, training=True, keep_global_batch=True)
+        evaluation = distributed.shard_loader(DataLoader(dataset, batch_size=2, sampler=[0, 1, 2]), training=False)
+        ordered = distributed.shard_loader(DataLoader(dataset, batch_size=4), training=True, keep_global_batch=True)
+        shards[r] = (_indices(train), _indices(evaluation), _indices(ordered))
+        weighted = DataLoader(dataset, batch_size=2,
+                              sampler=torch.utils.data.WeightedRandomSampler(torch.ones(12), 12))
+        with pytest.raises(ValueError, match="WeightedRandomSampler.*cannot be split over 2 processes"):
+            distributed.shard_loader(weighted, training=True)
+    assert sorted(shards[0][0] + shards[1][0]) == subset
+    assert sorted(shards[0][1] + shards[1][1]) == [0, 1, 2]
+    assert shards[0][2] == [0, 2, 4, 6, 8, 10] and shards[1][2] == [1, 3, 5, 7, 9, 11]
+
+
+def test_training_shuffle_follows_the_loaders_seed(monkeypatch):
+    _pretend_rank(monkeypatch, 0)
+    dataset = TensorDataset(torch.zeros(32, 1), torch.arange(32))
+    orders = [_indices(distributed.shard_loader(
+        DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+        keep_global_batch=True)) for seed in (1, 2, 1)]
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def test_gpu_loader_shards_are_the_one_process_batch(monkeypatch):
+    """Shuffle and augmentation are drawn for the global batch: the processes' shards interleave into exactly what
+    one process reads, crops included; from_loader keeps a DataLoader's batch as the global batch."""
+    from ardir.gpu_data import GPULoader
+    images = torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(40)
+    make = lambda **k: GPULoader(images, labels, device="cpu", crop_padding=2, hflip=True, seed=3, **k)  # noqa: E731
+    whole = list(make(batch_size=8, rank=0, world_size=1))
+    parts = [list(make(batch_size=4, rank=r, world_size=2)) for r in range(2)]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+    _pretend_rank(monkeypatch, 1)
+    dataset = ardir.data.InMemoryImageDataset(images, labels, 2, True, augment=True)
+    assert GPULoader.from_loader(DataLoader(dataset, batch_size=8), device="cpu").batch_size == 4
+    with pytest.raises(ValueError, match="batch size 9 does not split over 2 processes"):
+        GPULoader.from_loader(DataLoader(dataset, batch_size=9), device="cpu")
+
+
+# ------------------------------------------------- the CLI under torchrun, and skipped batches' means, 2 processes
+def _nan_skip_run():
+    """One epoch of 2 global batches of 8, the second holding a NaN image: skipped by nan_policy="skip"."""
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 4
+    x[9, 0, 0, 0] = float("nan")
+    trainer = ardir.Trainer(NoBNNet(), DataLoader(TensorDataset(x, y), batch_size=8), method="natural", epochs=1,
+                            lr=0.01, progress=False, channels_last=False, nan_policy="skip")
+    return trainer.fit()[-1]
+
+
+def _cli_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from ardir import cli
+    joined = []
+    real_init = distributed.init
+    distributed.init = lambda **k: (joined.append(k), real_init(**k))[1]
+    code = cli.main(["train", "--dataset", "fashion-mnist", "--fake-data", "--model", "cnn_small", "--train-size",
+                     "64", "--val-size", "16", "--batch-size", "16", "--epochs", "2", "--steps", "1",
+                     "--val-attack-steps", "1", "--eps", "0.1", "--step-size", "0.05", "--method", "at", "--quiet",
+                     "--device", "cpu", "--output-dir", os.path.join(out, "run")])
+    distributed.init = real_init
+    record = {}
+    distributed.init(backend="gloo")
+    try:
+        record = _nan_skip_run()
+    finally:
+        distributed.cleanup()
+    torch.save({"code": code, "joined": joined, "nan_record": record}, os.path.join(out, f"cli{rank}.pt"))
+
+
+def test_cli_under_torchrun_trains_one_run_written_by_rank_0(tmp_path):
+    mp.spawn(_cli_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"cli{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [g["code"] for g in got] == [0, 0] and all(g["joined"] == [{"backend": "gloo"}] for g in got)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # one writer, not one per process
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "config.toml").is_file()
+    # a skipped batch's images leave every process's count: the epoch mean is the one-process mean
+    one = _nan_skip_run()
+    for g in got:
+        assert g["nan_record"]["skipped_batches"] == 1
+        assert g["nan_record"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def _example_worker(rank, port, out):
+    import importlib.util
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cifar10.py")
+    spec = importlib.util.spec_from_file_location("cifar10_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(["--fake-data", "--epochs", "1", "--limit-batches", "2", "--output-dir", out, "--quiet",
+                         "--device", "cpu", "--n-examples", "8"])
+    torch.save({"rows": None if rows is None else [name for name, _ in rows]}, os.path.join(out, f"ex{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_cifar10_example_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 examples/cifar10.py`: both processes train, rank 0 alone writes and evaluates."""
+    mp.spawn(_example_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"ex{r}.pt", weights_only=False)["rows"] for r in range(WORLD)]
+    assert got == [["teacher", "student (ResNet-18, ARDIR)"], None]
+    assert {"teacher.pt", "student.pt", "results.md"} <= {p.name for p in tmp_path.iterdir()}
