@@ -78,12 +78,13 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
 class PGD:
     r"""Projected gradient ascent in the L-inf ball, like ``torchattacks.PGD`` but with the loss to climb selectable.
 
-    Distance: L-inf. Each step: ``x' <- clip_[0,1](clip_{x±eps}(x' + alpha * sign(grad L(x'))))``.
+    Distance: L-inf. Each step: ``x' <- clip_[0,1](clip_{x±eps}(x' + step_size * sign(grad L(x'))))``.
 
     Arguments:
         model: the network attacked; it must take images in [0, 1] (put normalisation inside it).
         eps: radius of the L-inf ball (default 8/255).
-        alpha: step size (default 2/255).
+        step_size: the step (default 2/255; torchattacks calls it ``alpha``, which in ardir's ARD and IAD
+            is the weight of the distillation term).
         steps: number of ascent steps (default 10); 0 returns the random start.
         loss: what the attack climbs:
             ``"ce"``: cross-entropy to ``labels`` (Madry AT, ARD);
@@ -110,17 +111,17 @@ class PGD:
 
     Example::
 
-        attack = ardir.PGD(model, eps=8/255, alpha=2/255, steps=20)
+        attack = ardir.PGD(model, eps=8/255, step_size=2/255, steps=20)
         adv_images = attack(images, labels)
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
                  loss: str = "ce", random_start: str = "uniform", mode: str = "eval"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = _unwrap(model)
         self.eps = eps_value("eps", eps)
-        self.alpha = positive("alpha", alpha)
+        self.step_size = positive("step_size", step_size)
         self.steps = non_negative_int("steps", steps)
         self.loss = one_of("loss", loss, LOSSES, "attack loss")
         self.random_start = one_of("random_start", "none" if random_start is None else random_start,
@@ -129,7 +130,7 @@ class PGD:
         self._range_checked = False
 
     def __repr__(self) -> str:
-        return (f"PGD(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, loss={self.loss!r}, "
+        return (f"PGD(eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, loss={self.loss!r}, "
                 f"random_start={self.random_start!r}, mode={self.mode!r})")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
@@ -196,5 +197,5 @@ class PGD:
                 if scale is not None:
                     loss = loss * scale
                 grad, = torch.autograd.grad(loss, adv)
-                adv = torch.clamp(torch.add(adv.detach(), grad.sign(), alpha=self.alpha), low, high)
+                adv = torch.clamp(torch.add(adv.detach(), grad.sign(), alpha=self.step_size), low, high)
         return adv.detach()

@@ -125,16 +125,16 @@ class _Natural(_Runner):
 
 
 class _PGDRunner(_Runner):
-    def __init__(self, key: str, display: str, ctx: _Context, steps: int, loss: str, alpha: float,
+    def __init__(self, key: str, display: str, ctx: _Context, steps: int, loss: str, step_size: float,
                  random_start: str, rank: int, family: str):
-        self.attack = PGD(ctx.model, eps=ctx.eps, alpha=alpha, steps=steps, loss=loss, random_start=random_start)
+        self.attack = PGD(ctx.model, eps=ctx.eps, step_size=step_size, steps=steps, loss=loss, random_start=random_start)
         self.model, self.eps = ctx.model, ctx.eps
         self.rank, self.family, self.steps = rank, family, steps
         loss_name = {"ce": "cross-entropy", "cw": "CW margin"}[loss]
         start = "uniform random start" if random_start == "uniform" else "no random start"
-        description = (f"{loss_name}, {steps} step{'s' if steps > 1 else ''} of {_fmt_eps(alpha)}, {start}")
+        description = (f"{loss_name}, {steps} step{'s' if steps > 1 else ''} of {_fmt_eps(step_size)}, {start}")
         super().__init__(key, display, description,
-                         {"eps": ctx.eps, "loss": loss, "steps": steps, "step_size": alpha,
+                         {"eps": ctx.eps, "loss": loss, "steps": steps, "step_size": step_size,
                           "random_start": random_start, "restarts": 1, "implementation": "ardir.PGD"})
 
     def run(self, images, labels, seed, done=None, on_component=None):
@@ -219,21 +219,21 @@ def _build_natural(match, ctx):
 
 @register_attack(r"fgsm", ("fgsm",), "one step of size eps on the cross-entropy (Goodfellow et al. 2015)")
 def _build_fgsm(match, ctx):
-    return _PGDRunner("fgsm", "FGSM", ctx, steps=1, loss="ce", alpha=ctx.eps, random_start="none", rank=1,
+    return _PGDRunner("fgsm", "FGSM", ctx, steps=1, loss="ce", step_size=ctx.eps, random_start="none", rank=1,
                       family="fgsm")
 
 
 @register_attack(r"pgd-?(\d+)", ("pgd20", "pgd100"), "PGD on the cross-entropy, N steps (Madry et al. 2018)")
 def _build_pgd(match, ctx):
     steps = _steps(match, "pgd")
-    return _PGDRunner(f"pgd{steps}", f"PGD-{steps}", ctx, steps=steps, loss="ce", alpha=ctx.step_size,
+    return _PGDRunner(f"pgd{steps}", f"PGD-{steps}", ctx, steps=steps, loss="ce", step_size=ctx.step_size,
                       random_start="uniform", rank=2, family="pgd")
 
 
 @register_attack(r"cw-?(\d+)", ("cw30",), "CW-inf: PGD on the CW margin loss, N steps (Carlini & Wagner 2017)")
 def _build_cw(match, ctx):
     steps = _steps(match, "cw")
-    return _PGDRunner(f"cw{steps}", f"CW∞-{steps}", ctx, steps=steps, loss="cw", alpha=ctx.step_size,
+    return _PGDRunner(f"cw{steps}", f"CW∞-{steps}", ctx, steps=steps, loss="cw", step_size=ctx.step_size,
                       random_start="uniform", rank=2, family="cw")
 
 

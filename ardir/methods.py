@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -91,17 +92,23 @@ class Method(nn.Module):
         self.steps = non_negative_int("steps", steps)
         self.random_start = one_of("random_start", random_start or self.default_start, STARTS, "random start")
         self.attack_mode = one_of("attack_mode", attack_mode or self.default_attack_mode, MODES, "model mode")
-        self.epoch = 0
+        self.epoch = 0  # the running epoch (0-based) and the run's length, kept up to date by the Trainer
+        self.run_epochs = self.epochs
+
+    def check_schedule(self, epochs: int) -> None:
+        """Called by the Trainer with the run's number of epochs: warn about settings that cannot work in it."""
 
     def extra_repr(self) -> str:
-        return (f"eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, "
-                f"attack_loss={self.attack_loss!r}, random_start={self.random_start!r}, "
-                f"attack_mode={self.attack_mode!r}")
+        """Every argument of the method (:func:`method_arguments`) with its value: what will be trained."""
+        def show(value):
+            return f"{value:.5g}" if isinstance(value, float) else repr(value)
+        return ", ".join(f"{name}={show(getattr(self, name))}" for name in method_arguments(self.name)
+                         if hasattr(self, name))
 
     def attack(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                target_probs: Optional[torch.Tensor] = None, loss: Optional[str] = None) -> torch.Tensor:
         """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached."""
-        pgd = PGD(student, eps=self.eps, alpha=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
+        pgd = PGD(student, eps=self.eps, step_size=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
                   random_start=self.random_start, mode=self.attack_mode)
         return pgd.forward(images, labels, target_probs)  # the trainer has checked the data
 
@@ -220,7 +227,7 @@ class ARD(Method):
 class IAD(ARD):
     """Zhu et al. 2022, Introspective Adversarial Distillation (IAD-I), https://arxiv.org/abs/2110.01968.
 
-    ARD (tau = 1) plus, after ``warmup_epochs`` (60) of plain ARD, the student's introspection term
+    ARD (tau = 1) plus, after ``warmup_epochs`` (60 of 200) of plain ARD, the student's introspection term
     ``mean_i (1 - a_i) * KL(p(S(x_i)) || p(S(x'_i)))`` with ``a_i = p_T(y_i | x'_i) ** beta``, beta = 0.1: the less
     the teacher is trusted on x'_i, the more the student relies on itself.
 
@@ -229,19 +236,35 @@ class IAD(ARD):
 
     Arguments:
         beta: exponent of the teacher's trust ``p_T(y | x') ** beta`` (0.1).
-        warmup_epochs: epochs of plain ARD before the introspection term starts (60 of 200).
+        warmup_epochs: epochs of plain ARD before the introspection term starts; default (None): 30 % of the
+            run's epochs, the paper's 60 of 200, so a shorter run keeps the paper's proportions.
         kl_reduction: ``"batchmean"`` (IAD-I.py's batch mean) or ``"mean"`` (also divided by C).
     """
     name = "iad"
 
-    def __init__(self, tau: float = 1.0, alpha: float = 1.0, beta: float = 0.1, warmup_epochs: int = 60,
+    warmup_fraction = 60 / 200
+
+    def __init__(self, tau: float = 1.0, alpha: float = 1.0, beta: float = 0.1, warmup_epochs: Optional[int] = None,
                  kl_reduction: str = "batchmean", **attack):
         super().__init__(tau=tau, alpha=alpha, kl_reduction=kl_reduction, **attack)
         self.beta = non_negative("beta", beta)
-        self.warmup_epochs = non_negative_int("warmup_epochs", warmup_epochs)
+        self.warmup_epochs = None if warmup_epochs is None else non_negative_int("warmup_epochs", warmup_epochs)
+
+    @property
+    def warmup(self) -> int:
+        """The epochs of plain ARD in this run: ``warmup_epochs``, or 30 % of the run's epochs."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return round(self.warmup_fraction * self.run_epochs)
+
+    def check_schedule(self, epochs: int) -> None:
+        if self.warmup_epochs is not None and self.warmup_epochs >= epochs > 0:
+            warnings.warn(f"IAD's warmup_epochs={self.warmup_epochs} >= epochs={epochs}: the introspection term never "
+                          "runs, so this is ARD with tau = 1; leave warmup_epochs unset for 30 % of the epochs",
+                          stacklevel=3)
 
     def forward(self, student, images, labels, teacher=None) -> Terms:
-        if self.epoch < self.warmup_epochs:
+        if self.epoch < self.warmup:
             return super().forward(student, images, labels, teacher)
         t_logits = teacher_logits(teacher, images)
         adv = self.attack(student, images, labels)

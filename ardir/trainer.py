@@ -180,6 +180,8 @@ class Trainer:
             if not callable(callback):
                 raise TypeError(f"callbacks: {callback!r} is not callable; each callback is fn(trainer, record)")
         self.epochs = self.method.epochs if epochs is None else non_negative_int("epochs", epochs)
+        self.method.run_epochs = self.epochs
+        self.method.check_schedule(self.epochs)
         self.epoch = 0
         self.step = 0
         self.history: List[Dict[str, Any]] = []
@@ -312,7 +314,7 @@ class Trainer:
 
     def train_epoch(self) -> Dict[str, Any]:
         """One pass over ``train_loader``; returns the epoch's record (mean loss terms, lr, time, images/s)."""
-        self.method.epoch = self.epoch
+        self.method.epoch, self.method.run_epochs = self.epoch, self.epochs  # epochs may be changed after __init__
         self.student.train()
         lr = self.optimizer.param_groups[0]["lr"]
         for obj in (self.train_loader, getattr(self.train_loader, "sampler", None)):
@@ -388,7 +390,7 @@ class Trainer:
 
     def validate(self) -> Dict[str, float]:
         """Natural and PGD accuracy (%) of the student on ``val_loader`` with the method's eps and step."""
-        attack = PGD(self.student, eps=self.method.eps, alpha=self.method.step_size, steps=self.val_attack_steps)
+        attack = PGD(self.student, eps=self.method.eps, step_size=self.method.step_size, steps=self.val_attack_steps)
         checked = False
         # (natural correct, adversarial correct, seen) counted on the device: no host sync per batch; summed over
         # the processes of a process group (each evaluates its shard, see ardir.distributed.shard_loader).

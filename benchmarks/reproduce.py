@@ -49,7 +49,8 @@ METRICS = ("natural", "fgsm", "pgd20", "cw20", "cw30", "autoattack")
 HEADERS = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "cw20": "CW∞-20", "cw30": "CW∞-30",
            "autoattack": "AutoAttack"}
 ALL_METHODS = ("natural", "at", "trades", "ard", "iad", "rslad", "ardir")
-IAD_WARMUP_FRACTION = 60 / 200  # IAD's warm-up: 60 of ARD's 200 epochs; scaled to the suite's epochs
+# IAD's warm-up, 60 of ARD's 200 epochs, scaled to the suite's epochs as the library does; written into the rows
+IAD_WARMUP_FRACTION = ardir.IAD.warmup_fraction
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def batch(n=16):
 def test_pgd_stays_in_ball_and_box(loss, start):
     model = TinyNet()
     x, y = batch()
-    adv = ardir.PGD(model, eps=0.05, alpha=0.02, steps=5, loss=loss, random_start=start)(x, y)
+    adv = ardir.PGD(model, eps=0.05, step_size=0.02, steps=5, loss=loss, random_start=start)(x, y)
     assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
     assert (adv - x).abs().max() <= 0.05 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
@@ -26,7 +26,7 @@ def test_pgd_stays_in_ball_and_box(loss, start):
 def test_pgd_raises_the_climbed_loss(loss):
     model = TinyNet().eval()
     x, y = batch(64)
-    attack = ardir.PGD(model, eps=0.1, alpha=0.02, steps=10, loss=loss, random_start="none")
+    attack = ardir.PGD(model, eps=0.1, step_size=0.02, steps=10, loss=loss, random_start="none")
     target = F.softmax(torch.randn(64, 4), 1)
     with torch.no_grad():
         before = attack.objective(model(x), y, target if loss == "kl" else F.softmax(model(x), 1))
@@ -42,7 +42,7 @@ def test_pgd_step_is_the_textbook_update_bit_for_bit():
     x, y = batch(32)
     x[:8] = x[:8].round()  # pixels at 0 and 1, where the ball leaves the box
     torch.manual_seed(3)
-    adv = ardir.PGD(model, eps=0.1, alpha=0.03, steps=6)(x, y)
+    adv = ardir.PGD(model, eps=0.1, step_size=0.03, steps=6)(x, y)
     torch.manual_seed(3)
     ref = (x + torch.empty_like(x).uniform_(-0.1, 0.1)).clamp(0, 1)
     for _ in range(6):

@@ -81,7 +81,7 @@ def _worker(rank, port, out):
         # PGD on a DDP-wrapped model attacks the bare module: no collective during the attack
         ddp = nn.parallel.DistributedDataParallel(student)
         calls.clear()
-        ardir.PGD(ddp, eps=0.1, alpha=0.03, steps=3)(dataset.tensors[0][:4], dataset.tensors[1][:4])
+        ardir.PGD(ddp, eps=0.1, step_size=0.03, steps=3)(dataset.tensors[0][:4], dataset.tensors[1][:4])
         attack_calls = len(calls)
         dist.all_reduce = real
         state = {"student": student.state_dict(), "adapters": trainer.method.state_dict(),

@@ -404,7 +404,7 @@ def test_ardir_layers_may_be_one_name():
 def test_pgd_checks_its_inputs():
     model = TinyNet().eval()
     x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,))
-    pgd = ardir.PGD(model, eps=0.1, alpha=0.03, steps=1)
+    pgd = ardir.PGD(model, eps=0.1, step_size=0.03, steps=1)
     with pytest.raises(ValueError, match=r"pixel values in \[.*\], outside \[0, 1\].*inside the model"):
         pgd((x - 0.5) / 0.25, y)
     with pytest.raises(TypeError, match=r"images must be a floating-point tensor .* got torch.uint8"):
@@ -414,7 +414,7 @@ def test_pgd_checks_its_inputs():
     with pytest.raises(TypeError, match=r"images and labels must be tensors, got ndarray"):
         pgd(x.numpy(), y)
     with pytest.raises(TypeError, match=r"target_probs must be probabilities shaped \(N, K\) = \(4, K\)"):
-        ardir.PGD(model, eps=0.1, alpha=0.03, steps=1, loss="kl")(x, y, target_probs=torch.rand(3, 4))
+        ardir.PGD(model, eps=0.1, step_size=0.03, steps=1, loss="kl")(x, y, target_probs=torch.rand(3, 4))
     assert pgd(x, y).shape == x.shape
 
 

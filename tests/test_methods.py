@@ -196,3 +196,18 @@ def test_iad_weights_both_terms_by_alpha(setup):
     a, b = full(student, x, y, teacher), half(student, x, y, teacher)
     assert torch.allclose(b["introspection"], 0.5 * a["introspection"]) and torch.allclose(b["kl"], 0.5 * a["kl"])
     assert torch.allclose(b["ce"], 0.5 * torch.nn.functional.cross_entropy(student(x), y))
+
+
+def test_iad_warmup_scales_with_the_runs_epochs():
+    """IAD's 60-of-200 warm-up is a proportion: a 10-epoch run warms up for 3; an explicit one that outlasts the
+    run warns, since the introspection term would never run."""
+    from conftest import TinyNet
+    loader = [(torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,)))]
+    teacher = TinyNet().eval().requires_grad_(False)
+    trainer = ardir.Trainer(TinyNet(), loader, teacher=teacher, method="iad", epochs=10, progress=False, steps=1)
+    assert trainer.method.warmup == 3 and ardir.IAD().warmup == 60
+    trainer.epochs = 4
+    trainer.train_epoch()
+    assert trainer.method.warmup == 1
+    with pytest.warns(UserWarning, match="warmup_epochs=60 >= epochs=3: the introspection term never runs"):
+        ardir.Trainer(TinyNet(), loader, teacher=teacher, method="iad", epochs=3, warmup_epochs=60, progress=False)

@@ -66,7 +66,7 @@ def test_pgd_under_autocast_keeps_fp32_images_in_the_ball():
     model = TinyNet().eval()
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        adv = ardir.PGD(model, eps=0.1, alpha=0.03, steps=3)(x, y)
+        adv = ardir.PGD(model, eps=0.1, step_size=0.03, steps=3)(x, y)
     assert adv.dtype == torch.float32 and (adv - x).abs().max() <= 0.1 + 1e-6
     assert all(p.grad is None for p in model.parameters())
 
@@ -75,7 +75,7 @@ def test_compiled_attack_matches_eager_and_hooks_still_work():
     torch._dynamo.reset()
     model = TinyNet().eval()
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
-    pgd = ardir.PGD(model, eps=0.1, alpha=0.03, steps=3, random_start="none")
+    pgd = ardir.PGD(model, eps=0.1, step_size=0.03, steps=3, random_start="none")
     eager = pgd(x, y)
     compile_for_attack(model, backend="eager")  # dynamo without inductor: fast, no C++ compiler needed
     try:
@@ -155,7 +155,7 @@ def test_bf16_robust_accuracy_within_noise_of_fp32():
 def test_no_host_sync_inside_the_attack_loop():
     model = TinyNet().cuda().eval()
     x, y = torch.rand(8, 1, 8, 8, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
-    attacks = [ardir.PGD(model, eps=0.1, alpha=0.03, steps=3, loss=loss) for loss in ("ce", "kl", "cw")]
+    attacks = [ardir.PGD(model, eps=0.1, step_size=0.03, steps=3, loss=loss) for loss in ("ce", "kl", "cw")]
     for pgd in attacks:  # warm-up: the first call's pixel-range check (one sync), cuDNN autotuning, allocator
         pgd(x, y)
     torch.cuda.synchronize()

@@ -39,7 +39,7 @@ def problem():
 
 def pgd_accuracy(model, loader):
     model.eval()
-    attack = ardir.PGD(model, eps=EPS, alpha=0.02, steps=20)
+    attack = ardir.PGD(model, eps=EPS, step_size=0.02, steps=20)
     correct = total = 0
     for x, y in loader:
         correct += (model(attack(x, y)).argmax(1) == y).sum().item()
