@@ -88,7 +88,7 @@ def test_cw_margin():
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(eps=0), "eps"), (dict(eps=1.5), "eps"), (dict(eps=-0.1), "eps"), (dict(alpha=0), "alpha"),
+    (dict(eps=0), "eps"), (dict(eps=1.5), "eps"), (dict(eps=-0.1), "eps"), (dict(step_size=0), "step_size"),
     (dict(steps=-1), "steps"), (dict(loss="xent"), "loss"), (dict(random_start="gauss"), "random_start"),
     (dict(mode="training"), "mode")])
 def test_pgd_bad_arguments_name_the_argument(kwargs, word):
