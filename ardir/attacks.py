@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import batch_tensors, eps_value, non_negative_int, one_of, pixel_range, positive
+from ._checks import batch_tensors, eps_value, label_range, logits_of, non_negative_int, one_of, pixel_range, positive
 
 LOSSES = ("ce", "kl", "cw")
 STARTS = ("uniform", "normal", "none")
@@ -152,8 +152,11 @@ class PGD:
                                          or len(target_probs) != len(images)):
             got = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
             raise TypeError(f"target_probs must be probabilities shaped (N, K) = ({len(images)}, K), got {got}")
-        if check_range:
+        if check_range:  # once per attack: a probe forward and two host syncs
             pixel_range("PGD's images", images)
+            with model_mode(self.model, "eval"):  # no BatchNorm update from the probe
+                num_classes = logits_of("PGD's model", self.model, images[:2]).shape[1]
+            label_range("PGD's labels", labels, num_classes)
 
     def start(self, images: torch.Tensor) -> torch.Tensor:
         """The random starting point, inside the ball and [0, 1]."""

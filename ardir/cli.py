@@ -394,6 +394,12 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
     elif main and logger.metrics_path.exists():
         logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over
+    # the schedule actually run (a resumed run keeps its checkpoint's milestones, whatever --epochs says now), and
+    # IAD's resolved warm-up: `ardir train --config DIR/config.toml` repeats this run, resumed and extended ones too
+    if "milestones" in config and hasattr(trainer.scheduler, "milestones"):
+        config["milestones"] = sorted(trainer.scheduler.milestones.elements())
+    if config.get("warmup_epochs", 0) is None and hasattr(trainer.method, "warmup"):
+        config["warmup_epochs"] = trainer.method.warmup
     if main:
         atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
     if loaders.val is None:

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._checks import check_batch, eps_value, label_range, logits_of, one_of, pixel_range, positive
+from ._checks import batch_tensors, check_batch, eps_value, label_range, logits_of, one_of, pixel_range, positive
 from .attacks import PGD, model_mode
 from .autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
 
@@ -127,7 +127,8 @@ class _Natural(_Runner):
 class _PGDRunner(_Runner):
     def __init__(self, key: str, display: str, ctx: _Context, steps: int, loss: str, step_size: float,
                  random_start: str, rank: int, family: str):
-        self.attack = PGD(ctx.model, eps=ctx.eps, step_size=step_size, steps=steps, loss=loss, random_start=random_start)
+        self.attack = PGD(ctx.model, eps=ctx.eps, step_size=step_size, steps=steps, loss=loss,
+                          random_start=random_start)
         self.model, self.eps = ctx.model, ctx.eps
         self.rank, self.family, self.steps = rank, family, steps
         loss_name = {"ce": "cross-entropy", "cw": "CW margin"}[loss]
@@ -896,6 +897,9 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     return report
 
 
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engine, batch_size, checks, large_eps,
          sweep, sweep_attack, state_path, progress, dataset):
     """The body of :func:`evaluate` once the arguments are checked."""
@@ -908,6 +912,7 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
 
     with model_mode(model, "eval"), _frozen(model):
         images, labels = first[0].to(device), first[1].to(device)
+        batch_tensors("the first batch", images, labels.long() if labels.dtype in _INT_DTYPES else labels)
         pixel_range("the first batch", images)
         logits = logits_of("model", model, images)
         with torch.no_grad():
@@ -954,7 +959,8 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
         start, index, batch = 0, 0, first
         try:
             while batch is not None:
-                images, labels = batch[0].to(device), batch[1].to(device).long()
+                images, labels = batch[0].to(device), batch[1].to(device)
+                labels = labels.long() if labels.dtype in _INT_DTYPES else labels  # int32 labels are fine; floats not
                 if index:  # the first batch was checked above; a later one out of range would count silently
                     check_batch(f"the batch of samples {start}..{start + len(labels) - 1}", images, labels,
                                 num_classes)

@@ -267,12 +267,13 @@ class Trainer:
             pass
         with torch.random.fork_rng(devices=[]):
             if dataset is not None and len(dataset) > 0:
-                images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(min(2, len(dataset)))])
+                images = torch.stack([torch.as_tensor(_images_labels(dataset[i], "train_loader")[0])
+                                      for i in range(min(2, len(dataset)))])
             else:
                 first = next(iter(self.train_loader), None)
                 if first is None:
                     raise ValueError("train_loader is empty: it yields no batch (check the dataset and drop_last)")
-                images = first[0][:2]
+                images = _images_labels(first, "train_loader")[0][:2]
         return images.to(self.device)
 
     def _check_models(self, images: torch.Tensor) -> int:

@@ -306,3 +306,16 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
     cli._truncate_metrics(path, 2)
     assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_config_of_an_extended_run_repeats_it(tmp_path):
+    """`--resume --epochs 3` on a 2-epoch run keeps the lr schedule it started with; its config.toml says so, and
+    `ardir train --config DIR/config.toml` repeats that run's learning rates."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run("train", *TINY, "--method", "at", "--epochs", "2", "--output-dir", first) == 0
+    assert run("train", "--output-dir", first, "--resume", "--epochs", "3", "--quiet") == 0
+    config = tomllib.loads((first / "config.toml").read_text())
+    assert config["epochs"] == 3 and config["milestones"] == [1, 2]
+    assert run("train", "--config", first / "config.toml", "--output-dir", again) == 0
+    lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (first, again)]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 3

@@ -310,6 +310,19 @@ def test_batches_must_be_pairs():
         ardir.ATTrainer(TinyNet(), [list(b) for b in triples], epochs=1, progress=False, **FAST).fit()
 
 
+def test_a_dataset_of_dicts_is_named():
+    """A Dataset whose items are dicts (a common Hugging Face shape) gets the trainer's message, not KeyError: 0."""
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(1, 8, 8), "label": i % 4}
+
+    with pytest.raises(TypeError, match=r"must yield \(images, labels\) batches, got a dict with keys \['image', 'label'\]"):
+        ardir.ATTrainer(TinyNet(), DataLoader(Dicts(), batch_size=4), epochs=1, progress=False, **FAST)
+
+
 def test_a_normalised_or_empty_val_loader_is_refused():
     normalised = loader(8, x=torch.randn(8, 1, 8, 8) * 2)
     trainer = ardir.ATTrainer(TinyNet(), loader(8), val_loader=normalised, epochs=1, progress=False, **FAST)
@@ -555,3 +568,22 @@ def test_cifar10_example_refuses_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         example.parse_args(["--device", "cuda"])
     assert "argument --device: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+def test_pgd_and_evaluate_name_bad_labels_and_channels():
+    """Out-of-range or (N, 1) labels and images the model cannot take are one sentence, not torch's IndexError."""
+    model = TinyNet().eval()
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"PGD's labels: labels range over \[0, 50\] but the model has 4 outputs"):
+        ardir.PGD(model, eps=0.1, steps=1)(x, torch.tensor([0, 1, 2, 50]))
+    with pytest.raises(ValueError, match=r"PGD's model cannot take the images, shaped \(2, 3, 8, 8\)"):
+        ardir.PGD(model, eps=0.1, steps=1)(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"the first batch: labels must be int64 class indices shaped \(4,\), got "
+                                        r"torch.int64 \(4, 1\)"):
+        ardir.evaluate(model, [(x, torch.zeros(4, 1, dtype=torch.long))], eps=0.1, attacks=["natural"], progress=False)
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor .* divide by 255"):
+        ardir.evaluate(model, [((x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long))], eps=0.1,
+                       attacks=["natural"], progress=False)
+    int32 = ardir.evaluate(model, [(x, torch.zeros(4, dtype=torch.int32))], eps=0.1, attacks=["natural"],
+                           progress=False, checks=False)
+    assert int32.n_examples == 4
