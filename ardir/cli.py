@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     for option in cfg.schema().values():
         _add_option(groups[option.group], option)
 
-    eval_p = sub.add_parser("eval", help="evaluate a checkpoint; writes report.md and report.json beside it")
+    eval_p = sub.add_parser("eval", help="evaluate a checkpoint; writes <name>_report.md and .json beside it")
     eval_p.add_argument("--checkpoint", required=True, help="an ardir checkpoint (DIR/best.pt or DIR/last.pt)")
     eval_p.add_argument("--attacks", nargs="+", default=None, help="attack names (ardir.evaluate's grammar: natural, "
                         "fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`")
@@ -422,13 +422,19 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
 
 
 # -------------------------------------------------------------------------------------------------- eval
+def report_path(checkpoint: Path) -> Path:
+    """Where ``ardir eval`` writes a checkpoint's report by default: ``DIR/<name>_report`` (.md and .json)."""
+    return checkpoint.parent / f"{checkpoint.stem}_report"
+
+
 def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None, eps: Optional[float] = None,
                         n_examples: Optional[int] = None, data_dir: Optional[str] = None,
                         fake_data: Optional[bool] = None, batch_size: Optional[int] = None, device: str = "auto",
                         output: Optional[str] = None, eps_sweep: Optional[Sequence[float]] = None,
                         sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True):
     """Run ``ardir eval``: rebuild the model from the checkpoint's record, evaluate it on the run's test set,
-    write ``report.md`` and ``report.json`` beside the checkpoint (or at ``output``). Returns the report."""
+    write ``<name>_report.md`` and ``.json`` beside the checkpoint ``<name>.pt`` (or at ``output``), so
+    reports of ``best.pt`` and ``last.pt`` sit side by side. Returns the report."""
     from .evaluate import evaluate
     from .methods import create_method
 
@@ -453,7 +459,7 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
                       n_examples=n_examples if n_examples is not None else config["n_examples"],
                       eps_sweep=eps_sweep, sweep_attack=sweep_attack, seed=seed, progress=not quiet,
                       dataset=config["dataset"], checks=checks)
-    report.save(Path(output) if output else path.parent / "report")
+    report.save(Path(output) if output else report_path(path))
     return report
 
 
@@ -472,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          args.fake_data, args.batch_size, args.device, args.output, args.eps_sweep,
                                          args.sweep_attack, args.seed, args.quiet, args.checks)
             print(report.to_markdown())
-            where = Path(args.output) if args.output else Path(args.checkpoint).parent / "report"
+            where = Path(args.output) if args.output else report_path(Path(args.checkpoint))
             print(f"wrote {where}.md and {where}.json")
         elif args.command == "plot":
             from .plot import plot_run

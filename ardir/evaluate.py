@@ -496,6 +496,10 @@ class Report:
             lines.append(f"| {self.names[key]} | {acc:.2f} | {self.descriptions[key]} | {self.seconds[key]:.1f} |")
         lines.append(f"| **Worst case** | **{self.worst_case:.2f}** | per-sample minimum over the attacks above | "
                      f"{sum(self.seconds.values()):.1f} |")
+        if self.sweep:
+            points = ", ".join(f"ε = {_fmt_eps(e)}: {a:.2f}" for e, a in sorted(self.sweep.items()))
+            lines += ["", f"Accuracy (%) under {self.names.get(self.sweep_attack, self.sweep_attack)} against ε "
+                          f"(sanity checks): {points}."]
         if self.flags:
             lines.append("")
             lines.extend(f"> **Warning ({flag.code}):** {flag.message}" for flag in self.flags)

@@ -197,6 +197,11 @@ def load_teacher(spec: str, num_classes: int = 10, in_chans: int = 3, device: Un
         path = Path(spec).expanduser()
         from .checkpoint import load_checkpoint
         state = load_checkpoint(path)
+        info = state.get("model_info") if isinstance(state, Mapping) else None
+        if isinstance(info, Mapping) and (int(info["num_classes"]), int(info["in_chans"])) != (num_classes, in_chans):
+            raise ValueError(f"teacher {path} is a {info['name']} for {info['num_classes']} classes of "
+                             f"{info['in_chans']}-channel images, but the data has {num_classes} classes of "
+                             f"{in_chans}-channel images: pass a teacher trained on this data set")
         teacher = model_from_checkpoint(state, model_name, num_classes, in_chans, source=str(path)).to(device)
     elif spec in models.list_models() or spec.startswith("timm/"):
         warnings.warn(f"teacher={spec!r} is a freshly initialised {spec}, not a robust model: fine for a dry run, "

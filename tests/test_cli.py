@@ -70,15 +70,15 @@ def test_train_writes_last_best_metrics_and_config(teacher_run):
 def test_eval_writes_report_beside_the_checkpoint_and_plot_draws(teacher_run, capsys):
     assert run("eval", "--checkpoint", teacher_run / "best.pt", "--attacks", "natural", "pgd2", "--n-examples", 32,
                "--eps-sweep", "0.05", "0.2", "--sweep-attack", "pgd2", "--quiet") == 0
-    report = json.loads((teacher_run / "report.json").read_text())
+    report = json.loads((teacher_run / "best_report.json").read_text())
     assert report["eps_value"] == pytest.approx(0.1)  # the run's training eps, from the checkpoint's config
     assert report["n_examples"] == 32 and set(report["attacks"]) == {"natural", "pgd2"}
     assert report["dataset"] == "fashion-mnist"
-    assert "| Natural |" in (teacher_run / "report.md").read_text()
+    assert "| Natural |" in (teacher_run / "best_report.md").read_text()
     assert "wrote" in capsys.readouterr().out
 
     assert run("plot", teacher_run) == 0
-    for name in ("training_curves.png", "report_eps_sweep.png"):
+    for name in ("training_curves.png", "best_report_eps_sweep.png"):
         assert (teacher_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -297,7 +297,7 @@ def test_data_dir_is_where_train_and_eval_read_the_dataset(tmp_path):
                "--quiet", "--output-dir", out) == 0
     assert tomllib.loads((out / "config.toml").read_text())["data_dir"] == str(data)
     assert run("eval", "--checkpoint", out / "best.pt", "--attacks", "natural", "--no-checks", "--quiet") == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "best_report.json").read_text())
     assert report["n_examples"] == 32 and report["dataset"] == "mnist"
 
 

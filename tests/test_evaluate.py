@@ -405,6 +405,7 @@ def test_markdown_json_and_save(report, tmp_path):
     for name in ("Natural", "FGSM", "PGD-20", "CW∞-30", "**Worst case**"):
         assert f"| {name} |" in table
     assert "ε = 0.1" in table and "200 examples" in table
+    assert "Accuracy (%) under PGD-20 against ε (sanity checks): ε = 0.05: " in table and "ε = 51/255: " in table
     record = json.loads(report.to_json())
     assert record["threat_model"] == "Linf" and record["eps"] == "0.1" and record["dataset"] == "fashion-mnist"
     assert record["clean_acc"] == f"{report.accuracy['natural']:.2f}" and record["autoattack_acc"] is None

@@ -141,6 +141,9 @@ def test_checkpoint_path_with_model_info_and_plain_state_dict(tmp_path):
     loaded = load_teacher(str(run), num_classes=10, in_chans=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+    with pytest.raises(ValueError, match=r"is a cnn_small for 10 classes of 1-channel images, but the data has 100 "
+                                         r"classes of 3-channel images"):
+        load_teacher(str(run), num_classes=100, in_chans=3)
 
     plain = tmp_path / "weights.pt"
     torch.save(model.state_dict(), plain)
