@@ -109,7 +109,8 @@ RUN_OPTIONS: Tuple[Option, ...] = (
     Option("device", "str", "auto", "auto, cpu, cuda, cuda:1, ...", "run"),
     Option("quiet", "bool", False, "no progress bars (they are off anyway when the output is not a terminal)",
            "run"),
-    Option("attacks", "list[str]", ATTACKS_DEFAULT, "attacks of the final evaluation (ardir.evaluate)", "eval"),
+    Option("attacks", "list[str]", ATTACKS_DEFAULT, "attacks `ardir eval` runs on this run's checkpoints "
+           "(ardir.evaluate names; add autoattack for a paper's table)", "eval"),
     Option("eval_eps", "float", None, "L-inf radius of the evaluation (default: the method's eps)", "eval"),
     Option("n_examples", "int", None, "test images evaluated (default: the whole test set)", "eval"),
 )
@@ -157,7 +158,7 @@ def _first_line(doc: Optional[str], name: str) -> str:
             if not more.strip() or len(more) - len(more.lstrip()) <= indent:
                 break
             text.append(more.strip())
-        entry = " ".join(text)
+        entry = " ".join(text).replace("``", "")  # reST literals read as plain text in --help
         end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", entry)
         return entry[:end.start() + 1] if end else entry
     return ""

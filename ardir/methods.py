@@ -330,12 +330,15 @@ class ARDIR(ARD):
             default: the models' ``default_ir_layers`` (the pooled penultimate ``features`` of bundled models).
         layer_weights: lambda_l per layer (default 1 each).
         distance: D, ``"nmse"`` (MSE of per-sample L2-normalised features, default), ``"mse"`` or ``"cosine"``.
-        w_ce, w_kl, w_ir: the weights of the three terms (0, 1, 1).
+        w_ce: weight of the cross-entropy on the adversarial batch (0).
+        w_kl: weight of the KL to the teacher's output (1).
+        w_ir: weight of the internal-representation term (1).
         tau: temperature of the KL term (1).
         teacher_input: the teacher's features on the ``"natural"`` batch (default: the representation as a label)
             or the ``"adversarial"`` one.
         attack_loss: the inner maximisation, ``"ce"`` (as ARD, default) or ``"kl"`` to the teacher (as RSLAD).
-        kl_reduction: ``"batchmean"`` (the formula above) or ``"mean"`` (ARD's reference code, /C).
+        kl_reduction: ``"batchmean"`` (the KL averaged over the batch) or ``"mean"`` (ARD's reference code,
+            also divided by C).
 
     A layer pair whose shapes differ gets a :class:`~ardir.losses.FeatureAdapter`, created by :meth:`setup`,
     trained with the student and saved with the trainer, never part of the student.

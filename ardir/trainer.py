@@ -88,7 +88,7 @@ class Trainer:
             schedule scaled to ``epochs``.
         optimizer, scheduler: factories ``optimizer(params)`` and ``scheduler(optimizer)`` replacing the defaults.
         val_loader: held-out data evaluated after each epoch (natural and PGD accuracy).
-        val_attack_steps: PGD steps of that evaluation (10).
+        val_attack_steps: PGD steps of the validation attack after each epoch (10).
         limit_batches: stop each epoch after this many batches (dry runs).
         progress: show tqdm bars (they also switch off when the output is not a terminal).
         callbacks: ``fn(trainer, record)`` called after every epoch with the epoch's record.
@@ -523,11 +523,12 @@ class Trainer:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss:.4g})"
         last = (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
                 if self.last_checkpoint is not None else
-                "no checkpoint was written yet (pass checkpoint_dir=... to keep one)")
+                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
+                "after every epoch)")
         return FloatingPointError(
             f"{what} {where}; loss terms: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) +
             f"; {last}. Lower the learning rate, check the data and the loss weights, or pass nan_policy='skip' "
-            "to skip such batches (counted in the record as skipped_batches)")
+            "(ardir train: --nan-policy skip) to skip such batches (counted in the record as skipped_batches)")
 
     def _after_step(self, sums: Dict[str, torch.Tensor], seen: int, batches: int, total: Optional[int]) -> None:
         if self.checkpointer is None or not self.is_main or not self.checkpointer.due(self.step):

@@ -94,11 +94,14 @@ DEFAULTS_PROBE = {"eps": 0.1, "step_size": 0.02, "steps": 3, "tau": 2.0, "alpha"
 def test_help_is_each_arguments_first_sentence_with_its_continuation_lines():
     keys = cfg.schema()
     # an entry that wraps onto the next docstring line is kept whole up to its first full stop
-    assert keys["precision"].help.endswith('or ``"fp16"`` (autocast in float16 with a gradient scaler; CUDA).')
+    assert keys["precision"].help.endswith('or "fp16" (autocast in float16 with a gradient scaler; CUDA).')
     assert "bf16 is the fast choice" not in keys["precision"].help
-    assert keys["teacher_input"].help.startswith('the teacher\'s features on the ``"natural"`` batch')
-    assert '``"adversarial"``' in keys["teacher_input"].help
-    assert keys["w_ir"].help.startswith("the weights of the three terms (0, 1, 1).")
+    assert keys["teacher_input"].help.startswith('the teacher\'s features on the "natural" batch')
+    assert '"adversarial"' in keys["teacher_input"].help
+    assert not any("``" in option.help for option in keys.values())  # reST literals read as plain text
+    # one entry per argument: w_ce, w_kl and w_ir each say which term they weigh
+    assert keys["w_ir"].help.startswith("weight of the internal-representation term (1).")
+    assert keys["w_kl"].help.startswith("weight of the KL to the teacher's output (1).")
     # one argument with different meanings in different methods says which is which
     assert "iad: exponent" in keys["beta"].help and "trades: weight of the robust KL term (6)" in keys["beta"].help
     assert keys["alpha"].help.endswith("[ard, iad; default: the method's own]")
