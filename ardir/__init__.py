@@ -5,16 +5,17 @@ Public API::
     ardir.Trainer (= ardir.ARDIRTrainer), ardir.ATTrainer, ardir.TRADESTrainer, ardir.ARDTrainer,
     ardir.IADTrainer, ardir.RSLADTrainer    -- one loop, any method
     ardir.PGD                                -- L-inf PGD with a selectable loss
-    ardir.evaluate                           -- natural / FGSM / PGD / CW / AutoAttack report with sanity checks
+    ardir.evaluate, ardir.list_attacks       -- natural / FGSM / PGD / CW / AutoAttack report with sanity checks
     ardir.FeatureHooks                       -- outputs of named modules
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
     ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name or robustbench:NAME
     ardir.gpu_data.GPULoader                 -- a data set kept on the GPU, augmented there
+    ardir.distributed                        -- torchrun: init, the loaders' shards, rank 0 writes
 """
-from . import data, gpu_data, losses, methods, models, teachers
+from . import data, distributed, gpu_data, losses, methods, models, teachers
 from .attacks import PGD
-from .evaluate import Report, evaluate
+from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
 from .hooks import FeatureHooks
 from .methods import ARD, ARDIR, AT, IAD, RSLAD, TRADES, Method, Natural, create_method, list_methods
 from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
-    "PGD", "FeatureHooks", "evaluate", "Report", "data", "Method", "Natural", "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR",
-    "create_method", "list_methods", "models", "methods", "losses", "teachers", "gpu_data",
+    "PGD", "FeatureHooks", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
+    "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "create_method", "list_methods", "models", "methods", "losses",
+    "teachers", "gpu_data", "distributed",
 ]

@@ -49,10 +49,12 @@ def is_distributed() -> bool:
 
 
 def world_size() -> int:
+    """The number of processes training together (1 outside a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's index in the group, 0 .. world_size() - 1 (0 outside a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 

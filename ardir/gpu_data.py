@@ -48,6 +48,7 @@ class GPULoader:
 
     Arguments:
         images: uint8 (N, C, H, W); labels: int64 (N,). Both are moved to ``device`` once.
+        device: where the data live (default: CUDA when present, else the CPU).
         batch_size: images per batch of this process; in a process group of W processes the global batch is
             ``batch_size * W`` (:meth:`from_loader` divides a loader's batch by W instead).
         shuffle, drop_last: as ``DataLoader`` (defaults True, True: a training loader).
@@ -60,14 +61,14 @@ class GPULoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, *,
-                 device: Union[str, torch.device] = "cuda", shuffle: bool = True, drop_last: bool = True,
+                 device: Union[str, torch.device, None] = None, shuffle: bool = True, drop_last: bool = True,
                  crop_padding: int = 0, hflip: bool = False, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, channels_last: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.device = torch.device(device)
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size = non_negative_int("batch_size", batch_size)
@@ -81,7 +82,7 @@ class GPULoader:
         self.channels_last = channels_last
 
     @classmethod
-    def from_loader(cls, loader: DataLoader, device: Union[str, torch.device] = "cuda",
+    def from_loader(cls, loader: DataLoader, device: Union[str, torch.device, None] = None,
                     **kwargs) -> "GPULoader":
         """The GPU twin of an ardir loader (``ardir.data.get_loaders(...).train``): same images, labels, subset,
         global batch and augmentation.

@@ -141,6 +141,9 @@ class Trainer:
         if not any(p.requires_grad for p in student.parameters()):
             raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
                              "model to train, not a frozen one")
+        if method is not None and type(self) is not Trainer:
+            raise TypeError(f"{type(self).__name__} always trains {self.default_method!r}; for method={method!r} use "
+                            f"ardir.Trainer(..., method={method!r})")
         self.method = self._build_method(method or self.default_method, method_kwargs)
         if self.method.needs_teacher and teacher is None:
             raise ValueError(f"method {self.method.name!r} distils from a teacher: pass teacher=<a robust model>")

@@ -197,6 +197,8 @@ def test_gpu_loader_shards_are_the_one_process_batch(monkeypatch):
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
         assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+    default = GPULoader(images, labels, batch_size=8).device.type  # no device given: the GPU when there is one
+    assert default == ("cuda" if torch.cuda.is_available() else "cpu")
     _pretend_rank(monkeypatch, 1)
     dataset = ardir.data.InMemoryImageDataset(images, labels, 2, True, augment=True)
     assert GPULoader.from_loader(DataLoader(dataset, batch_size=8), device="cpu").batch_size == 4

@@ -587,3 +587,8 @@ def test_pgd_and_evaluate_name_bad_labels_and_channels():
     int32 = ardir.evaluate(model, [(x, torch.zeros(4, dtype=torch.int32))], eps=0.1, attacks=["natural"],
                            progress=False, checks=False)
     assert int32.n_examples == 4
+
+
+def test_a_preset_trainer_refuses_another_method():
+    with pytest.raises(TypeError, match=r"ATTrainer always trains 'at'; for method='trades' use ardir.Trainer"):
+        ardir.ATTrainer(TinyNet(), loader(), method="trades", epochs=1, progress=False)
