@@ -446,6 +446,9 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
         raise CLIError(f"{path} is not an ardir run checkpoint (best.pt or last.pt of `ardir train`)")
     config = cfg.resolve(state["config"])
     dev = _device(device)
+    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
+    if joined:  # torchrun: every process attacks its share of the test batches (see ardir.evaluate)
+        dev = distributed.init(backend="gloo" if dev.type == "cpu" else None)
     model = model_from_checkpoint(state, source=str(path)).to(dev).eval()
     if eps is None:
         eps = config["eval_eps"]
@@ -455,11 +458,17 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
     test = ardir_data.get_dataset(config["dataset"], "test", data_dir or config["data_dir"],
                                   download=config["download"], augment=False, fake=fake)
     loader = torch.utils.data.DataLoader(test, batch_size=batch_size or config["batch_size"], shuffle=False)
-    report = evaluate(model, loader, eps=eps, attacks=list(attacks or config["attacks"]),
-                      n_examples=n_examples if n_examples is not None else config["n_examples"],
-                      eps_sweep=eps_sweep, sweep_attack=sweep_attack, seed=seed, progress=not quiet,
-                      dataset=config["dataset"], checks=checks)
-    report.save(Path(output) if output else report_path(path))
+    try:
+        report = evaluate(model, loader, eps=eps, attacks=list(attacks or config["attacks"]),
+                          n_examples=n_examples if n_examples is not None else config["n_examples"],
+                          eps_sweep=eps_sweep, sweep_attack=sweep_attack, seed=seed, progress=not quiet,
+                          dataset=config["dataset"], checks=checks, warn=distributed.is_main_process())
+    finally:
+        main_process = distributed.is_main_process()
+        if joined:
+            distributed.cleanup()
+    if main_process:
+        report.save(Path(output) if output else report_path(path))
     return report
 
 
@@ -477,9 +486,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = evaluate_checkpoint(args.checkpoint, args.attacks, args.eps, args.n_examples, args.data_dir,
                                          args.fake_data, args.batch_size, args.device, args.output, args.eps_sweep,
                                          args.sweep_attack, args.seed, args.quiet, args.checks)
-            print(report.to_markdown())
-            where = Path(args.output) if args.output else report_path(Path(args.checkpoint))
-            print(f"wrote {where}.md and {where}.json")
+            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
+                print(report.to_markdown())
+                where = Path(args.output) if args.output else report_path(Path(args.checkpoint))
+                print(f"wrote {where}.md and {where}.json")
         elif args.command == "plot":
             from .plot import plot_run
             for path in plot_run(args.directory, args.output_dir):

@@ -22,7 +22,12 @@ How ardir runs data parallel, and why not through the ``DistributedDataParallel`
   ``SyncBatchNorm`` (statistics of the global batch; CUDA only, a PyTorch restriction).
 - Only rank 0 shows progress bars and runs callbacks (logging, checkpoints); :func:`is_main_process` tells the
   others. Evaluation in the trainer shards the validation set without padding (:func:`shard_loader` with
-  ``training=False``) and sums the counts over the processes.
+  ``training=False``) and sums the counts over the processes; :func:`ardir.evaluate` splits the test batches
+  over the processes and gathers the per-sample results (:func:`all_gather_object`), so every process gets the
+  one-process report.
+- Not synchronised: each process's random generators. They start alike (the same seed everywhere), so the
+  attacks' random starts of a process's i-th image equal the other processes' (on different images); a
+  mid-epoch checkpoint holds rank 0's states and statistics (see docs/guarantees.md).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Iterable, Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -222,6 +227,15 @@ def average_buffers(module: nn.Module) -> None:
     if not is_distributed():
         return
     _flat_all_reduce([b for b in module.buffers() if b.is_floating_point()], average=True)
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

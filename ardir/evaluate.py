@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._checks import batch_tensors, check_batch, eps_value, label_range, logits_of, one_of, pixel_range, positive
 from .attacks import PGD, model_mode
 from .autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
@@ -847,10 +848,15 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
         eps_sweep: extra eps values at which ``sweep_attack`` runs; accuracy must not rise with eps.
         sweep_attack: the attack of the sweep and the large-eps check (default ``"pgd20"``).
         state_path: a JSON file recording which (batch, attack) pairs are done and their per-sample results;
-            an interrupted run resumes from it (same settings, same model, same data order required).
+            an interrupted run resumes from it (same settings, same model, same data order required). In a
+            process group each process keeps its own, ``<state_path>.rank<r>``.
         progress: show a tqdm bar (it also switches off when the output is not a terminal).
         dataset: a dataset name stored in the report (RobustBench's ``dataset`` key), e.g. ``"cifar10"``.
         warn: issue an :class:`EvaluationWarning` for each failed sanity check (they are in the report anyway).
+
+    In a process group (``torchrun``, :func:`ardir.distributed.init`), call it on every process with the same
+    loader: each attacks every W-th batch and the results are gathered, so every process returns the report one
+    process would (each batch's attacks are seeded by the batch's position, whoever runs them).
 
     Returns:
         a :class:`Report`; ``print(report.to_markdown())`` gives the table.
@@ -952,24 +958,35 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
         config = {"eps": eps, "seed": seed, "subset": subset_label, "engine": engine, "checks": bool(checks),
                   "model": _model_fingerprint(model), "batch_size": batch_size,
                   "attacks": {k: json.loads(json.dumps(r.settings, default=str)) for k, r in runners.items()}}
+        # In a process group (torchrun) each process attacks every W-th batch and the outcomes are gathered: each
+        # batch's attacks are seeded by its position, so the report is the one-process report, on every process.
+        world, rank = distributed.world_size(), distributed.rank()
+        if world > 1:
+            config["processes"] = world
+            if state_path is not None:  # one state file per process
+                state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{rank}")
         state = _State(Path(state_path) if state_path is not None else None, config)
 
-        results: Dict[str, List[torch.Tensor]] = {k: [] for k in runners}
-        parts: Dict[str, Dict[str, List[torch.Tensor]]] = {}
-        seconds = {k: 0.0 for k in runners}
-        grad = {"checked": 0, "zero": 0, "nonfinite": 0}
+        outcomes: Dict[int, Dict[str, Any]] = {}  # batch index -> its per-sample results, seconds, components
         official_messages: List[str] = []
-        bar = tqdm(total=total, unit="img", desc="evaluate", disable=None if progress else True)
+        bar = tqdm(total=total, unit="img", desc="evaluate",
+                   disable=None if progress and distributed.is_main_process() else True)
         start, index, batch = 0, 0, first
         try:
             while batch is not None:
+                if index % world != rank:  # another process's batch
+                    start += len(batch[1])
+                    index += 1
+                    batch = next(batches, None)
+                    continue
                 images, labels = batch[0].to(device), batch[1].to(device)
                 labels = labels.long() if labels.dtype in _INT_DTYPES else labels  # int32 labels are fine; floats not
                 if index:  # the first batch was checked above; a later one out of range would count silently
                     check_batch(f"the batch of samples {start}..{start + len(labels) - 1}", images, labels,
                                 num_classes)
-                entry = state.batch(index, start, labels)
+                entry = state.batch(len(outcomes), start, labels)
                 done = entry["results"]
+                outcome = {"results": {}, "seconds": {}, "parts": {}, "grad": (0, 0, 0)}
                 natural = None
                 for key, runner in runners.items():
                     record = done.get(key)
@@ -986,22 +1003,35 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
                     if key == "natural":
                         natural = mask
                         if "gradients" in record:
-                            grad["checked"] += record["checked"]
-                            grad["zero"] += record["gradients"][0]
-                            grad["nonfinite"] += record["gradients"][1]
-                    results[key].append(mask)
-                    seconds[key] += record["seconds"]
-                    for c, bits in record["components"].items():
-                        parts.setdefault(key, {}).setdefault(c, []).append(_unbits(bits))
+                            outcome["grad"] = (record["checked"], *record["gradients"][:2])
+                    outcome["results"][key] = mask
+                    outcome["seconds"][key] = record["seconds"]
+                    outcome["parts"][key] = {c: _unbits(bits) for c, bits in record["components"].items()}
+                outcomes[index] = outcome
                 start += len(labels)
                 index += 1
-                bar.update(len(labels))
+                # rank 0's bar stands for all processes: each has done about as much
+                bar.update(len(labels) * world if bar.total is None else min(len(labels) * world, bar.total - bar.n))
                 bar.set_postfix_str(", ".join(
-                    f"{k}={100 * torch.cat(results[k]).float().mean():.1f}" for k in main_keys))
+                    f"{k}={100 * torch.cat([o['results'][k] for o in outcomes.values()]).float().mean():.1f}"
+                    for k in main_keys))
                 batch = next(batches, None)
         finally:
             bar.close()
+        if world > 1:
+            gathered = distributed.all_gather_object((outcomes, official_messages))
+            outcomes = {i: o for part, _ in gathered for i, o in part.items()}
+            official_messages = [m for _, messages in gathered for m in messages]
 
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    results = {k: [o["results"][k] for o in ordered] for k in runners}
+    seconds = {k: sum(o["seconds"][k] for o in ordered) for k in runners}
+    parts: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    for o in ordered:
+        for key, comps in o["parts"].items():
+            for c, mask in comps.items():
+                parts.setdefault(key, {}).setdefault(c, []).append(mask)
+    grad = dict(zip(("checked", "zero", "nonfinite"), (sum(o["grad"][i] for o in ordered) for i in range(3))))
     n = start
     correct = {k: torch.cat(results[k]) for k in main_keys}
     extra = {k: torch.cat(v) for k, v in results.items() if k not in main_keys}

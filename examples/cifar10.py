@@ -22,7 +22,7 @@ images, attacks natural/FGSM/PGD-5 without the evaluation's sanity checks. The s
     torchrun --nproc_per_node=4 examples/cifar10.py --teacher robustbench:Zhang2019Theoretically  # 4 GPUs
 
 Under ``torchrun`` every process trains on its share of each batch of 128 (the same global batch and learning
-rate); rank 0 alone prints and writes files, and evaluates the test set on its own after training.
+rate) and attacks its share of the test batches; rank 0 alone prints and writes files.
 """
 from __future__ import annotations
 
@@ -156,26 +156,29 @@ def main(argv=None):
     best = {}
     ardir.Trainer(student, loaders.train, teacher=teacher, epochs=args.epochs, layers=layers, w_ir=args.w_ir,
                   callbacks=[keep_best(best)], **common, **attack).fit()
-    if joined:
-        distributed.cleanup()
-    if not main_process:
-        return None
-    if "weights" in best:
+    if "weights" in best:  # rank 0's callback kept them; every process evaluates the same student
         student.load_state_dict(best["weights"])
-        print(f"student: best validation PGD accuracy {best['val_pgd']:.2f}% at epoch {best['epoch']}")
-    torch.save({"format": "ardir-model", "config": {"method": "ardir", "dataset": "cifar10"},
-                "model_info": {"name": "resnet18", "num_classes": loaders.num_classes, "in_chans": 3},
-                "model": student.state_dict()}, out / "student.pt")
-    print(f"trained in {time.time() - start:.0f} s")
+        say(f"student: best validation PGD accuracy {best['val_pgd']:.2f}% at epoch {best['epoch']}")
+    distributed.broadcast_module(student)
+    if main_process:
+        torch.save({"format": "ardir-model", "config": {"method": "ardir", "dataset": "cifar10"},
+                    "model_info": {"name": "resnet18", "num_classes": loaders.num_classes, "in_chans": 3},
+                    "model": student.state_dict()}, out / "student.pt")
+    say(f"trained in {time.time() - start:.0f} s")
     start = time.time()
 
-    # 3. Evaluation on the test set, one table.
+    # 3. Evaluation on the test set, one table (under torchrun each process attacks its share of the batches).
     rows = []
     for name, model in [("teacher", teacher), ("student (ResNet-18, ARDIR)", student)]:
         report = ardir.evaluate(model, loaders.test, eps=EPS, attacks=args.attacks, n_examples=args.n_examples,
                                 progress=progress, dataset="cifar10", checks=args.checks)
-        report.save(out / ("teacher" if name == "teacher" else "student"))
+        if main_process:
+            report.save(out / ("teacher" if name == "teacher" else "student"))
         rows.append((name, report))
+    if joined:
+        distributed.cleanup()
+    if not main_process:
+        return None
     keys = list(rows[0][1].accuracy)
     table = ["| model | " + " | ".join(rows[0][1].names[k] for k in keys) + " | worst case |",
              "|:--|" + "--:|" * (len(keys) + 1)]

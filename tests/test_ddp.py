@@ -230,13 +230,16 @@ def _cli_worker(rank, port, out):
                      "--val-attack-steps", "1", "--eps", "0.1", "--step-size", "0.05", "--method", "at", "--quiet",
                      "--device", "cpu", "--output-dir", os.path.join(out, "run")])
     distributed.init = real_init
+    eval_code = cli.main(["eval", "--checkpoint", os.path.join(out, "run", "last.pt"), "--attacks", "natural", "pgd2",
+                          "--n-examples", "24", "--batch-size", "8", "--no-checks", "--quiet", "--device", "cpu"])
     record = {}
     distributed.init(backend="gloo")
     try:
         record = _nan_skip_run()
     finally:
         distributed.cleanup()
-    torch.save({"code": code, "joined": joined, "nan_record": record}, os.path.join(out, f"cli{rank}.pt"))
+    torch.save({"code": code, "eval_code": eval_code, "joined": joined, "nan_record": record},
+               os.path.join(out, f"cli{rank}.pt"))
 
 
 def test_cli_under_torchrun_trains_one_run_written_by_rank_0(tmp_path):
@@ -246,6 +249,14 @@ def test_cli_under_torchrun_trains_one_run_written_by_rank_0(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # one writer, not one per process
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "config.toml").is_file()
+    # `torchrun -m ardir eval`: the test batches split over the processes, one report, the one-process one
+    from ardir import cli
+    assert [g["eval_code"] for g in got] == [0, 0]
+    two = json.loads((tmp_path / "run" / "last_report.json").read_text())
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--attacks", "natural", "pgd2",
+                     "--n-examples", "24", "--batch-size", "8", "--no-checks", "--quiet", "--device", "cpu"]) == 0
+    one = json.loads((tmp_path / "run" / "last_report.json").read_text())
+    assert two["n_examples"] == 24 and two["per_sample"] == one["per_sample"]
     # a skipped batch's images leave every process's count: the epoch mean is the one-process mean
     one = _nan_skip_run()
     for g in got:
@@ -274,3 +285,44 @@ def test_cifar10_example_under_torchrun(tmp_path):
     got = [torch.load(tmp_path / f"ex{r}.pt", weights_only=False)["rows"] for r in range(WORLD)]
     assert got == [["teacher", "student (ResNet-18, ARDIR)"], None]
     assert {"teacher.pt", "student.pt", "results.md"} <= {p.name for p in tmp_path.iterdir()}
+
+
+# ------------------------------------------------------------------------- ardir.evaluate split over 2 processes
+def _eval_data():
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.rand(37, 1, 8, 8, generator=g), torch.randint(0, 4, (37,), generator=g)
+    return DataLoader(TensorDataset(images, labels), batch_size=8)  # 5 batches, the last of 5 images
+
+
+def _eval_model():
+    torch.manual_seed(0)
+    return NoBNNet(width=6).eval()
+
+
+def _eval_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init(backend="gloo")
+    try:
+        report = ardir.evaluate(_eval_model(), _eval_data(), eps=0.1, attacks=["natural", "pgd5", "cw5"],
+                                eps_sweep=[0.05], progress=False, state_path=os.path.join(out, "state.json"))
+        torch.save(report.to_dict(), os.path.join(out, f"report{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_evaluate_split_over_processes_is_the_one_process_report(tmp_path):
+    """Each process attacks every other batch; the gathered report, per sample and sanity checks included, is the
+    one-process report on both; each process keeps its own state file."""
+    mp.spawn(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    one = ardir.evaluate(_eval_model(), _eval_data(), eps=0.1, attacks=["natural", "pgd5", "cw5"], eps_sweep=[0.05],
+                         progress=False).to_dict()
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"report{r}.pt", weights_only=False)
+        assert got["n_examples"] == 37 and got["per_sample"] == one["per_sample"]
+        accuracy = {k: a["accuracy"] for k, a in one["attacks"].items()}
+        assert {k: a["accuracy"] for k, a in got["attacks"].items()} == accuracy
+        assert got["sweep"] == one["sweep"] and got["warnings"] == one["warnings"]
+        assert got["gradient_check"] == one["gradient_check"]
+    assert sorted(p.name for p in tmp_path.glob("state.json.rank*")) == ["state.json.rank0", "state.json.rank1"]
