@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate on fake data (default: as the run was trained)")
     eval_p.add_argument("--batch-size", type=count, default=None, help="evaluation batch size (default: the run's)")
     eval_p.add_argument("--device", default="auto")
-    eval_p.add_argument("--output", default=None, help="report path without suffix (default: report beside the "
-                        "checkpoint)")
+    eval_p.add_argument("--output", default=None, help="report path without suffix (default: <name>_report beside "
+                        "the checkpoint <name>.pt)")
     eval_p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     eval_p.add_argument("--quiet", action="store_true", help="no progress bars")
 

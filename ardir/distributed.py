@@ -126,13 +126,14 @@ def shared_seed(seed: int) -> int:
     return box[0]
 
 
-def shard_loader(loader: DataLoader, training: bool = True, seed: Optional[int] = None,
+def shard_loader(loader: DataLoader, training: Optional[bool] = None, seed: Optional[int] = None,
                  batch_size: Optional[int] = None, keep_global_batch: bool = False) -> DataLoader:
     """The same data loader with each process reading its own shard (the :class:`~ardir.Trainer` calls it on its
     loaders in a process group).
 
     The loader's own sampler says what is read: its order (sequential or shuffled) and, for a
-    ``SubsetRandomSampler``, the subset; a shard never reaches beyond it.
+    ``SubsetRandomSampler``, the subset; a shard never reaches beyond it. ``training`` defaults to whether the
+    loader shuffles (a sequential loader is taken for evaluation).
 
     Training (``training=True``): a ``DistributedSampler``, so every process takes the same number of steps.
     It shuffles when ``loader`` does, every process with the same ``seed`` (default: the seed of the loader's
@@ -159,6 +160,8 @@ def shard_loader(loader: DataLoader, training: bool = True, seed: Optional[int] 
             raise ValueError(f"batch size {loader.batch_size} does not split over {world_size()} processes")
         batch_size = loader.batch_size // world_size()
     dataset, sampler = loader.dataset, loader.sampler
+    if training is None:
+        training = isinstance(sampler, (RandomSampler, SubsetRandomSampler))
     if isinstance(sampler, SubsetRandomSampler):
         dataset, shuffle = Subset(dataset, list(sampler.indices)), True
     elif isinstance(sampler, RandomSampler) and not sampler.replacement and len(sampler) == len(dataset):

@@ -50,12 +50,13 @@ def create_method(name: str, **kwargs) -> "Method":
     return METHODS[name](**kwargs)
 
 
-def method_arguments(name: str) -> List[str]:
-    """The keyword arguments a method accepts: its own ``__init__``'s and, when that takes ``**attack``, the attack
-    settings of :class:`~ardir.methods.Method` (where every method sends them). An intermediate class's arguments
-    are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so ``alpha`` is not an ARDIR argument."""
+def method_arguments(name: Union[str, Type["Method"]]) -> List[str]:
+    """The keyword arguments a method (a registered name, or a class) accepts: its own ``__init__``'s and, when
+    that takes ``**attack``, the attack settings of :class:`~ardir.methods.Method` (where every method sends them).
+    An intermediate class's arguments are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so
+    ``alpha`` is not an ARDIR argument."""
     names = []
-    for init in (METHODS[name].__init__, Method.__init__):
+    for init in ((METHODS[name] if isinstance(name, str) else name).__init__, Method.__init__):
         params = list(inspect.signature(init).parameters.values())
         names += [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if not any(p.kind == p.VAR_KEYWORD for p in params):
@@ -102,7 +103,7 @@ class Method(nn.Module):
         """Every argument of the method (:func:`method_arguments`) with its value: what will be trained."""
         def show(value):
             return f"{value:.5g}" if isinstance(value, float) else repr(value)
-        return ", ".join(f"{name}={show(getattr(self, name))}" for name in method_arguments(self.name)
+        return ", ".join(f"{name}={show(getattr(self, name))}" for name in method_arguments(type(self))
                          if hasattr(self, name))
 
     def attack(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -256,6 +257,13 @@ class IAD(ARD):
         if self.warmup_epochs is not None:
             return self.warmup_epochs
         return round(self.warmup_fraction * self.run_epochs)
+
+    def get_extra_state(self) -> Dict[str, int]:
+        # checkpoints pin the warm-up this run started with: resuming with more epochs must not move it
+        return {"warmup": self.warmup}
+
+    def set_extra_state(self, state: Dict[str, int]) -> None:
+        self.warmup_epochs = int(state["warmup"])
 
     def check_schedule(self, epochs: int) -> None:
         if self.warmup_epochs is not None and self.warmup_epochs >= epochs > 0:

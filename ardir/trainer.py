@@ -123,6 +123,7 @@ class Trainer:
         history = trainer.fit()
     """
     default_method = "ardir"
+    preset = False  # ATTrainer & co. train their default_method only
 
     def __init__(self, student: nn.Module, train_loader: Iterable, teacher: Optional[nn.Module] = None, *,
                  method: Union[str, Method, None] = None, epochs: Optional[int] = None, lr: float = 0.1,
@@ -141,10 +142,10 @@ class Trainer:
         if not any(p.requires_grad for p in student.parameters()):
             raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
                              "model to train, not a frozen one")
-        if method is not None and type(self) is not Trainer:
-            raise TypeError(f"{type(self).__name__} always trains {self.default_method!r}; for method={method!r} use "
-                            f"ardir.Trainer(..., method={method!r})")
         self.method = self._build_method(method or self.default_method, method_kwargs)
+        if self.preset and self.method.name != self.default_method:
+            raise TypeError(f"{type(self).__name__} always trains {self.default_method!r}; for "
+                            f"{self.method.name!r} use ardir.Trainer(..., method={self.method.name!r})")
         if self.method.needs_teacher and teacher is None:
             raise ValueError(f"method {self.method.name!r} distils from a teacher: pass teacher=<a robust model>")
         if teacher is not None and not self.method.needs_teacher:
@@ -677,23 +678,28 @@ ARDIRTrainer = Trainer
 class ATTrainer(Trainer):
     """:class:`Trainer` running Madry PGD-AT (``method="at"``)."""
     default_method = "at"
+    preset = True
 
 
 class TRADESTrainer(Trainer):
     """:class:`Trainer` running TRADES (``method="trades"``)."""
     default_method = "trades"
+    preset = True
 
 
 class ARDTrainer(Trainer):
     """:class:`Trainer` running ARD (``method="ard"``)."""
     default_method = "ard"
+    preset = True
 
 
 class IADTrainer(Trainer):
     """:class:`Trainer` running IAD-I (``method="iad"``)."""
     default_method = "iad"
+    preset = True
 
 
 class RSLADTrainer(Trainer):
     """:class:`Trainer` running RSLAD (``method="rslad"``)."""
     default_method = "rslad"
+    preset = True

@@ -217,51 +217,64 @@ def _nan_skip_run():
     return trainer.fit()[-1]
 
 
-def _cli_worker(rank, port, out):
+EVAL_ARGS = ["--attacks", "natural", "pgd2", "--n-examples", "24", "--batch-size", "8", "--no-checks", "--quiet",
+             "--device", "cpu"]
+
+
+def _cli_worker(rank, port, out, phase):
+    """One phase per spawn (a process joins one group in its life: no port reuse between phases)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from ardir import cli
-    joined = []
-    real_init = distributed.init
-    distributed.init = lambda **k: (joined.append(k), real_init(**k))[1]
-    code = cli.main(["train", "--dataset", "fashion-mnist", "--fake-data", "--model", "cnn_small", "--train-size",
-                     "64", "--val-size", "16", "--batch-size", "16", "--epochs", "2", "--steps", "1",
-                     "--val-attack-steps", "1", "--eps", "0.1", "--step-size", "0.05", "--method", "at", "--quiet",
-                     "--device", "cpu", "--output-dir", os.path.join(out, "run")])
-    distributed.init = real_init
-    eval_code = cli.main(["eval", "--checkpoint", os.path.join(out, "run", "last.pt"), "--attacks", "natural", "pgd2",
-                          "--n-examples", "24", "--batch-size", "8", "--no-checks", "--quiet", "--device", "cpu"])
-    record = {}
-    distributed.init(backend="gloo")
-    try:
-        record = _nan_skip_run()
-    finally:
-        distributed.cleanup()
-    torch.save({"code": code, "eval_code": eval_code, "joined": joined, "nan_record": record},
-               os.path.join(out, f"cli{rank}.pt"))
+    result = {}
+    if phase == "train":
+        joined = []
+        real_init = distributed.init
+        distributed.init = lambda **k: (joined.append(k), real_init(**k))[1]
+        result["code"] = cli.main(["train", "--dataset", "fashion-mnist", "--fake-data", "--model", "cnn_small",
+                                   "--train-size", "64", "--val-size", "16", "--batch-size", "16", "--epochs", "2",
+                                   "--steps", "1", "--val-attack-steps", "1", "--eps", "0.1", "--step-size", "0.05",
+                                   "--method", "at", "--quiet", "--device", "cpu", "--output-dir",
+                                   os.path.join(out, "run")])
+        result["joined"] = joined
+    elif phase == "eval":
+        result["code"] = cli.main(["eval", "--checkpoint", os.path.join(out, "run", "last.pt"), *EVAL_ARGS])
+    else:
+        distributed.init(backend="gloo")
+        try:
+            result["record"] = _nan_skip_run()
+        finally:
+            distributed.cleanup()
+    torch.save(result, os.path.join(out, f"{phase}{rank}.pt"))
+
+
+def _run_phase(out, phase):
+    mp.spawn(_cli_worker, args=(_free_port(), str(out), phase), nprocs=WORLD, join=True)
+    return [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def test_cli_under_torchrun_trains_one_run_written_by_rank_0(tmp_path):
-    mp.spawn(_cli_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [torch.load(tmp_path / f"cli{r}.pt", weights_only=False) for r in range(WORLD)]
+    from ardir import cli
+    got = _run_phase(tmp_path, "train")
     assert [g["code"] for g in got] == [0, 0] and all(g["joined"] == [{"backend": "gloo"}] for g in got)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # one writer, not one per process
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "config.toml").is_file()
     # `torchrun -m ardir eval`: the test batches split over the processes, one report, the one-process one
-    from ardir import cli
-    assert [g["eval_code"] for g in got] == [0, 0]
+    assert [g["code"] for g in _run_phase(tmp_path, "eval")] == [0, 0]
     two = json.loads((tmp_path / "run" / "last_report.json").read_text())
-    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--attacks", "natural", "pgd2",
-                     "--n-examples", "24", "--batch-size", "8", "--no-checks", "--quiet", "--device", "cpu"]) == 0
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), *EVAL_ARGS]) == 0
     one = json.loads((tmp_path / "run" / "last_report.json").read_text())
     assert two["n_examples"] == 24 and two["per_sample"] == one["per_sample"]
-    # a skipped batch's images leave every process's count: the epoch mean is the one-process mean
+
+
+def test_skipped_batches_leave_every_processs_count(tmp_path):
+    """nan_policy="skip" in 2 processes: the epoch's mean loss is the one-process mean."""
     one = _nan_skip_run()
-    for g in got:
-        assert g["nan_record"]["skipped_batches"] == 1
-        assert g["nan_record"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for g in _run_phase(tmp_path, "nan"):
+        assert g["record"]["skipped_batches"] == 1
+        assert g["record"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
 def _example_worker(rank, port, out):
@@ -326,3 +339,12 @@ def test_evaluate_split_over_processes_is_the_one_process_report(tmp_path):
         assert got["sweep"] == one["sweep"] and got["warnings"] == one["warnings"]
         assert got["gradient_check"] == one["gradient_check"]
     assert sorted(p.name for p in tmp_path.glob("state.json.rank*")) == ["state.json.rank0", "state.json.rank1"]
+
+
+def test_shard_loader_infers_evaluation_from_a_sequential_loader(monkeypatch):
+    dataset = TensorDataset(torch.zeros(5, 1), torch.arange(5))
+    seen = []
+    for r in range(2):
+        _pretend_rank(monkeypatch, r)
+        seen += _indices(distributed.shard_loader(DataLoader(dataset, batch_size=2)))
+    assert sorted(seen) == [0, 1, 2, 3, 4]  # every example once: no padding

@@ -590,5 +590,26 @@ def test_pgd_and_evaluate_name_bad_labels_and_channels():
 
 
 def test_a_preset_trainer_refuses_another_method():
-    with pytest.raises(TypeError, match=r"ATTrainer always trains 'at'; for method='trades' use ardir.Trainer"):
+    with pytest.raises(TypeError, match=r"ATTrainer always trains 'at'; for 'trades' use ardir.Trainer\(..., method='trades'\)"):
         ardir.ATTrainer(TinyNet(), loader(), method="trades", epochs=1, progress=False)
+
+
+def test_preset_trainers_take_their_own_method_and_subclasses_any():
+    assert ardir.ATTrainer(TinyNet(), loader(), method=ardir.AT(steps=1), epochs=1, progress=False).method.steps == 1
+    assert ardir.IADTrainer(TinyNet(), loader(), teacher=frozen(), method="iad", epochs=1, progress=False)
+
+    class MyTrainer(ardir.Trainer):
+        pass
+
+    assert MyTrainer(TinyNet(), loader(), method="at", epochs=1, progress=False).method.name == "at"
+
+
+def test_an_unregistered_method_prints():
+    class Custom(ardir.Method):
+        name = "custom"
+
+        def __init__(self, gamma: float = 0.5, **attack):
+            super().__init__(**attack)
+            self.gamma = gamma
+
+    assert repr(Custom()).startswith("Custom(gamma=0.5, eps=0.031373, step_size=0.0078431, steps=10")

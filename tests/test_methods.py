@@ -211,3 +211,19 @@ def test_iad_warmup_scales_with_the_runs_epochs():
     assert trainer.method.warmup == 1
     with pytest.warns(UserWarning, match="warmup_epochs=60 >= epochs=3: the introspection term never runs"):
         ardir.Trainer(TinyNet(), loader, teacher=teacher, method="iad", epochs=3, warmup_epochs=60, progress=False)
+
+
+def test_a_resumed_iad_run_keeps_its_warmup_when_extended(tmp_path):
+    """The warm-up a run started with is in its checkpoints: resuming with more epochs does not move it."""
+    from conftest import TinyNet
+    loader = [(torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,)))]
+    teacher = TinyNet().eval().requires_grad_(False)
+    first = ardir.Trainer(TinyNet(), loader, teacher=teacher, method="iad", epochs=4, progress=False, steps=1,
+                          checkpoint_dir=tmp_path)
+    first.fit()
+    assert first.method.warmup == 1
+    longer = ardir.Trainer(TinyNet(), loader, teacher=teacher, method="iad", epochs=10, progress=False, steps=1,
+                           checkpoint_dir=tmp_path)
+    assert longer.method.warmup == 3
+    longer.resume(tmp_path)
+    assert longer.method.warmup == 1
