@@ -6,6 +6,7 @@ differ from one process on the whole batch by design; the equality test uses mod
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -91,6 +92,18 @@ def _worker(rank, port, out):
         distributed.cleanup()
 
 
+def _spawn(fn, *args, timeout_s=240):
+    """``mp.spawn`` of WORLD processes running ``fn(rank, free_port, *args)``, killed and failed after ``timeout_s``
+    (a collective that never completes would otherwise hang the suite for the process group's 30 minutes)."""
+    context = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} did not finish within {timeout_s} s (a deadlock between the processes?)")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +113,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    _spawn(_worker, out)
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
@@ -250,7 +263,7 @@ def _cli_worker(rank, port, out, phase):
 
 
 def _run_phase(out, phase):
-    mp.spawn(_cli_worker, args=(_free_port(), str(out), phase), nprocs=WORLD, join=True)
+    _spawn(_cli_worker, str(out), phase)
     return [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -294,7 +307,7 @@ def _example_worker(rank, port, out):
 @pytest.mark.slow
 def test_cifar10_example_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node=2 examples/cifar10.py`: both processes train, rank 0 alone writes and evaluates."""
-    mp.spawn(_example_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_example_worker, str(tmp_path))
     got = [torch.load(tmp_path / f"ex{r}.pt", weights_only=False)["rows"] for r in range(WORLD)]
     assert got == [["teacher", "student (ResNet-18, ARDIR)"], None]
     assert {"teacher.pt", "student.pt", "results.md"} <= {p.name for p in tmp_path.iterdir()}
@@ -328,7 +341,7 @@ def _eval_worker(rank, port, out):
 def test_evaluate_split_over_processes_is_the_one_process_report(tmp_path):
     """Each process attacks every other batch; the gathered report, per sample and sanity checks included, is the
     one-process report on both; each process keeps its own state file."""
-    mp.spawn(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_eval_worker, str(tmp_path))
     one = ardir.evaluate(_eval_model(), _eval_data(), eps=0.1, attacks=["natural", "pgd5", "cw5"], eps_sweep=[0.05],
                          progress=False).to_dict()
     for r in range(WORLD):
@@ -348,3 +361,12 @@ def test_shard_loader_infers_evaluation_from_a_sequential_loader(monkeypatch):
         _pretend_rank(monkeypatch, r)
         seen += _indices(distributed.shard_loader(DataLoader(dataset, batch_size=2)))
     assert sorted(seen) == [0, 1, 2, 3, 4]  # every example once: no padding
+
+
+def _stuck_worker(rank, port):
+    time.sleep(600)
+
+
+def test_a_stuck_spawn_fails_instead_of_hanging():
+    with pytest.raises(pytest.fail.Exception, match="_stuck_worker did not finish within 2 s"):
+        _spawn(_stuck_worker, timeout_s=2)
