@@ -388,7 +388,8 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
                                f"{str(err).splitlines()[0]}); resume with the run's own settings (drop the flags "
                                "that change the model, method or optimiser) or start a new --output-dir") from None
             trainer.last_checkpoint = last
-            _set_rng_state(state["rng"], loaders.train)
+            if trainer.world_size == 1:  # in a process group each process has its own, from the trainer's state
+                _set_rng_state(state["rng"], loaders.train)
         if main:
             _truncate_metrics(logger.metrics_path, trainer.epoch)
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")

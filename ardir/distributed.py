@@ -25,9 +25,10 @@ How ardir runs data parallel, and why not through the ``DistributedDataParallel`
   ``training=False``) and sums the counts over the processes; :func:`ardir.evaluate` splits the test batches
   over the processes and gathers the per-sample results (:func:`all_gather_object`), so every process gets the
   one-process report.
-- Not synchronised: each process's random generators. They start alike (the same seed everywhere), so the
-  attacks' random starts of a process's i-th image equal the other processes' (on different images); a
-  mid-epoch checkpoint holds rank 0's states and statistics (see docs/guarantees.md).
+- Random streams: after the start broadcast each process reseeds its own (rank r adds r to torch's seed; rank 0
+  keeps the user's), so the attacks' random starts differ between processes as between the images of one batch.
+  Checkpoints, written by rank 0, carry every process's random states and BatchNorm statistics, and a resume hands
+  each process its own (see docs/guarantees.md).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 

@@ -196,6 +196,7 @@ class Trainer:
                                                                                checkpoint_every_steps)
         self.last_checkpoint: Optional[Path] = None
         self._progress: Optional[Dict[str, Any]] = None  # the running epoch's accumulators, while it runs
+        self._ranks: Optional[List[Dict[str, Any]]] = None  # every process's own state, gathered for a checkpoint
         self._epoch_rng: Optional[Dict[str, Any]] = None  # random states at the start of the running epoch
         self._pending: Optional[Dict[str, Any]] = None  # a mid-epoch checkpoint loaded, replayed by train_epoch
         self._fault = self._new_fault()
@@ -210,6 +211,8 @@ class Trainer:
             for module in (student, self.teacher, self.method):
                 if module is not None:
                     distributed.broadcast_module(module)
+            if distributed.rank() > 0:  # but draws its own random starts (rank 0 keeps the user's stream)
+                torch.manual_seed((torch.initial_seed() + distributed.rank()) % 2 ** 63)
         if compile:
             compile_for_attack(student)
         params = list(student.parameters()) + list(self.method.parameters())
@@ -304,11 +307,28 @@ class Trainer:
                 record.update(self.validate())
             self.history.append(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_natural", "val_pgd")})
+            if self.world_size > 1:  # what rank 0's checkpoints (its own or a callback's) carry for the others
+                self._ranks = self._rank_states(None)
             for callback in self.callbacks if self.is_main else ():  # rank 0 logs and writes files
                 callback(self, record)
             if self.checkpointer is not None and self.is_main:
                 self.save_checkpoint()
         return self.history
+
+    def _rank_states(self, progress: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every process's own share of a checkpoint, gathered (a collective: all processes call it): its random
+        states, BatchNorm statistics and, mid-epoch, its partial sums. A resume hands each process its own."""
+        def cpu(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach().cpu()
+            if isinstance(value, dict):
+                return {k: cpu(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(cpu(v) for v in value)
+            return value
+        mine = {"rng": self._rng_state(), "buffers": dict(self.student.named_buffers()), "progress": progress,
+                "epoch_rng": self._epoch_rng if progress is not None else None}
+        return distributed.all_gather_object(cpu(mine))
 
     def autocast(self):
         """The context the method runs in: ``torch.autocast`` for ``precision="bf16"``/``"fp16"``, else nothing."""
@@ -535,15 +555,19 @@ class Trainer:
             "(ardir train: --nan-policy skip) to skip such batches (counted in the record as skipped_batches)")
 
     def _after_step(self, sums: Dict[str, torch.Tensor], seen: int, batches: int, total: Optional[int]) -> None:
-        if self.checkpointer is None or not self.is_main or not self.checkpointer.due(self.step):
+        if self.checkpointer is None or not self.checkpointer.due(self.step):
             return
         if total is not None and batches >= total:
             return  # the epoch ends now and its checkpoint follows
-        self._progress = {"batches": batches, "seen": seen, "sums": dict(sums), "fault": dict(self._fault)}
+        progress = {"batches": batches, "seen": seen, "sums": dict(sums), "fault": dict(self._fault)}
+        ranks = self._rank_states(progress) if self.world_size > 1 else None  # every process takes part
+        if not self.is_main:
+            return
+        self._progress, self._ranks = progress, ranks
         try:
             self.save_checkpoint()
         finally:
-            self._progress = None
+            self._progress, self._ranks = None, None
 
     def _end_epoch(self, sums: Dict[str, torch.Tensor], seen: int) -> Dict[str, Any]:
         """The record's mean loss terms (over the batches not skipped), ``grad_norm`` (mean of the steps' total
@@ -625,7 +649,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "history": list(self.history),
                 "rng": self._rng_state(), "progress": self._progress if mid_epoch else None,
-                "epoch_rng": self._epoch_rng if mid_epoch else None}
+                "epoch_rng": self._epoch_rng if mid_epoch else None,
+                "ranks": self._ranks if self.world_size > 1 else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, random states included (the global RNGs are set as they were)."""
@@ -646,12 +671,25 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
-        if state.get("rng") is not None:
-            self._set_rng(state["rng"])
-        progress = state.get("progress")
+        rng, progress, epoch_rng = state.get("rng"), state.get("progress"), state.get("epoch_rng")
+        ranks = state.get("ranks") or []
+        if self.world_size > 1 and len(ranks) == self.world_size:  # this process's own share (rank 0 wrote all)
+            mine = ranks[distributed.rank()]
+            with torch.no_grad():
+                for name, buffer in self.student.named_buffers():
+                    if name in mine["buffers"]:
+                        buffer.copy_(mine["buffers"][name])
+            rng = mine["rng"]
+            if progress is not None:
+                progress, epoch_rng = mine["progress"], mine["epoch_rng"]
+        elif self.world_size > 1:
+            warnings.warn(f"the checkpoint holds {len(ranks) or 'no'} per-process states for {self.world_size} "
+                          "processes: every process resumes with rank 0's random states and statistics", stacklevel=2)
+        if rng is not None:
+            self._set_rng(rng)
         self._pending = None
         if progress is not None and int(progress["batches"]) > 0:
-            self._pending = {"progress": progress, "epoch_rng": state["epoch_rng"], "rng": state["rng"]}
+            self._pending = {"progress": progress, "epoch_rng": epoch_rng, "rng": rng}
 
 
 def _where_ok(ok, value: torch.Tensor) -> torch.Tensor:

@@ -370,3 +370,55 @@ def _stuck_worker(rank, port):
 def test_a_stuck_spawn_fails_instead_of_hanging():
     with pytest.raises(pytest.fail.Exception, match="_stuck_worker did not finish within 2 s"):
         _spawn(_stuck_worker, timeout_s=2)
+
+
+# ------------------------------------------------------------------ a mid-epoch checkpoint in 2 processes
+class BNNet(NoBNNet):
+    def __init__(self):
+        super().__init__(width=6)
+        self.conv = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6))
+
+
+def _resume_worker(rank, port, out, resume_from):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init(backend="gloo", timeout_s=120)
+    try:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        dataset = TensorDataset(torch.rand(48, 1, 8, 8, generator=g), torch.randint(0, 4, (48,), generator=g))
+        trainer = ardir.Trainer(BNNet(), DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True),
+                                method="at", epochs=2, lr=0.05, progress=False, channels_last=False, eps=0.1,
+                                step_size=0.05, steps=2, checkpoint_dir=os.path.join(out, "ck"),
+                                checkpoint_every_steps=2, keep_last=20)
+        start = ardir.PGD(trainer.student, eps=0.1).start(dataset.tensors[0][:2])  # this process's random stream
+        if resume_from:
+            trainer.resume(resume_from)
+        trainer.fit()
+        torch.save({"student": trainer.student.state_dict(), "history": trainer.history, "start": start},
+                   os.path.join(out, f"resume{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_mid_epoch_resume_in_two_processes_is_exact(tmp_path):
+    """Each process resumes from its own share of rank 0's checkpoint (random starts, BatchNorm statistics, partial
+    sums): the resumed run equals the uninterrupted one bit for bit, on both processes."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full.mkdir()
+    resumed.mkdir()
+    _spawn(_resume_worker, str(full), "")
+    mid = sorted((full / "ck").glob("epoch-0001-step-000000008.pt"))  # mid-way through the second epoch
+    assert mid, sorted(p.name for p in (full / "ck").iterdir())
+    _spawn(_resume_worker, str(resumed), str(mid[0]))
+    for r in range(WORLD):
+        a = torch.load(full / f"resume{r}.pt", weights_only=False)
+        b = torch.load(resumed / f"resume{r}.pt", weights_only=False)
+        assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"]), r
+        assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    first = torch.load(full / "resume0.pt", weights_only=False)["student"]
+    other = torch.load(full / "resume1.pt", weights_only=False)["student"]
+    assert all(torch.equal(first[k], other[k]) for k in first)  # one model everywhere
+    starts = [torch.load(full / f"resume{r}.pt", weights_only=False)["start"] for r in range(WORLD)]
+    assert not torch.equal(starts[0], starts[1])  # but each process draws its own random starts
