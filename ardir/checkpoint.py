@@ -245,10 +245,6 @@ class Checkpointer:
         """``directory / "last.pt"``."""
         return self.directory / LAST
 
-    def due(self, step: int) -> bool:
-        """Whether a mid-epoch checkpoint is due after optimiser step ``step``."""
-        return self.every_steps is not None and step > 0 and step % self.every_steps == 0
-
     def save(self, state: Dict[str, Any], epoch: int, step: int) -> Path:
         """Write ``state`` as the checkpoint after ``epoch`` epochs and ``step`` steps; returns its path."""
         path = atomic_save(state, self.directory / checkpoint_name(epoch, step))

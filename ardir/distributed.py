@@ -27,8 +27,9 @@ How ardir runs data parallel, and why not through the ``DistributedDataParallel`
   one-process report.
 - Random streams: after the start broadcast each process reseeds its own (rank r adds r to torch's seed; rank 0
   keeps the user's), so the attacks' random starts differ between processes as between the images of one batch.
-  Checkpoints, written by rank 0, carry every process's random states and BatchNorm statistics, and a resume hands
-  each process its own (see docs/guarantees.md).
+  The checkpoints ``fit`` and rank 0's callbacks write carry every process's random states and BatchNorm
+  statistics, and a resume with as many processes hands each its own (see docs/guarantees.md). Every process
+  follows rank 0's checkpoint settings, so ``checkpoint_dir`` and callbacks may be given to rank 0 alone.
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 

@@ -195,6 +195,12 @@ class Trainer:
         self.checkpointer = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, keep_last,
                                                                                checkpoint_every_steps)
         self.last_checkpoint: Optional[Path] = None
+        # Rank 0 writes checkpoints, but every process must join in gathering its share of one; so they all follow
+        # rank 0's settings (a checkpoint_dir given to rank 0 alone is fine): when mid-epoch checkpoints are due,
+        # and whether epoch ends are saved (rank 0's checkpointer or callbacks).
+        every = self.checkpointer.every_steps if self.checkpointer is not None else None
+        saves = self.checkpointer is not None or bool(self.callbacks)
+        self._every_steps, self._saves_epochs = distributed.all_gather_object((every, saves))[0]
         self._progress: Optional[Dict[str, Any]] = None  # the running epoch's accumulators, while it runs
         self._ranks: Optional[List[Dict[str, Any]]] = None  # every process's own state, gathered for a checkpoint
         self._epoch_rng: Optional[Dict[str, Any]] = None  # random states at the start of the running epoch
@@ -307,7 +313,7 @@ class Trainer:
                 record.update(self.validate())
             self.history.append(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_natural", "val_pgd")})
-            if self.world_size > 1:  # what rank 0's checkpoints (its own or a callback's) carry for the others
+            if self.world_size > 1 and self._saves_epochs:  # what rank 0's checkpoints carry for the others
                 self._ranks = self._rank_states(None)
             for callback in self.callbacks if self.is_main else ():  # rank 0 logs and writes files
                 callback(self, record)
@@ -315,7 +321,7 @@ class Trainer:
                 self.save_checkpoint()
         return self.history
 
-    def _rank_states(self, progress: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def _rank_states(self, progress: Optional[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
         """Every process's own share of a checkpoint, gathered (a collective: all processes call it): its random
         states, BatchNorm statistics and, mid-epoch, its partial sums. A resume hands each process its own."""
         def cpu(value):
@@ -328,7 +334,8 @@ class Trainer:
             return value
         mine = {"rng": self._rng_state(), "buffers": dict(self.student.named_buffers()), "progress": progress,
                 "epoch_rng": self._epoch_rng if progress is not None else None}
-        return distributed.all_gather_object(cpu(mine))
+        shares = distributed.all_gather_object(cpu(mine))
+        return shares if self.is_main else None
 
     def autocast(self):
         """The context the method runs in: ``torch.autocast`` for ``precision="bf16"``/``"fp16"``, else nothing."""
@@ -555,13 +562,14 @@ class Trainer:
             "(ardir train: --nan-policy skip) to skip such batches (counted in the record as skipped_batches)")
 
     def _after_step(self, sums: Dict[str, torch.Tensor], seen: int, batches: int, total: Optional[int]) -> None:
-        if self.checkpointer is None or not self.checkpointer.due(self.step):
+        every = self._every_steps  # rank 0's: every process decides alike
+        if every is None or self.step <= 0 or self.step % every:
             return
         if total is not None and batches >= total:
             return  # the epoch ends now and its checkpoint follows
         progress = {"batches": batches, "seen": seen, "sums": dict(sums), "fault": dict(self._fault)}
         ranks = self._rank_states(progress) if self.world_size > 1 else None  # every process takes part
-        if not self.is_main:
+        if not self.is_main or self.checkpointer is None:
             return
         self._progress, self._ranks = progress, ranks
         try:
@@ -672,9 +680,10 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         rng, progress, epoch_rng = state.get("rng"), state.get("progress"), state.get("epoch_rng")
-        ranks = state.get("ranks") or []
-        if self.world_size > 1 and len(ranks) == self.world_size:  # this process's own share (rank 0 wrote all)
-            mine = ranks[distributed.rank()]
+        ranks, rank = state.get("ranks") or [], distributed.rank()
+        own_share = len(ranks) == self.world_size
+        if own_share and rank > 0:  # this process's own share (rank 0's is the checkpoint itself)
+            mine = ranks[rank]
             with torch.no_grad():
                 for name, buffer in self.student.named_buffers():
                     if name in mine["buffers"]:
@@ -682,11 +691,14 @@ class Trainer:
             rng = mine["rng"]
             if progress is not None:
                 progress, epoch_rng = mine["progress"], mine["epoch_rng"]
-        elif self.world_size > 1:
-            warnings.warn(f"the checkpoint holds {len(ranks) or 'no'} per-process states for {self.world_size} "
-                          "processes: every process resumes with rank 0's random states and statistics", stacklevel=2)
+        elif not own_share and (self.world_size > 1 or len(ranks) > 1):
+            warnings.warn(f"the checkpoint was written by {max(len(ranks), 1)} process(es), this run has "
+                          f"{self.world_size}: every process continues from rank 0's random states and statistics, "
+                          "close to but not the same as the uninterrupted run", stacklevel=2)
         if rng is not None:
             self._set_rng(rng)
+        if not own_share and rank > 0:  # rank 0's stream, then this process's own, as at the start
+            torch.manual_seed((torch.initial_seed() + rank) % 2 ** 63)
         self._pending = None
         if progress is not None and int(progress["batches"]) > 0:
             self._pending = {"progress": progress, "epoch_rng": epoch_rng, "rng": rng}

@@ -422,3 +422,46 @@ def test_mid_epoch_resume_in_two_processes_is_exact(tmp_path):
     assert all(torch.equal(first[k], other[k]) for k in first)  # one model everywhere
     starts = [torch.load(full / f"resume{r}.pt", weights_only=False)["start"] for r in range(WORLD)]
     assert not torch.equal(starts[0], starts[1])  # but each process draws its own random starts
+
+
+def _rank0_settings_worker(rank, port, out):
+    """checkpoint_dir (mid-epoch checkpoints) and a randomness-using callback on rank 0 alone."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init(backend="gloo", timeout_s=60)
+    try:
+        for phase in ("full", "resumed"):
+            torch.manual_seed(0)
+            g = torch.Generator().manual_seed(0)
+            dataset = TensorDataset(torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
+            on_rank0 = dict(checkpoint_dir=os.path.join(out, phase), checkpoint_every_steps=3,
+                            callbacks=[lambda trainer, record: torch.rand(3)]) if rank == 0 else {}
+            trainer = ardir.Trainer(BNNet(), DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True),
+                                    method="at", epochs=2, lr=0.05, progress=False, channels_last=False, eps=0.1,
+                                    step_size=0.05, steps=2, keep_last=20, **on_rank0)
+            if phase == "resumed":  # from the end of epoch 1, written after rank 0's callback drew numbers
+                trainer.resume(os.path.join(out, "full", "epoch-0001-step-000000004.pt"))
+            trainer.fit()
+            torch.save(trainer.student.state_dict(), os.path.join(out, f"{phase}{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_checkpoint_settings_on_rank_0_alone(tmp_path):
+    """Only rank 0 writes, so only rank 0 may be given checkpoint_dir and callbacks: no deadlock, and a resume is
+    exact even when rank 0's callback draws random numbers."""
+    _spawn(_rank0_settings_worker, str(tmp_path), timeout_s=120)
+    assert (tmp_path / "full" / "epoch-0000-step-000000003.pt").is_file()  # a mid-epoch one
+    for r in range(WORLD):
+        a, b = (torch.load(tmp_path / f"{phase}{r}.pt", weights_only=False) for phase in ("full", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), r
+
+
+def test_a_two_process_checkpoint_resumed_in_one_process_warns():
+    dataset = TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,)))
+    trainer = ardir.Trainer(NoBNNet(), DataLoader(dataset, batch_size=8), method="natural", epochs=1, progress=False)
+    state = trainer.state_dict()
+    state["ranks"] = [{"rng": state["rng"], "buffers": {}, "progress": None, "epoch_rng": None}] * 2
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1: every process continues"):
+        trainer.load_state_dict(state)
