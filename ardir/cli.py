@@ -326,8 +326,8 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     # under torchrun (WORLD_SIZE set) every process runs this; rank 0 alone speaks and writes (the trainer runs the
     # logger's callbacks on rank 0 only)
     joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
-    main = distributed.is_main_process() and int(os.environ.get("RANK", 0)) == 0
-    say = (log or (lambda line: tqdm.write(line))) if main else (lambda line: None)
+    main_process = distributed.is_main_process() and int(os.environ.get("RANK", 0)) == 0
+    say = (log or (lambda line: tqdm.write(line))) if main_process else (lambda line: None)
     file_values = cfg.load_toml(config_file) if config_file else {}
     output_dir = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.schema()["output_dir"].default)
     last = output_dir / "last.pt"
@@ -367,7 +367,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     elif config["teacher"]:
         say(f"note: method {config['method']!r} uses no teacher; --teacher is ignored")
 
-    if main:
+    if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(output_dir, config, info, loaders.train, best=state.get("best") if state else None, log=say)
     trainer_kwargs = cfg.trainer_kwargs(config)
@@ -390,10 +390,10 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
             trainer.last_checkpoint = last
             if trainer.world_size == 1:  # in a process group each process has its own, from the trainer's state
                 _set_rng_state(state["rng"], loaders.train)
-        if main:
+        if main_process:
             _truncate_metrics(logger.metrics_path, trainer.epoch)
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
-    elif main and logger.metrics_path.exists():
+    elif main_process and logger.metrics_path.exists():
         logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over
     # the schedule actually run (a resumed run keeps its checkpoint's milestones, whatever --epochs says now), and
     # IAD's resolved warm-up: `ardir train --config DIR/config.toml` repeats this run, resumed and extended ones too
@@ -401,7 +401,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         config["milestones"] = sorted(trainer.scheduler.milestones.elements())
     if config.get("warmup_epochs", 0) is None and hasattr(trainer.method, "warmup"):
         config["warmup_epochs"] = trainer.method.warmup
-    if main:
+    if main_process:
         atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
     if loaders.val is None:
         say("note: --val-size 0 holds out no validation split, so no best.pt is chosen; evaluate last.pt")

@@ -56,11 +56,17 @@ def _train(loader, teacher, student):
     return trainer
 
 
-def _worker(rank, port, out):
+def _torchrun_env(rank, port):
+    """What torchrun sets for process ``rank`` of WORLD (the code under test joins the group itself, or the
+    worker calls distributed.init)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    distributed.init(backend="gloo")
+
+
+def _worker(rank, port, out):
+    _torchrun_env(rank, port)
+    distributed.init(backend="gloo", timeout_s=120)
     try:
         teacher, student = _models()
         if rank == 1:  # rank 0's weights must win the start broadcast
@@ -236,9 +242,7 @@ EVAL_ARGS = ["--attacks", "natural", "pgd2", "--n-examples", "24", "--batch-size
 
 def _cli_worker(rank, port, out, phase):
     """One phase per spawn (a process joins one group in its life: no port reuse between phases)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _torchrun_env(rank, port)
     from ardir import cli
     result = {}
     if phase == "train":
@@ -254,7 +258,7 @@ def _cli_worker(rank, port, out, phase):
     elif phase == "eval":
         result["code"] = cli.main(["eval", "--checkpoint", os.path.join(out, "run", "last.pt"), *EVAL_ARGS])
     else:
-        distributed.init(backend="gloo")
+        distributed.init(backend="gloo", timeout_s=120)
         try:
             result["record"] = _nan_skip_run()
         finally:
@@ -292,9 +296,7 @@ def test_skipped_batches_leave_every_processs_count(tmp_path):
 
 def _example_worker(rank, port, out):
     import importlib.util
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _torchrun_env(rank, port)
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cifar10.py")
     spec = importlib.util.spec_from_file_location("cifar10_example", path)
     example = importlib.util.module_from_spec(spec)
@@ -326,10 +328,8 @@ def _eval_model():
 
 
 def _eval_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init(backend="gloo")
+    _torchrun_env(rank, port)
+    distributed.init(backend="gloo", timeout_s=120)
     try:
         report = ardir.evaluate(_eval_model(), _eval_data(), eps=0.1, attacks=["natural", "pgd5", "cw5"],
                                 eps_sweep=[0.05], progress=False, state_path=os.path.join(out, "state.json"))
@@ -380,9 +380,7 @@ class BNNet(NoBNNet):
 
 
 def _resume_worker(rank, port, out, resume_from):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _torchrun_env(rank, port)
     distributed.init(backend="gloo", timeout_s=120)
     try:
         torch.manual_seed(0)
@@ -426,10 +424,8 @@ def test_mid_epoch_resume_in_two_processes_is_exact(tmp_path):
 
 def _rank0_settings_worker(rank, port, out):
     """checkpoint_dir (mid-epoch checkpoints) and a randomness-using callback on rank 0 alone."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init(backend="gloo", timeout_s=60)
+    _torchrun_env(rank, port)
+    distributed.init(backend="gloo", timeout_s=120)
     try:
         for phase in ("full", "resumed"):
             torch.manual_seed(0)
