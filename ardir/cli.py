@@ -324,8 +324,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     from .trainer import Trainer
 
     # under torchrun (WORLD_SIZE set) every process runs this; rank 0 alone speaks and writes (the trainer runs the
-    # logger's callbacks on rank 0 only)
-    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
+    # logger's callbacks on rank 0 only); torchrun's RANK is known before the group is joined
     main_process = distributed.is_main_process() and int(os.environ.get("RANK", 0)) == 0
     say = (log or (lambda line: tqdm.write(line))) if main_process else (lambda line: None)
     file_values = cfg.load_toml(config_file) if config_file else {}
@@ -345,9 +344,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
                            "another --output-dir")
         config = cfg.resolve(file_values, flags)
     config["output_dir"] = str(output_dir)
-    device = _device(config["device"])
-    if joined:  # one process per device: join torchrun's group (gloo for --device cpu)
-        device = distributed.init(backend="gloo" if device.type == "cpu" else None)
+    device, joined = distributed.join(_device(config["device"]))  # under torchrun: one process per device
     _seed_everything(config["seed"])
 
     loaders = ardir_data.get_loaders(config["dataset"], data_dir=config["data_dir"], batch_size=config["batch_size"],
@@ -446,10 +443,7 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
     if "model_info" not in state or "config" not in state:
         raise CLIError(f"{path} is not an ardir run checkpoint (best.pt or last.pt of `ardir train`)")
     config = cfg.resolve(state["config"])
-    dev = _device(device)
-    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
-    if joined:  # torchrun: every process attacks its share of the test batches (see ardir.evaluate)
-        dev = distributed.init(backend="gloo" if dev.type == "cpu" else None)
+    dev, joined = distributed.join(_device(device))  # under torchrun each process attacks its share of the batches
     model = model_from_checkpoint(state, source=str(path)).to(dev).eval()
     if eps is None:
         eps = config["eval_eps"]

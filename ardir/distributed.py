@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -88,6 +88,22 @@ def init(backend: Optional[str] = None, timeout_s: float = 1800) -> torch.device
     dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
                             timeout=datetime.timedelta(seconds=timeout_s))
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def join(device: torch.device) -> Tuple[torch.device, bool]:
+    """Under ``torchrun`` (``WORLD_SIZE`` set) with no process group yet, join it (gloo when ``device`` is the CPU,
+    else nccl) and return ``(this process's device, True)``: the caller then calls :func:`cleanup` when done.
+    Otherwise ``(device, False)``. What ``ardir train``/``eval`` and the examples do first."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return device, False
+    return init(backend="gloo" if device.type == "cpu" else None), True
+
+
+def own_random_stream() -> None:
+    """Reseed this process's torch generators apart from the other processes' (rank r adds r to torch's seed;
+    rank 0, or a single process, keeps its stream), so their attacks' random starts differ."""
+    if rank() > 0:
+        torch.manual_seed((torch.initial_seed() + rank()) % 2 ** 63)
 
 
 def cleanup() -> None:

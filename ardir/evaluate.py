@@ -907,7 +907,11 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     return report
 
 
-_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+def _int64(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any width as int64; anything else (float labels) as it is, for the checks to refuse."""
+    if labels.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        return labels.long()
+    return labels
 
 
 def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engine, batch_size, checks, large_eps,
@@ -921,8 +925,8 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
         raise ValueError("the loader yields no batch (is the dataset empty, or drop_last with too few samples?)")
 
     with model_mode(model, "eval"), _frozen(model):
-        images, labels = first[0].to(device), first[1].to(device)
-        batch_tensors("the first batch", images, labels.long() if labels.dtype in _INT_DTYPES else labels)
+        images, labels = first[0].to(device), _int64(first[1].to(device))
+        batch_tensors("the first batch", images, labels)
         pixel_range("the first batch", images)
         logits = logits_of("model", model, images)
         with torch.no_grad():
@@ -979,8 +983,7 @@ def _run(model, loader, eps, attacks, step_size, n_examples, subset, seed, engin
                     index += 1
                     batch = next(batches, None)
                     continue
-                images, labels = batch[0].to(device), batch[1].to(device)
-                labels = labels.long() if labels.dtype in _INT_DTYPES else labels  # int32 labels are fine; floats not
+                images, labels = batch[0].to(device), _int64(batch[1].to(device))
                 if index:  # the first batch was checked above; a later one out of range would count silently
                     check_batch(f"the batch of samples {start}..{start + len(labels) - 1}", images, labels,
                                 num_classes)

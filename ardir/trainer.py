@@ -217,8 +217,7 @@ class Trainer:
             for module in (student, self.teacher, self.method):
                 if module is not None:
                     distributed.broadcast_module(module)
-            if distributed.rank() > 0:  # but draws its own random starts (rank 0 keeps the user's stream)
-                torch.manual_seed((torch.initial_seed() + distributed.rank()) % 2 ** 63)
+            distributed.own_random_stream()  # but draws its own random starts
         if compile:
             compile_for_attack(student)
         params = list(student.parameters()) + list(self.method.parameters())
@@ -697,8 +696,8 @@ class Trainer:
                           "close to but not the same as the uninterrupted run", stacklevel=2)
         if rng is not None:
             self._set_rng(rng)
-        if not own_share and rank > 0:  # rank 0's stream, then this process's own, as at the start
-            torch.manual_seed((torch.initial_seed() + rank) % 2 ** 63)
+        if not own_share:  # rank 0's stream, then this process's own, as at the start
+            distributed.own_random_stream()
         self._pending = None
         if progress is not None and int(progress["batches"]) > 0:
             self._pending = {"progress": progress, "epoch_rng": epoch_rng, "rng": rng}

@@ -104,13 +104,10 @@ def keep_best(state: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    # `torchrun --nproc_per_node=N examples/cifar10.py`: each process trains on its shard of every batch; rank 0
-    # alone prints, writes files and, after training, evaluates (the other processes stop there)
+    # `torchrun --nproc_per_node=N examples/cifar10.py`: each process trains on its shard of every batch and
+    # attacks its share of the test batches; rank 0 alone prints and writes files
     distributed = ardir.distributed
-    joined = "WORLD_SIZE" in os.environ and not distributed.is_distributed()
-    device = torch.device(args.device)
-    if joined:
-        device = distributed.init(backend="gloo" if device.type == "cpu" else None)
+    device, joined = distributed.join(torch.device(args.device))
     main_process = distributed.is_main_process()
     say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)

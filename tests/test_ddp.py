@@ -148,12 +148,17 @@ def test_no_collective_in_the_attack(two_process_run):
         assert got["attack_calls"] == 0
 
 
-def test_single_process_helpers_are_no_ops():
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main_process()
     t = torch.ones(3)
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [1, 1, 1]
     loader = DataLoader(_data(), batch_size=4)
     assert distributed.shard_loader(loader) is loader
+    assert distributed.join(torch.device("cpu")) == (torch.device("cpu"), False)  # no WORLD_SIZE: nothing to join
+    before = torch.get_rng_state()
+    distributed.own_random_stream()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_shard_sampler_covers_every_index_once():
