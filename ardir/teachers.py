@@ -7,6 +7,8 @@ A teacher ``spec`` is one of:
 * a model name of :func:`ardir.models.list_models` (freshly initialised: for dry runs and tests only);
 * ``robustbench:NAME``, a RobustBench model-zoo entry, e.g. ``robustbench:Zhang2019Theoretically``, the TRADES
   WRN-34-10 that ARD and RSLAD distil from.
+* ``DATASET:NAME``, a teacher shipped inside ardir (:mod:`ardir.zoo`), e.g. ``fashion-mnist:cnn_xlarge-at``,
+  a robust CNN trained on all of Fashion-MNIST's training images; its file's sha256 is checked on load.
 
 RobustBench models: with the ``robustbench`` package importable, :func:`robustbench.utils.load_model` loads the
 model (downloading it into ``model_dir`` when missing and online). Without the package, the file
@@ -25,7 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import models
+from . import models, zoo
 
 __all__ = ["TeacherNotFoundError", "ROBUSTBENCH_ZOO", "load_teacher", "load_robustbench", "robustbench_path",
            "robustbench_wrn_state_dict", "model_from_checkpoint", "default_robustbench_dir"]
@@ -170,14 +172,25 @@ def model_from_checkpoint(state: Mapping[str, Any], model_name: Optional[str] = 
     return _load_into(model, {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}, source)
 
 
-def load_teacher(spec: str, num_classes: int = 10, in_chans: int = 3, device: Union[str, torch.device] = "cpu",
-                 *, model_name: Optional[str] = None, model_dir: Optional[PathLike] = None,
-                 dataset: Optional[str] = None) -> nn.Module:
+def _check_data(source: str, model: str, recorded_classes: int, recorded_chans: int,
+                num_classes: Optional[int], in_chans: Optional[int]) -> None:
+    """A teacher recorded for other data than the caller's is refused in one sentence (None: no claim)."""
+    if (num_classes or recorded_classes, in_chans or recorded_chans) != (recorded_classes, recorded_chans):
+        raise ValueError(f"teacher {source} is a {model} for {recorded_classes} classes of {recorded_chans}-channel "
+                         f"images, but the data has {num_classes or recorded_classes} classes of "
+                         f"{in_chans or recorded_chans}-channel images: pass a teacher trained on this data set")
+
+
+def load_teacher(spec: str, num_classes: Optional[int] = None, in_chans: Optional[int] = None,
+                 device: Union[str, torch.device] = "cpu", *, model_name: Optional[str] = None,
+                 model_dir: Optional[PathLike] = None, dataset: Optional[str] = None) -> nn.Module:
     """Load a teacher from ``spec`` (see the module docstring), in eval mode, on ``device``.
 
     Arguments:
-        spec: a checkpoint path, a model name, or ``robustbench:NAME``.
-        num_classes, in_chans: the data's, checked against the teacher (and used to build a named model).
+        spec: a checkpoint path, a model name, ``robustbench:NAME``, or a shipped teacher ``DATASET:NAME``
+            (:func:`ardir.zoo.list_shipped`, e.g. ``fashion-mnist:cnn_xlarge-at``; its sha256 is checked).
+        num_classes, in_chans: the data's, checked against what the teacher records (a checkpoint, a shipped
+            teacher); ``None`` takes the recorded values (10 classes, 3 channels for a bare model name).
         device: where the teacher goes.
         model_name: the architecture of a plain ``state_dict`` checkpoint.
         model_dir: RobustBench's model directory (default :func:`default_robustbench_dir`).
@@ -186,31 +199,39 @@ def load_teacher(spec: str, num_classes: int = 10, in_chans: int = 3, device: Un
     Raises:
         TeacherNotFoundError: a missing file, an unknown name, or weights that do not fit; the message says what
             to provide.
+        ardir.zoo.TeacherIntegrityError: a shipped teacher's file does not match its manifest's sha256.
     """
     if not isinstance(spec, str) or not spec:
-        raise TypeError(f"teacher={spec!r} must be a checkpoint path, a model name or robustbench:NAME")
+        raise TypeError(f"teacher={spec!r} must be a checkpoint path, a model name, DATASET:NAME (shipped) or "
+                        "robustbench:NAME")
     if spec.startswith(PREFIX):
         name = spec[len(PREFIX):]
         dataset = dataset or ("cifar100" if num_classes == 100 else "cifar10")
         teacher = load_robustbench(name, dataset, model_dir, device)
+    elif zoo.is_shipped(spec) and not Path(spec).expanduser().exists():
+        if spec not in zoo.list_shipped():
+            raise TeacherNotFoundError(f"no shipped teacher {spec!r}; shipped: {', '.join(zoo.list_shipped())}")
+        info = zoo.manifest(spec)
+        _check_data(spec, info["model"], int(info["num_classes"]), int(info["in_chans"]), num_classes, in_chans)
+        teacher = zoo.load_shipped(spec).to(device)
     elif Path(spec).expanduser().is_file():
         path = Path(spec).expanduser()
         from .checkpoint import load_checkpoint
         state = load_checkpoint(path)
         info = state.get("model_info") if isinstance(state, Mapping) else None
-        if isinstance(info, Mapping) and (int(info["num_classes"]), int(info["in_chans"])) != (num_classes, in_chans):
-            raise ValueError(f"teacher {path} is a {info['name']} for {info['num_classes']} classes of "
-                             f"{info['in_chans']}-channel images, but the data has {num_classes} classes of "
-                             f"{in_chans}-channel images: pass a teacher trained on this data set")
+        if isinstance(info, Mapping):
+            _check_data(str(path), info["name"], int(info["num_classes"]), int(info["in_chans"]), num_classes,
+                        in_chans)
         teacher = model_from_checkpoint(state, model_name, num_classes, in_chans, source=str(path)).to(device)
     elif spec in models.list_models() or spec.startswith("timm/"):
         warnings.warn(f"teacher={spec!r} is a freshly initialised {spec}, not a robust model: fine for a dry run, "
                       "useless for distillation (pass a checkpoint path or robustbench:NAME)", stacklevel=2)
-        teacher = models.create(spec, num_classes=num_classes, in_chans=in_chans).to(device)
+        teacher = models.create(spec, num_classes=num_classes or 10, in_chans=in_chans or 3).to(device)
     else:
         looks_like_path = os.sep in spec or spec.endswith((".pt", ".pth", ".tar"))
         what = f"checkpoint {spec!r} does not exist" if looks_like_path else \
-            f"teacher {spec!r} is neither a file, a model name ({', '.join(models.list_models())}) nor robustbench:NAME"
+            f"teacher {spec!r} is neither a file, a model name ({', '.join(models.list_models())}), " \
+            f"a shipped teacher ({', '.join(zoo.list_shipped()) or 'none'}) nor robustbench:NAME"
         raise TeacherNotFoundError(f"{what}; train one with `ardir train --method trades --output-dir DIR` and pass "
                                    "--teacher DIR/best.pt")
     for param in teacher.parameters():
