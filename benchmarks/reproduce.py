@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import ardir
-from ardir import data
+from ardir import data, zoo
 from ardir.checkpoint import atomic_save, atomic_write_text
 from ardir.cli import attack_name, count, device_name, whole
 from ardir.teachers import TeacherNotFoundError
@@ -49,6 +49,18 @@ METRICS = ("natural", "fgsm", "pgd20", "cw20", "cw30", "autoattack")
 HEADERS = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "cw20": "CW∞-20", "cw30": "CW∞-30",
            "autoattack": "AutoAttack"}
 ALL_METHODS = ("natural", "at", "trades", "ard", "iad", "rslad", "ardir")
+ROW_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "ard-tau1": ("ard", {"tau": 1.0, "kl_reduction": "batchmean"}),
+}
+"""Rows that run a method at other settings than its paper's: ``name -> (method, arguments)``. ``ard-tau1`` is ARD
+at tau 1 with the batch-mean KL, beside ARD at its reference settings (tau 30, KL / C)."""
+ROW_NAMES = ALL_METHODS + tuple(ROW_VARIANTS)
+
+
+def base_method(row: str) -> Tuple[str, Dict[str, Any]]:
+    """The library method a row runs and the arguments that differ from its defaults."""
+    method, extra = ROW_VARIANTS.get(row, (row, {}))
+    return method, dict(extra)
 # IAD's warm-up, 60 of ARD's 200 epochs, scaled to the suite's epochs as the library does; written into the rows
 IAD_WARMUP_FRACTION = ardir.IAD.warmup_fraction
 
@@ -151,12 +163,40 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "--teacher points at a WRN-70-16 checkpoint.")),
     Suite(name="fashion-mnist", dataset="fashion-mnist", results_name="fashion_mnist", num_classes=10, in_chans=1,
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
+          teacher_model="cnn_xlarge", teacher_method="at", teacher_epochs=None,
+          teacher_spec="fashion-mnist:cnn_xlarge-at",
+          students=("cnn_small",), methods=ALL_METHODS + ("ard-tau1",), epochs=10, lr=0.05, batch_size=128,
+          train_size=5000, attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=None, aa_size=1000,
+          seeds=(0, 1, 2), checks=False, teacher_attacks=("natural", "fgsm", "pgd20"),
+          notes=("The 'teacher knows more' protocol, as in the papers and in practice: the teacher is ardir's "
+                 "shipped fashion-mnist:cnn_xlarge-at (benchmarks/train_teacher.py: a 0.85 M-parameter CNN "
+                 "adversarially trained on all 59,000 training images but a 1,000-image validation split, on "
+                 "which its checkpoint was chosen); the students (cnn_small, 25 k parameters) see only the "
+                 "suite's seeded 5,000-image subset. Its accuracies below are its manifest's (measured once by "
+                 "train_teacher.py).",
+                 "eps = 0.1, the usual L∞ radius for (Fashion-)MNIST. Training attack PGD-10 with step 0.025 = "
+                 "2.5·eps/10 (Madry et al.'s rule). Evaluation PGD-20 and CW∞-30 with step eps/4 = 0.025 (the "
+                 "CIFAR protocol's ratio, 2/255 at 8/255, scaled to eps).",
+                 "Every method gets the same 10 epochs on the same 5,000 training images (seeded subset) and lr "
+                 "(0.05, lr x0.1 at each method's paper fractions of the epochs); IAD's warm-up is 0.3 x epochs "
+                 "as its paper's 60/200. ard runs at its reference settings (tau 30, KL / C), ard-tau1 at tau 1 "
+                 "with the batch-mean KL.",
+                 "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
+                 "same for every row); the other attacks on the full 10,000-image test set. evaluate()'s sanity "
+                 "checks are off: AutoAttack's black-box Square already catches masked gradients.",
+                 "Δ AA vs AT: the row's AutoAttack accuracy minus AT's, paired by seed (same data subset and "
+                 "order), mean ± std over the seeds.")),
+    Suite(name="fashion-mnist-same-data", dataset="fashion-mnist", results_name="fashion_mnist_same_data", num_classes=10, in_chans=1,
+          eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
           teacher_kwargs={"lr": 0.05},
           students=("cnn_small",), methods=ALL_METHODS, epochs=10, lr=0.05, batch_size=128, train_size=5000,
           attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=None, aa_size=1000, seeds=(0, 1, 2),
           checks=False, teacher_attacks=("natural", "fgsm", "pgd20"),
-          notes=("eps = 0.1, the usual L∞ radius for (Fashion-)MNIST. Training attack PGD-10 with step 0.025 = "
+          notes=("The 'same data' protocol: the teacher is trained on the students' own 5,000 images for their 10 "
+                 "epochs, so it knows no more than they do (kept for comparison; the fashion-mnist suite is the "
+                 "one where the teacher knows more).",
+                 "eps = 0.1, the usual L∞ radius for (Fashion-)MNIST. Training attack PGD-10 with step 0.025 = "
                  "2.5·eps/10 (Madry et al.'s rule: the steps together travel 2.5 eps, so a random start can still "
                  "reach any point of the ball). Evaluation PGD-20 and CW∞-30 with step eps/4 = 0.025: the CIFAR "
                  "protocol's ratio (2/255 at 8/255) scaled to eps; 20 steps travel 5 eps.",
@@ -183,6 +223,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "distance mse": {"distance": "mse"},
     "teacher input adversarial": {"teacher_input": "adversarial"},
     "inner max KL to teacher": {"attack_loss": "kl"},
+    "w_ce 1 (CE on x' added)": {"w_ce": 1.0},
+    "tau 4": {"tau": 4.0},
 }
 """ARDIR variants of ``--ablation``: a label and the ARDIR arguments that differ from the library's defaults."""
 
@@ -228,7 +270,9 @@ def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
 
 def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
+    method, row_extra = base_method(method)
     kwargs.update(settings["method_kwargs"].get(method, {}))
+    kwargs.update(row_extra)
     epochs = settings["epochs"] if settings["epochs"] is not None else ardir.methods.METHODS[method].epochs
     if method == "iad":
         kwargs.setdefault("warmup_epochs", int(round(IAD_WARMUP_FRACTION * epochs)))
@@ -237,9 +281,15 @@ def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict
 
 
 # -------------------------------------------------------------------------------------------------- running
-def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str]):
-    return data.get_loaders(settings["dataset"], data_dir=data_dir, batch_size=settings["batch_size"], val_size=0,
-                            fake_data=settings["fake_data"], seed=seed, limit=settings["train_size"])
+VALIDATION_SIZE = 1000
+"""Images the ablation holds out of the training set (by the row's seed; seed 0 draws the shipped teacher's own
+held-out split, which it never trained on). Its rows train on ``train_size`` of the rest and are scored there."""
+
+
+def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str], validation: bool = False):
+    return data.get_loaders(settings["dataset"], data_dir=data_dir, batch_size=settings["batch_size"],
+                            val_size=VALIDATION_SIZE if validation else 0, fake_data=settings["fake_data"],
+                            seed=seed, limit=settings["train_size"])
 
 
 def _teacher_key(settings: Dict[str, Any]) -> Dict[str, Any]:
@@ -328,23 +378,26 @@ def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader
 
 
 def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int, teacher, data_dir, device,
-            progress: bool, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Train one student with one method and seed, evaluate it; returns the row's record."""
+            progress: bool, extra: Optional[Dict[str, Any]] = None, validation: bool = False) -> Dict[str, Any]:
+    """Train one student with one method and seed, evaluate it (on the test set, or with ``validation`` on a split
+    held out of the training set: the ablation's, which chooses the defaults); returns the row's record."""
     torch.manual_seed(seed)
-    loaders = loaders_for(settings, seed, data_dir)
+    loaders = loaders_for(settings, seed, data_dir, validation)
     student = ardir.models.create(student_name, num_classes=settings["num_classes"],
                                   in_chans=settings["in_chans"]).to(device)
     kwargs = method_arguments(settings, method, extra)
-    needs_teacher = ardir.methods.METHODS[method].needs_teacher
+    needs_teacher = ardir.methods.METHODS[base_method(method)[0]].needs_teacher
     wall, cpu = time.time(), time.process_time()
-    trainer = ardir.Trainer(student, loaders.train, teacher=teacher if needs_teacher else None, method=method,
+    trainer = ardir.Trainer(student, loaders.train, teacher=teacher if needs_teacher else None,
+                            method=base_method(method)[0],
                             epochs=settings["epochs"], lr=settings["lr"], limit_batches=settings["limit_batches"],
                             progress=progress, precision=settings.get("precision", "fp32"), **kwargs)
     history = trainer.fit()
     train_s, train_cpu = time.time() - wall, time.process_time() - cpu
     wall, cpu = time.time(), time.process_time()
-    result = evaluate_model(student, settings, loaders.test, progress)
+    result = evaluate_model(student, settings, loaders.val if validation else loaders.test, progress)
     return {"student": student_name, "method": method, "seed": seed, "method_kwargs": _jsonable(kwargs),
+            "evaluated_on": f"validation ({VALIDATION_SIZE} training images held out)" if validation else "test",
             "epochs": trainer.epochs, "accuracy": result["accuracy"], "attack_seconds": result["seconds"],
             "subsets": result["subsets"], "flags": result["flags"],
             "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
@@ -385,7 +438,10 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     if teacher is None and _needs_teacher(job):
         teacher, _ = get_teacher(settings, teacher_dir, args.data_dir, device, False, lambda msg: None)
     key = _jsonable({k: v for k, v in settings.items() if k != "students"})
-    if method == "teacher":
+    if method == "teacher" and settings["teacher"] and zoo.is_shipped(settings["teacher"]):
+        rec = shipped_teacher_row(settings["teacher"], student)
+        rec["settings"] = key
+    elif method == "teacher":
         meta_path = teacher_dir / "teacher.json"
         teacher_meta = json.loads(meta_path.read_text()) if meta_path.exists() and not settings["teacher"] else {}
         wall, cpu = time.time(), time.process_time()
@@ -402,13 +458,34 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "command": "(trained by any row's command when missing; cached)"}
     else:
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
-                      ABLATIONS[variant] if variant is not None else None)
+                      ABLATIONS[variant] if variant is not None else None, validation=variant is not None)
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant),
                    method_config=method_config(settings, method, ABLATIONS[variant] if variant is not None else None))
         rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
     atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
     return rec
+
+
+def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
+    """The teacher's row of a shipped teacher: the accuracies its manifest records (measured once, on the test
+    set, by benchmarks/train_teacher.py), so that every suite states the same numbers."""
+    info = zoo.manifest(spec)
+    ev = info["evaluation"]
+    return {"student": student, "method": "teacher", "seed": 0, "accuracy": dict(ev["accuracy"]),
+            "subsets": ev["subsets"], "flags": [], "train_seconds": info["training"]["seconds"],
+            "eval_seconds": ev["seconds_total"], "train_cpu_seconds": 0.0, "eval_cpu_seconds": 0.0,
+            "command": info["made_by"]}
+
+
+def teacher_summary(spec: str) -> str:
+    """One line on a shipped teacher: what it is and its manifest's accuracies."""
+    info = zoo.manifest(spec)
+    acc, subsets = info["evaluation"]["accuracy"], info["evaluation"]["subsets"]
+    return (f"{spec} ({info['model']}, {info['parameters'] / 1e6:.2f} M parameters, {info['training']['method']} "
+            f"on {info['training']['train_images']:,} images, sha256 {info['sha256'][:12]}): natural "
+            f"{acc['natural']:.2f} ({subsets['natural']}), PGD-20 {acc['pgd20']:.2f} and CW∞-30 {acc['cw30']:.2f} "
+            f"({subsets['pgd20/cw30']}), AutoAttack {acc['autoattack']:.2f} ({subsets['autoattack']})")
 
 
 def train_teacher_job(argv: Sequence[str], workers: int) -> Dict[str, Any]:
@@ -420,7 +497,7 @@ def train_teacher_job(argv: Sequence[str], workers: int) -> Dict[str, Any]:
 
 
 def _needs_teacher(job: Tuple[Path, str, str, int, Optional[str]]) -> bool:
-    return job[2] == "teacher" or ardir.methods.METHODS[job[2]].needs_teacher
+    return job[2] == "teacher" or ardir.methods.METHODS[base_method(job[2])[0]].needs_teacher
 
 
 def _cost_rank(job: Tuple[Path, str, str, int, Optional[str]]) -> int:
@@ -487,16 +564,9 @@ def method_config(settings: Dict[str, Any], method: str, extra: Optional[Dict[st
     (say, a corrected KL reduction) makes the rows trained under the old one stale, not silently reused."""
     if method == "teacher":
         return None
-    built = ardir.create_method(method, **method_arguments(settings, method, extra))
-    return _jsonable({name: getattr(built, name) for name in ardir.methods.method_arguments(method)
+    built = ardir.create_method(base_method(method)[0], **method_arguments(settings, method, extra))
+    return _jsonable({name: getattr(built, name) for name in ardir.methods.method_arguments(base_method(method)[0])
                       if hasattr(built, name)})
-
-
-def _same_training(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> bool:
-    """Whether two rows' settings train the same model (the ablation skips AutoAttack; the method table runs it)."""
-    drop = ("aa_size",)
-    return a is not None and {k: v for k, v in a.items() if k not in drop} == \
-        {k: v for k, v in b.items() if k not in drop}
 
 
 def _log_record(log, stem: str, rec: Dict[str, Any]) -> None:
@@ -544,9 +614,25 @@ def summarize(records: Sequence[Dict[str, Any]], metrics: Sequence[str]) -> List
     return rows
 
 
+def add_differences(rows: List[Dict[str, Any]], metric: str = "autoattack", base: str = "at") -> None:
+    """Give every row ``delta``: its ``metric`` minus the ``base`` method's of the same student, paired by seed
+    (the same data subset and order), as per-seed values, mean and std, and the cell ``"mean ± std"``."""
+    bases = {r["student"]: r for r in rows if r["method"] == base and r.get("variant") is None}
+    for r in rows:
+        ref = bases.get(r["student"])
+        if ref is None or r["method"] == "teacher" or not r.get("per_seed", {}).get(metric):
+            continue
+        theirs = dict(zip(ref["seeds"], ref["per_seed"].get(metric, [])))
+        diffs = [v - theirs[s] for s, v in zip(r["seeds"], r["per_seed"][metric]) if s in theirs]
+        if diffs:
+            mean, std = mean_std(diffs)
+            r["delta"] = {"metric": metric, "base": base, "per_seed": diffs, "mean": mean, "std": std}
+            r.setdefault("cells", {})["delta"] = f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+
 def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[str, Any]], metrics: Sequence[str],
                 published: Optional[Dict[Tuple[str, str], Dict[str, float]]] = None, variant_column: bool = False,
-                order: Sequence[str] = ALL_METHODS, students: Sequence[str] = ()) -> None:
+                order: Sequence[str] = ROW_NAMES, students: Sequence[str] = ()) -> None:
     """``path``.md (the table and how it was made) and ``path``.json (the same, plus per-seed numbers)."""
     rank = {m: i for i, m in enumerate(("teacher",) + tuple(order))}
     first = {name: i for i, name in enumerate(students)}
@@ -573,8 +659,11 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
         head.append(f"{HEADERS[m]} (ours)" if published is not None else HEADERS[m])
         if published is not None and m in _P:
             head.append(f"{HEADERS[m]} (paper)")
-    head += ["Train + eval (s)", "Rerun this row"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 5) + ["--:", ":--"]) + "|"]
+    deltas = any("delta" in r for r in rows)
+    if deltas:
+        head.append("Δ AA vs AT")
+    head += ["Train (s)", "Eval (s)", "Rerun this row"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 4) + [":--"]) + "|"]
     for r in rows:
         cells = [r["student"], r["variant"] if variant_column else r["method"],
                  ",".join(map(str, r["seeds"])) if r["seeds"] else ""]
@@ -583,8 +672,11 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
             if published is not None and m in _P:
                 p = published.get((r["student"], r["method"]), {}).get(m)
                 cells.append("" if p is None else f"{p:.2f}")
-        t = r.get("train_seconds", 0) + r.get("eval_seconds", 0)
-        cells += [f"{t:.0f}" if r["seeds"] else "", f"`{r['command']}`" if r.get("command") else ""]
+        if deltas:
+            cells.append(r["cells"].get("delta", ""))
+        cells += [f"{r.get('train_seconds', 0):.0f}" if r["seeds"] else "",
+                  f"{r.get('eval_seconds', 0):.0f}" if r["seeds"] else "",
+                  f"`{r['command']}`" if r.get("command") else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += meta.get("footer", [])
@@ -668,7 +760,7 @@ DEFAULT_OUTPUT = "benchmarks/results"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=sorted(SUITES))
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="rows to run (default: all the suite's)")
+    p.add_argument("--methods", nargs="+", choices=ROW_NAMES, help="rows to run (default: all the suite's)")
     p.add_argument("--students", nargs="+", help="students (default: the suite's)")
     p.add_argument("--seeds", nargs="+", type=whole, help="default: the suite's (fashion-mnist 0 1 2, CIFAR 0)")
     p.add_argument("--epochs", type=count, help="student epochs (default: the suite's); also the teacher's unless "
@@ -748,10 +840,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     published = PUBLISHED.get(suite.name)
     metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
     title = (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
-        f" (L∞, ε = {_fmt_eps(suite.eps)})"
+        f" (L∞, ε = {_fmt_eps(suite.eps)})" + (", scored on a validation split" if args.ablation else "")
+    if args.ablation:
+        meta["notes"].insert(0, f"Every variant is trained on {settings['train_size'] or 'all'} training images and "
+                                f"scored on {VALIDATION_SIZE} others held out of the training set (seeded; seed 0 "
+                                "holds out the shipped teacher's own validation split), never on the test set: "
+                                "this table chooses ARDIR's defaults, and only the chosen configuration is then "
+                                "reported on the test set (the method table).")
 
     def describe_teacher():  # read again at every write: a worker may have trained it meanwhile
-        if settings["teacher"]:
+        if settings["teacher"] and zoo.is_shipped(settings["teacher"]):
+            meta["teacher"] = teacher_summary(settings["teacher"])
+        elif settings["teacher"]:
             meta["teacher"] = f"{settings['teacher']}"
         else:
             cached = cached_teacher(settings, teacher_dir) or {}
@@ -762,6 +862,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.template:
             describe_teacher()
         rows = summarize(records, metrics)
+        if not args.ablation:
+            add_differences(rows)
         if published is not None and not args.ablation:  # every row of the suite appears, run or not
             have = {(r["student"], r["method"]) for r in rows}
             wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)
@@ -828,15 +930,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             log(f"{stem}: {path.name} has other " + ("settings" if done.get("settings") != key else
                 "method settings (this ardir builds the method differently)") + "; rerunning")
-        same = teacher_dir / f"{student}__ardir__seed{seed}.json"
-        if variant is not None and not ABLATIONS[variant] and same.exists() and not args.force:
-            rec = json.loads(same.read_text())  # the library's defaults: the method table's ARDIR row
-            if _same_training(rec.get("settings"), key) and rec.get("method_config") == config:
-                rec.update(variant=variant, settings=key,
-                           reused_from=str(same.relative_to(ROOT) if same.is_relative_to(ROOT) else same))
-                path.write_text(json.dumps(rec, indent=2))
-                log(f"{stem}: the defaults = the method table's ARDIR row ({same.name}), reused")
-                continue
         pending.append((path, student, method, seed, variant))
 
     argv_list = list(sys.argv[1:] if argv is None else argv)

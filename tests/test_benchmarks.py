@@ -61,9 +61,12 @@ def test_write_table_markdown_and_json(reproduce, tmp_path):
 
 
 def test_suites_registry_and_departures(reproduce):
-    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist"}
+    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist", "fashion-mnist-same-data"}
     fm = reproduce.SUITES["fashion-mnist"]
-    assert fm.eps == 0.1 and len(fm.seeds) >= 3 and set(fm.methods) == set(reproduce.ALL_METHODS)
+    assert fm.eps == 0.1 and len(fm.seeds) >= 3 and set(fm.methods) == set(reproduce.ROW_NAMES)
+    assert fm.teacher_spec == "fashion-mnist:cnn_xlarge-at"  # the teacher knows more: the shipped one
+    same = reproduce.SUITES["fashion-mnist-same-data"]
+    assert same.teacher_spec is None and same.teacher_model == "cnn_large" and same.train_size == fm.train_size
     c10 = reproduce.SUITES["cifar10"]
     assert c10.teacher_model == "wrn34_10" and c10.teacher_method == "trades"
     assert c10.students == ("resnet18", "mobilenet_v2") and c10.eval_size is None and c10.aa_size is None
@@ -150,9 +153,9 @@ def test_cifar_dry_run(reproduce, tmp_path, suite):
 
 @pytest.mark.slow
 def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
-    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1",
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", "--seeds", "0", "1",
                          "--methods", "natural", "ardir")
-    md, record = _table(out / "fashion_mnist.md")
+    md, record = _table(out / "fashion_mnist_same_data.md")
     rows = {(r["student"], r["method"]): r for r in record["rows"]}
     assert rows[("cnn_small", "ardir")]["seeds"] == [0, 1]
     assert ("cnn_large (teacher)", "teacher") in rows
@@ -162,7 +165,7 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     assert " ± " in line and "--methods ardir" in md
     before = (runs / "cnn_small__ardir__seed1.json").read_text()
     capsys.readouterr()
-    _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1", "--methods", "natural", "ardir")
+    _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", "--seeds", "0", "1", "--methods", "natural", "ardir")
     log = capsys.readouterr().out
     # nothing left to run: the teacher is neither trained nor loaded
     assert log.count("done before") == 4 and "training" not in log and "teacher:" not in log
@@ -173,7 +176,7 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     assert stale["method_config"]["kl_reduction"] == "batchmean"
     stale["method_config"]["kl_reduction"] = "mean"
     row.write_text(json.dumps(stale))
-    _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "1", "--methods", "ardir")
+    _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", "--seeds", "1", "--methods", "ardir")
     log = capsys.readouterr().out
     assert "has other method settings (this ardir builds the method differently); rerunning" in log
     assert json.loads(row.read_text())["method_config"]["kl_reduction"] == "batchmean"
@@ -195,6 +198,36 @@ def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
     assert [r["variant"] for r in record["rows"]] == sorted(variants)
     block3 = json.loads((runs / "cnn_small__layers-block3--conv-map--1x1-adapter__seed0.json").read_text())
     assert block3["method_kwargs"]["layers"] == ["block3"]
+    # the ablation chooses defaults, so it is scored on images held out of the training set, never the test set
+    assert block3["evaluated_on"].startswith("validation") and "scored on a validation split" in md
+    assert "never on the test set" in md
+
+
+@pytest.mark.slow
+def test_fashion_mnist_suite_uses_the_shipped_teacher(reproduce, tmp_path):
+    """The default protocol: the shipped teacher (its row from its manifest, stated in the header), ARD at both
+    settings, and each row's AutoAttack difference to AT paired by seed."""
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "1",
+                         "--methods", "at", "ard", "ard-tau1", "--aa-size", "2")
+    md, record = _table(out / "fashion_mnist.md")
+    rows = {r["method"]: r for r in record["rows"]}
+    manifest = reproduce.zoo.manifest("fashion-mnist:cnn_xlarge-at")
+    assert rows["teacher"]["mean"]["autoattack"] == manifest["evaluation"]["accuracy"]["autoattack"]
+    assert "fashion-mnist:cnn_xlarge-at (cnn_xlarge" in md and "Δ AA vs AT" in md
+    tau1 = json.loads((runs / "cnn_small__ard-tau1__seed0.json").read_text())
+    assert tau1["method_kwargs"]["tau"] == 1.0 and tau1["method_kwargs"]["kl_reduction"] == "batchmean"
+    assert json.loads((runs / "cnn_small__ard__seed0.json").read_text())["method_kwargs"].get("tau", 30.0) == 30.0
+    at, ard = rows["at"], rows["ard"]
+    paired = [a - b for a, b in zip(ard["per_seed"]["autoattack"], at["per_seed"]["autoattack"])]
+    assert ard["delta"]["per_seed"] == paired and at["delta"]["mean"] == 0.0
+
+
+def test_differences_to_at_are_paired_by_seed(reproduce):
+    rows = [{"student": "s", "method": "at", "variant": None, "seeds": [0, 1], "per_seed": {"autoattack": [50, 52]}},
+            {"student": "s", "method": "ardir", "variant": None, "seeds": [0, 1],
+             "per_seed": {"autoattack": [53, 53]}}]
+    reproduce.add_differences(rows)
+    assert rows[1]["delta"]["per_seed"] == [3, 1] and rows[1]["cells"]["delta"] == "+2.00 ± 1.41"
 
 
 def test_jobs_dispatch_order(reproduce):
@@ -213,9 +246,9 @@ def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkey
     whose rows do not overwrite the fp32 ones."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned workers import the script as a module
     args = ["--seeds", "0", "--methods", "natural", "ardir", "--no-teacher-eval"]
-    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args)
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", *args)
     one = {n: json.loads((runs / f"cnn_small__{n}__seed0.json").read_text())["accuracy"] for n in ("natural", "ardir")}
-    out2, runs2 = _dry_run(reproduce, tmp_path / "two", "fashion-mnist", *args, "--workers", "2")
+    out2, runs2 = _dry_run(reproduce, tmp_path / "two", "fashion-mnist-same-data", *args, "--workers", "2")
     log = capsys.readouterr().out
     assert "2 jobs on 2 worker processes" in log
     # the teacher is trained in a worker while the natural row runs in the other; ardir waits for it
@@ -224,17 +257,17 @@ def test_fashion_mnist_workers_and_precision(reproduce, tmp_path, capsys, monkey
     for n in ("natural", "ardir"):
         rec = json.loads((runs2 / f"cnn_small__{n}__seed0.json").read_text())
         assert rec["accuracy"] == one[n] and "--workers" not in rec["command"]
-    md, _ = _table(out2 / "fashion_mnist.md")
+    md, _ = _table(out2 / "fashion_mnist_same_data.md")
     assert "--workers 2" in md and "2 worker processes" in md
-    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--precision", "bf16")
-    md, record = _table(out / "fashion_mnist_bf16.md")
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", *args, "--precision", "bf16")
+    md, record = _table(out / "fashion_mnist_same_data_bf16.md")
     assert "precision = 'bf16'" in md and {r["method"] for r in record["rows"]} == {"natural", "ardir"}
     assert (runs / "cnn_small__ardir__seed0__bf16.json").exists()
     assert json.loads((runs / "cnn_small__ardir__seed0.json").read_text())["accuracy"] == one["ardir"]
     with pytest.raises(SystemExit):
-        reproduce.parse_args(["fashion-mnist", "--workers", "0"])
-    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--seeds", "0", "1", "--table-only")
-    md, _ = _table(out / "fashion_mnist.md")
+        reproduce.parse_args(["fashion-mnist-same-data", "--workers", "0"])
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", *args, "--seeds", "0", "1", "--table-only")
+    md, _ = _table(out / "fashion_mnist_same_data.md")
     assert "**PARTIAL run** — 2 rows" in md and "cnn_small__ardir__seed1" in md
     assert not (runs / "cnn_small__ardir__seed1.json").exists()
 

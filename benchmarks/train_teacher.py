@@ -1,0 +1,126 @@
+"""Train, evaluate and ship ardir's Fashion-MNIST teacher: ``ardir/weights/fashion-mnist/<name>.{pt,json}``.
+
+    python benchmarks/train_teacher.py              # train (resumable), evaluate, write the weights and manifest
+    python benchmarks/train_teacher.py --aa-size 200 --threads 1
+
+The teacher is trained by ``ardir train`` on all of Fashion-MNIST's training images but a validation split of
+1,000 (seed 0), on which the run keeps its best checkpoint (``best.pt``, PGD-10 accuracy): the test set chooses
+nothing. It is then evaluated once on the test set -- natural accuracy on all 10,000 images; PGD-20, CW∞-30 and
+AutoAttack on the suite's seeded random subset (``benchmarks/reproduce.py``: seed 0) -- and its weights-only
+``state_dict`` is written with a manifest: sha256, the command, the commit, the machine, the training time and
+those accuracies. ``ardir.teachers.load_teacher("fashion-mnist:<name>")`` loads it and checks the hash.
+A killed run resumes: the training from its ``last.pt``, and a finished training is not repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ardir
+from ardir import data, zoo
+from ardir.checkpoint import atomic_save, atomic_write_text
+from ardir.cli import count, whole
+
+ROOT = Path(__file__).resolve().parent.parent
+EPS, EVAL_STEP = 0.1, 0.025  # the suite's radius and evaluation step (benchmarks/reproduce.py)
+
+
+def training_command(args: argparse.Namespace) -> list:
+    """The ``ardir train`` arguments of the teacher: AT with PGD-3 (step 2.5 eps / 3), all training images."""
+    return ["train", "--method", "at", "--model", args.model, "--dataset", "fashion-mnist", "--eps", str(EPS),
+            "--step-size", "0.0333", "--steps", str(args.steps), "--epochs", str(args.epochs), "--lr", "0.05",
+            "--val-size", "1000", "--seed", "0", "--output-dir", str(args.run_dir)]
+
+
+def finished_epochs(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    return len([line for line in metrics.read_text().splitlines() if '"epoch"' in line])
+
+
+def train(args: argparse.Namespace) -> float:
+    """Run (or resume) the training; returns its wall seconds as the run logged them."""
+    if finished_epochs(args.run_dir) < args.epochs:
+        argv = training_command(args) + (["--resume"] if (args.run_dir / "last.pt").is_file() else [])
+        print("ardir " + shlex.join(argv), flush=True)
+        status = ardir.cli.main(argv)
+        if status:
+            raise SystemExit(f"train_teacher.py: the training failed (exit status {status})")
+    records = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return round(sum(r.get("seconds", 0.0) for r in records if "epoch" in r), 1)
+
+
+def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
+    loaders = data.get_loaders("fashion-mnist", batch_size=500, val_size=0, seed=0)
+    common = dict(eps=EPS, step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
+    natural = ardir.evaluate(teacher, loaders.test, attacks=("natural",), **common)
+    attacked = ardir.evaluate(teacher, loaders.test, attacks=("pgd20", "cw30"), n_examples=args.eval_size,
+                              subset="random", **common)
+    aa = ardir.evaluate(teacher, loaders.test, attacks=("autoattack",), n_examples=args.aa_size, subset="random",
+                        **common)
+    return {"accuracy": {"natural": natural.accuracy["natural"], "pgd20": attacked.accuracy["pgd20"],
+                         "cw30": attacked.accuracy["cw30"], "autoattack": aa.accuracy["autoattack"],
+                         "natural_attack_subset": attacked.accuracy["natural"],
+                         "natural_aa_subset": aa.accuracy["natural"]},
+            "subsets": {"natural": natural.subset, "pgd20/cw30": attacked.subset, "autoattack": aa.subset},
+            "seconds": {**attacked.seconds, "autoattack": aa.seconds["autoattack"]},
+            "settings": {"eps": EPS, "step_size": EVAL_STEP, "autoattack": "standard, ardir engine"}}
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="cnn_xlarge-at", help="the shipped name (fashion-mnist:NAME)")
+    parser.add_argument("--model", default="cnn_xlarge", help="the architecture (ardir.models)")
+    parser.add_argument("--epochs", type=count, default=4)
+    parser.add_argument("--steps", type=count, default=3, help="PGD steps of the training attack")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "teacher-cnn_xlarge")
+    parser.add_argument("--eval-size", type=count, default=1000, help="test images of PGD-20 and CW∞-30")
+    parser.add_argument("--aa-size", type=count, default=200, help="test images of AutoAttack")
+    parser.add_argument("--threads", type=whole, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train_seconds = train(args)
+    teacher = ardir.teachers.load_teacher(str(args.run_dir / "best.pt"))
+    tic = time.time()
+    result = evaluate(teacher, args)
+    out = zoo.WEIGHTS_DIR / "fashion-mnist"
+    weights = out / f"{args.name}.pt"
+    atomic_save({k: v.detach().clone().contiguous() for k, v in teacher.state_dict().items()}, weights)
+    best_state = ardir.checkpoint.load_checkpoint(args.run_dir / "best.pt")
+    best = {"epoch": best_state.get("epoch"), "val_pgd": best_state.get("val_pgd")}
+    manifest = {
+        "name": f"fashion-mnist:{args.name}", "dataset": "fashion-mnist", "model": args.model, "num_classes": 10,
+        "in_chans": 1, "parameters": sum(p.numel() for p in teacher.parameters()),
+        "file": weights.name, "sha256": zoo.file_sha256(weights), "bytes": weights.stat().st_size,
+        "training": {"command": "ardir " + shlex.join(training_command(args)).replace(str(ROOT) + "/", ""),
+                     "method": "at", "epochs": args.epochs, "pgd_steps": args.steps,
+                     "train_images": 59000, "validation": "1,000 training images held out (seed 0); best.pt by "
+                     "PGD-10 accuracy on them", "best": best, "seconds": train_seconds},
+        "evaluation": {**result, "seconds_total": round(time.time() - tic, 1)},
+        "made_by": f"python {shlex.join(['benchmarks/train_teacher.py'] + list(argv or sys.argv[1:]))}",
+        "commit": git_commit(), "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.system()}",
+    }
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / f"{args.name}.json")
+    print(json.dumps(manifest["evaluation"]["accuracy"], indent=2))
+    print(f"shipped {manifest['name']}: {weights} ({manifest['bytes']} bytes, sha256 {manifest['sha256'][:12]})")
+
+
+if __name__ == "__main__":
+    main()
