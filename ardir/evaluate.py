@@ -840,7 +840,7 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
             ``loader.dataset``, drawn with ``seed``).
         seed: seeds the random subset and every attack (one seed per attack and batch, so a resumed run gives
             the same numbers). The caller's RNG state is left untouched.
-        engine: AutoAttack implementation: ``"ardir"`` (torchattacks' components with the official settings)
+        engine: AutoAttack implementation: ``"ardir"`` (ardir's own components with the official settings)
             or ``"official"`` (the authors' code, ``pip install pyautoattack``).
         batch_size: re-batch the samples to this size (default: the loader's batches).
         checks: run the sanity checks (gradient check, ordering, black box vs white box, large eps, eps sweep).

@@ -216,7 +216,7 @@ def test_autoattack_attacks_only_the_points_still_robust(tiny, monkeypatch):
             return adv
         return attack
 
-    monkeypatch.setattr(aa, "_torchattacks_component", fake)
+    monkeypatch.setattr(aa, "_ardir_component", fake)
     robust, parts = aa.AutoAttack(model, eps=0.5, num_classes=4).run(images, labels)
     assert list(parts) == list(aa.STANDARD)
     assert seen["apgd-ce"] == 32
@@ -469,7 +469,7 @@ def test_autoattack_resumes_between_components(tiny, tmp_path, monkeypatch):
             return x  # fools nothing
         return attack
 
-    monkeypatch.setattr(aa, "_torchattacks_component", fake)
+    monkeypatch.setattr(aa, "_ardir_component", fake)
     kwargs = dict(eps=0.1, attacks=("autoattack",), progress=False, checks=False, state_path=state)
     calls.append("crash")
     with pytest.raises(Interrupt):

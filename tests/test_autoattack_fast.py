@@ -1,0 +1,153 @@
+"""ardir's own AutoAttack components (ardir.apgd, ardir.fab, ardir.square): the fast paths (points dropped once
+their verdict is settled) give the verdicts of plain runs, and the components agree with the official code
+(``pyautoattack``) per sample on tiny models with the same seed. Seconds, synthetic data only."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ardir import apgd, autoattack as aa, fab, square
+
+EPS = 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest (and immune to a busy machine's oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _official():
+    try:
+        return aa.official_module()
+    except ImportError:
+        pytest.skip("official AutoAttack not installed (pip install pyautoattack)")
+
+
+@pytest.fixture
+def setup(tiny):
+    """A tiny model (10 classes) and 24 points it classifies correctly."""
+    torch.manual_seed(1)
+    model = tiny(width=8, num_classes=10).eval()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x[:24], y[:24]
+
+
+def _fooled(model, x, adv, y):
+    return ~aa.still_correct(model, x, adv, y, EPS)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_dropping_changes_no_verdict(setup, loss):
+    model, x, y = setup
+    fast = apgd.apgd(model, x, y, EPS, seed=3, loss=loss, drop=True)
+    plain = apgd.apgd(model, x, y, EPS, seed=3, loss=loss, drop=False)
+    assert torch.equal(_fooled(model, x, fast, y), _fooled(model, x, plain, y))
+    assert 0 < int(_fooled(model, x, plain, y).sum()) < len(x)  # the test means something
+
+
+def test_apgd_targeted_dropping_changes_no_verdict(setup):
+    model, x, y = setup
+    fast = apgd.apgd_targeted(model, x, y, 0.05, seed=0, n_target_classes=3, drop=True)
+    plain = apgd.apgd_targeted(model, x, y, 0.05, seed=0, n_target_classes=3, drop=False)
+    assert torch.equal(_fooled(model, x, fast, y), _fooled(model, x, plain, y))
+
+
+def test_fab_dropping_changes_no_verdict(setup):
+    model, x, y = setup
+    fast = fab.fab_targeted(model, x, y, 0.05, n_target_classes=3, n_iter=30, drop=True)
+    plain = fab.fab_targeted(model, x, y, 0.05, n_target_classes=3, n_iter=30, drop=False)
+    assert torch.equal(~aa.still_correct(model, x, fast, y, 0.05), ~aa.still_correct(model, x, plain, y, 0.05))
+
+
+def test_attacks_leave_the_global_rng_alone(setup):
+    model, x, y = setup
+    state = torch.get_rng_state()
+    apgd.apgd(model, x, y, EPS, seed=5, n_iter=5)
+    square.square(model, x, y, EPS, seed=5, n_queries=20)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_matches_the_official_code_per_sample(setup, loss):
+    module = _official()
+    model, x, y = setup
+    ref = module.autopgd_base.APGDAttack(model, n_iter=100, norm="Linf", n_restarts=1, eps=EPS, seed=7, loss=loss,
+                                         rho=0.75, device="cpu", logger=logging.getLogger("test"))
+    theirs = ref.perturb(x.clone(), y.clone())
+    ours = apgd.apgd(model, x, y, EPS, seed=7, loss=loss)
+    assert torch.equal(_fooled(model, x, ours, y), _fooled(model, x, theirs, y))
+    plain = apgd.apgd(model, x, y, EPS, seed=7, loss=loss, drop=False)
+    assert torch.allclose(plain, theirs, atol=1e-6)  # the same iterates, not only the same verdicts
+
+
+def test_apgd_targeted_matches_the_official_code_per_sample(setup):
+    module = _official()
+    model, x, y = setup
+    ref = module.autopgd_base.APGDAttack_targeted(model, n_iter=100, norm="Linf", n_restarts=1, eps=0.05, seed=0,
+                                                  n_target_classes=3, device="cpu", logger=logging.getLogger("test"))
+    theirs = ref.perturb(x.clone(), y.clone())
+    ours = apgd.apgd_targeted(model, x, y, 0.05, seed=0, n_target_classes=3)
+    assert torch.equal(~aa.still_correct(model, x, ours, y, 0.05), ~aa.still_correct(model, x, theirs, y, 0.05))
+
+
+def test_fab_projection_and_run_match_the_official_code(setup):
+    module = _official()
+    model, x, y = setup
+    g = torch.Generator().manual_seed(0)
+    t, w, b = torch.rand(40, 64, generator=g), torch.randn(40, 64, generator=g), torch.randn(40, generator=g)
+    w[0, :10] = 0
+    assert torch.allclose(fab.project_linf(t, w, b), module.fab_projections.projection_linf(t, w, b), atol=1e-6)
+    ref = module.fab_pt.FABAttack_PT(model, norm="Linf", n_restarts=1, n_iter=30, eps=0.05, seed=0, targeted=True,
+                                     device="cpu", n_target_classes=3)
+    theirs = ref.perturb(x.clone(), y.clone())
+    ours = fab.fab_targeted(model, x, y, 0.05, n_target_classes=3, n_iter=30, drop=False)
+    assert torch.equal(~aa.still_correct(model, x, ours, y, 0.05), ~aa.still_correct(model, x, theirs, y, 0.05))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_square_matches_the_official_code_per_sample(setup):
+    """Square's draws do not depend on the batch, so the random streams agree: the same points."""
+    module = _official()
+    model, x, y = setup
+    ref = module.square.SquareAttack(model, p_init=0.8, n_queries=300, eps=0.05, norm="Linf", n_restarts=1, seed=4,
+                                     device="cpu", resc_schedule=False)
+    theirs = ref.perturb(x.clone(), y.clone())
+    ours = square.square(model, x, y, 0.05, seed=4, n_queries=300)
+    assert torch.equal(~aa.still_correct(model, x, ours, y, 0.05), ~aa.still_correct(model, x, theirs, y, 0.05))
+    assert torch.equal(ours, theirs)
+
+
+def test_square_schedule_is_the_official_one():
+    assert [square.p_selection(0.8, it) for it in (0, 10, 11, 50, 51, 4999)] == \
+        [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 128]
+
+
+def test_ardir_components_use_the_official_settings(tiny):
+    model = tiny(num_classes=10)
+    ce = aa._ardir_component("apgd-ce", model, EPS, 10, 0)
+    t = aa._ardir_component("apgd-t", model, EPS, 5, 0)
+    f = aa._ardir_component("fab-t", model, EPS, 10, 0)
+    s = aa._ardir_component("square", model, EPS, 10, 0)
+    assert ce.func is apgd.apgd and (ce.keywords["n_iter"], ce.keywords["rho"], ce.keywords["loss"]) == (100, 0.75, "ce")
+    assert t.keywords["n_target_classes"] == 4 and t.keywords["n_iter"] == 100
+    assert (f.keywords["n_iter"], f.keywords["alpha_max"], f.keywords["eta"], f.keywords["beta"]) == (100, 0.1, 1.05, 0.9)
+    assert (s.keywords["n_queries"], s.keywords["p_init"]) == (5000, 0.8)
+    assert "ardir" in aa.AutoAttack(model, num_classes=10).settings["engine"]
+
+
+def test_fast_model_is_a_channels_last_copy(tiny):
+    model = tiny(num_classes=4).eval()
+    fast = aa.fast_model(model)
+    assert fast is not model and fast.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv.weight.is_contiguous()
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
