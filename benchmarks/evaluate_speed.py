@@ -1,0 +1,141 @@
+"""Seconds of AutoAttack (standard version) per component: ardir's engine against the official code.
+
+The same model and points are attacked by both engines in one run, alternated per batch and component (ardir
+first on even steps, the official code first on odd ones), so a busy machine slows both alike. Each engine
+keeps its own mask of points still robust and attacks only those, as AutoAttack does. Printed and written as
+Markdown rows to ``--results`` (default ``benchmarks/results/evaluate_speed.md``): seconds per component, the
+robust accuracy of each engine, and the number of samples whose final verdict differs. The file's (and the
+output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir seconds, all
+components).
+
+    python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
+
+The points: a seeded random subset of the dataset's test split (seed 0, sorted, as ``evaluate(...,
+subset="random")``), Fashion-MNIST by default.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ardir import autoattack as aa, cli  # noqa: E402
+from ardir.attacks import model_mode  # noqa: E402
+from throughput import commit, device_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ("| date (UTC) | device | threads | n | batch | engine | " + " | ".join(f"{c} s" for c in aa.STANDARD)
+          + " | total s | robust acc % | verdicts differing | commit | command |\n"
+          + "|" + "---|" * (11 + len(aa.STANDARD)) + "\n")
+LAST = "autoattack_speedup_vs_official="
+
+
+def points(dataset: str, n: int, seed: int):
+    """A seeded random subset of the test split (sorted indices, as the evaluation suite draws it)."""
+    from ardir.data import get_loaders
+    test = get_loaders(dataset, val_size=0).test.dataset
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    idx = sorted(order[:min(n, len(test))].tolist())
+    items = [test[i] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10) -> Dict:
+    """Both engines, alternated per batch and component: seconds per component and final masks."""
+    engines = ("ardir", "official")
+    seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
+    final = {e: [] for e in engines}
+    step = 0
+    with model_mode(model, "eval"):
+        for start in range(0, len(images), batch):
+            x, y = images[start:start + batch], labels[start:start + batch]
+            with torch.no_grad():
+                clean = model(x).argmax(1) == y
+            robust = {e: clean.clone() for e in engines}
+            fast = aa.fast_model(model)
+            for name in aa.STANDARD:
+                order = engines if step % 2 == 0 else engines[::-1]
+                step += 1
+                for engine in order:
+                    todo = robust[engine].nonzero().flatten()
+                    if not len(todo):
+                        continue
+                    t0 = time.perf_counter()
+                    if engine == "ardir":
+                        attack = aa._ardir_component(name, fast, eps, classes, seed)
+                    else:
+                        attack = aa._official_component(name, model, eps, classes, seed, [])
+                    with torch.enable_grad():
+                        adv = attack(x[todo], y[todo])
+                    seconds[engine][name] += time.perf_counter() - t0
+                    robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps)
+                print(f"  batch {start // batch}: {name}: " + ", ".join(
+                    f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
+            for e in engines:
+                final[e].append(robust[e])
+    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}}
+
+
+def write(path: Path, rows: List[str], speedup: float) -> None:
+    """Append the rows to the table, keeping ``autoattack_speedup_vs_official=`` as the file's last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for line in lines if not line.startswith(LAST)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        lines = ["# AutoAttack speed: ardir's engine vs the official code", "",
+                 "Written by `benchmarks/evaluate_speed.py`: the same model and points, both engines alternated "
+                 "in one run; seconds per component (standard version), robust accuracy, samples whose verdict "
+                 "differs. The last line is the speed-up of the latest run.", "", *HEADER.rstrip("\n").split("\n")]
+    path.write_text("\n".join(lines + rows + ["", f"{LAST}{speedup:.2f}"]) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="an ardir run checkpoint (or any load_teacher spec)")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--n-examples", type=cli.count, default=1000)
+    parser.add_argument("--batch-size", type=cli.count, default=250)
+    parser.add_argument("--threads", type=cli.count, default=None, help="torch CPU threads")
+    parser.add_argument("--device", type=cli.device_name, default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="subset and attack seed")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "evaluate_speed.md"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ardir.data import get_spec
+    from ardir.teachers import load_teacher
+    spec = get_spec(args.dataset)
+    device = torch.device(args.device)
+    model = load_teacher(args.checkpoint, num_classes=spec.num_classes, in_chans=spec.in_chans, device=device)
+    images, labels = points(args.dataset, args.n_examples, args.seed)
+    images, labels = images.to(device), labels.to(device)
+    command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    result = run(model, images, labels, args.eps, args.batch_size, args.seed, spec.num_classes)
+    secs, robust = result["seconds"], result["robust"]
+    differ = int((robust["ardir"] != robust["official"]).sum())
+    total = {e: sum(secs[e].values()) for e in secs}
+    speedup = total["official"] / total["ardir"]
+    when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
+    rows = []
+    for e in ("official", "ardir"):
+        acc = 100.0 * robust[e].float().mean().item()
+        rows.append(f"| {when} | {device_name(device)} | {torch.get_num_threads()} | {len(images)} | "
+                    f"{args.batch_size} | {e} | " + " | ".join(f"{secs[e][c]:.1f}" for c in aa.STANDARD)
+                    + f" | {total[e]:.1f} | {acc:.2f} | {differ} | {commit()} | `{command}` |")
+        print(rows[-1])
+    write(Path(args.results), rows, speedup)
+    print(f"{LAST}{speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
