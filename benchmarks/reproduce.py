@@ -325,7 +325,7 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     if meta is not None:
         teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
                                       in_chans=settings["in_chans"]).to(device)
-        teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        teacher.load_state_dict(ardir.checkpoint.load_checkpoint(path))  # the one safe loader
         log(f"teacher: reusing {path}")
         return teacher.eval().requires_grad_(False), meta
     if path.exists():
@@ -353,10 +353,15 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     return teacher.eval().requires_grad_(False), meta
 
 
+EVAL_BATCH = 500
+"""Images per evaluation batch (attacks are per sample; larger batches only amortise the per-step overhead)."""
+
+
 def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader, progress: bool) -> Dict[str, Any]:
     """Accuracies (%) under the suite's attacks, AutoAttack on its seeded subset; plus per-part seconds."""
     common = dict(eps=settings["eps"], step_size=settings["eval_step_size"], seed=settings["eval_seed"],
-                  progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"])
+                  progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"],
+                  batch_size=EVAL_BATCH)
     out: Dict[str, Any] = {"accuracy": {}, "seconds": {}, "flags": [], "subsets": {}}
     n = settings["eval_size"]
     report = ardir.evaluate(model, test_loader, attacks=tuple(settings["attacks"]), n_examples=n,
@@ -481,6 +486,8 @@ def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
 def teacher_summary(spec: str) -> str:
     """One line on a shipped teacher: what it is and its manifest's accuracies."""
     info = zoo.manifest(spec)
+    if "evaluation" not in info:
+        return f"{spec} ({info['model']}, sha256 {info['sha256'][:12]}; not evaluated yet)"
     acc, subsets = info["evaluation"]["accuracy"], info["evaluation"]["subsets"]
     return (f"{spec} ({info['model']}, {info['parameters'] / 1e6:.2f} M parameters, {info['training']['method']} "
             f"on {info['training']['train_images']:,} images, sha256 {info['sha256'][:12]}): natural "
