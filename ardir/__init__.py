@@ -17,7 +17,8 @@ from . import data, distributed, gpu_data, losses, methods, models, teachers
 from .attacks import PGD
 from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
 from .hooks import FeatureHooks
-from .methods import ARD, ARDIR, AT, IAD, RSLAD, TRADES, Method, Natural, create_method, list_methods
+from .methods import (ARD, ARDIR, AT, IAD, MTARD, RSLAD, TRADES, AdaAD, Method, Natural, create_method,
+                      list_methods)
 from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
 
 __version__ = "0.1.0"
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
     "PGD", "FeatureHooks", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
-    "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "create_method", "list_methods", "models", "methods", "losses",
+    "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "models", "methods", "losses",
     "teachers", "gpu_data", "distributed",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ._checks import batch_tensors, eps_value, label_range, logits_of, non_negative_int, one_of, pixel_range, positive
 
 LOSSES = ("ce", "kl", "cw")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adv_images, labels) -> per-sample loss (N,)
 STARTS = ("uniform", "normal", "none")
 MODES = ("eval", "train", "keep")
 
@@ -46,6 +47,13 @@ def compile_for_attack(model: nn.Module, enable: bool = True, **compile_kwargs) 
     compiled = torch.compile(model, **compile_kwargs)
     _ATTACK_MODULES[model] = compiled
     return compiled
+
+
+def attack_module(model: nn.Module) -> nn.Module:
+    """The module :class:`PGD` runs for ``model``: its compiled twin when registered with
+    :func:`compile_for_attack`, else ``model`` itself. A loss callable may call it instead of ``model``."""
+    model = _unwrap(model)
+    return _ATTACK_MODULES.get(model, model)
 
 
 def cw_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,11 +98,19 @@ class PGD:
             ``"ce"``: cross-entropy to ``labels`` (Madry AT, ARD);
             ``"kl"``: ``KL(P || softmax(model(x')))`` where P is ``target_probs`` given to the call, or, when
             none is given, the model's own prediction on the natural images (TRADES); RSLAD passes the teacher's;
-            ``"cw"``: the CW margin ``max_{j != y} z_j - z_y`` (CW-inf evaluation).
+            ``"cw"``: the CW margin ``max_{j != y} z_j - z_y`` (CW-inf evaluation);
+            a callable ``loss(adv_images, labels)`` returning the per-sample loss (N,) of the adversarial batch:
+            anything differentiable in ``adv_images``, calling ``model`` and other models (AdaAD climbs
+            ``KL(p(T(x')) || p(S(x')))`` with the teacher in the graph). Its models' parameters get no ``.grad``
+            (the gradient is taken with respect to the input only); name the models it calls besides ``model`` in
+            ``loss_models``. It may call :func:`attack_module` ``(model)`` to run a compiled ``model``.
         random_start: ``"uniform"`` in the ball (Madry), ``"normal"`` = ``x + 0.001 * N(0, I)`` (TRADES, RSLAD) or
             ``"none"``.
         mode: the model's mode while attacking: ``"eval"`` (default), ``"train"`` (ARD: BatchNorm uses batch
             statistics) or ``"keep"``. Every module's own train/eval flag is restored afterwards.
+        loss_models: the other modules a callable ``loss`` runs (e.g. a teacher): held in eval mode during the
+            attack (a teacher's BatchNorm statistics must not move, whatever ``mode`` the attacked model has) and
+            every module's flag restored afterwards.
 
     Shape:
         images: (N, C, H, W) in [0, 1]; labels: (N,) int64; target_probs: (N, K) rows summing to 1.
@@ -113,24 +129,44 @@ class PGD:
 
         attack = ardir.PGD(model, eps=8/255, step_size=2/255, steps=20)
         adv_images = attack(images, labels)
+
+        # any loss: here AdaAD's, the teacher-student discrepancy on the perturbed batch (labels unused)
+        def discrepancy(adv, labels):
+            return ardir.attacks.kl_to(F.softmax(teacher(adv), 1), student(adv))  # (N,)
+        adv_images = ardir.PGD(student, loss=discrepancy, random_start="normal", loss_models=[teacher])(
+            images, labels)
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-                 loss: str = "ce", random_start: str = "uniform", mode: str = "eval"):
+                 loss: Union[str, LossFn] = "ce", random_start: str = "uniform", mode: str = "eval",
+                 loss_models: Sequence[nn.Module] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = _unwrap(model)
         self.eps = eps_value("eps", eps)
         self.step_size = positive("step_size", step_size)
         self.steps = non_negative_int("steps", steps)
-        self.loss = one_of("loss", loss, LOSSES, "attack loss")
+        if callable(loss) and not isinstance(loss, (str, nn.Module)):
+            self.loss: Union[str, LossFn] = loss
+        elif isinstance(loss, str):
+            self.loss = one_of("loss", loss, LOSSES, "attack loss")
+        else:
+            raise TypeError(f"loss must be one of {', '.join(map(repr, LOSSES))} or a function "
+                            f"loss(adv_images, labels) -> per-sample loss (N,), got {type(loss).__name__}")
+        if isinstance(loss_models, nn.Module):
+            loss_models = [loss_models]
+        bad = [type(m).__name__ for m in loss_models if not isinstance(m, nn.Module)]
+        if bad:
+            raise TypeError(f"loss_models must be torch.nn.Modules (the models the loss calls), got {bad}")
+        self.loss_models = [_unwrap(m) for m in loss_models]
         self.random_start = one_of("random_start", "none" if random_start is None else random_start,
                                    STARTS, "random start")
         self.mode = one_of("mode", mode, MODES, "model mode")
         self._range_checked = False
 
     def __repr__(self) -> str:
-        return (f"PGD(eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, loss={self.loss!r}, "
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
+        return (f"PGD(eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, loss={loss!r}, "
                 f"random_start={self.random_start!r}, mode={self.mode!r})")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
@@ -170,12 +206,28 @@ class PGD:
 
     def objective(self, logits: torch.Tensor, labels: torch.Tensor,
                   target_probs: Optional[torch.Tensor]) -> torch.Tensor:
-        """The summed loss the attack climbs (summed, so each sample's gradient is its own)."""
+        """The summed loss the attack climbs (summed, so each sample's gradient is its own); named losses only
+        (a callable's is :meth:`custom_objective`)."""
         if self.loss == "ce":
             return F.cross_entropy(logits, labels, reduction="sum")
         if self.loss == "kl":
             return kl_to(target_probs, logits).sum()
         return cw_margin(logits, labels).sum()
+
+    def custom_objective(self, adv: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The callable loss on ``adv``, checked (shape (N,), differentiable in ``adv``: metadata only, no host
+        sync) and summed."""
+        value = self.loss(adv, labels)
+        name = getattr(self.loss, "__name__", "loss")
+        if not isinstance(value, torch.Tensor) or value.shape != (len(adv),):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"PGD's loss {name}(adv_images, labels) must return the per-sample loss, a tensor of "
+                             f"shape ({len(adv)},), got {got}: return e.g. F.cross_entropy(..., reduction='none')")
+        if not value.requires_grad:
+            raise ValueError(f"PGD's loss {name}(adv_images, labels) returned a tensor that does not depend on "
+                             "adv_images (computed under no_grad, detached, or from other inputs); the attack needs "
+                             "its gradient with respect to adv_images")
+        return value.float().sum()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
                 target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -186,7 +238,12 @@ class PGD:
         device = images.device.type
         scale = (FP16_ATTACK_LOSS_SCALE if torch.is_autocast_enabled(device)
                  and torch.get_autocast_dtype(device) == torch.float16 else None)
-        with model_mode(self.model, self.mode), torch.enable_grad():
+        custom = not isinstance(self.loss, str)
+        with contextlib.ExitStack() as modes:
+            for module in self.loss_models:
+                modes.enter_context(model_mode(module, "eval"))
+            modes.enter_context(model_mode(self.model, self.mode))
+            modes.enter_context(torch.enable_grad())
             if self.loss == "kl" and target_probs is None:
                 with torch.no_grad():
                     target_probs = F.softmax(net(images).float(), 1)
@@ -196,9 +253,14 @@ class PGD:
             low, high = (images - self.eps).clamp_(min=0), (images + self.eps).clamp_(max=1)
             for _ in range(self.steps):
                 adv.requires_grad_(True)
-                loss = self.objective(net(adv), labels, target_probs)
+                loss = (self.custom_objective(adv, labels) if custom else
+                        self.objective(net(adv), labels, target_probs))
                 if scale is not None:
                     loss = loss * scale
-                grad, = torch.autograd.grad(loss, adv)
+                grad, = torch.autograd.grad(loss, adv, allow_unused=custom)
+                if grad is None:
+                    raise ValueError(f"PGD's loss {getattr(self.loss, '__name__', 'loss')}(adv_images, labels) does "
+                                     "not depend on adv_images (it uses other inputs); the attack needs its gradient "
+                                     "with respect to adv_images")
                 adv = torch.clamp(torch.add(adv.detach(), grad.sign(), alpha=self.step_size), low, high)
         return adv.detach()

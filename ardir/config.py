@@ -121,12 +121,18 @@ _TRAINER_SKIP = {"self", "student", "train_loader", "teacher", "method", "optimi
                  "progress", "callbacks", "method_kwargs", "checkpoint_dir"}
 
 
+def _is_module_type(hint: Any) -> bool:
+    import torch.nn as nn
+    return isinstance(hint, type) and issubclass(hint, nn.Module)
+
+
 def _kind(hint: Any) -> Optional[Tuple[str, bool]]:
     """(kind, nullable) of a type hint, or None when the hint is not a plain configuration type."""
     nullable = False
     origin = typing.get_origin(hint)
     if origin is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        # a model given from Python (MTARD's natural_teacher: a model or its path) is a str in the configuration
+        args = [a for a in typing.get_args(hint) if a is not type(None) and not _is_module_type(a)]
         nullable = len(args) < len(typing.get_args(hint))
         if len(args) != 1:
             return None

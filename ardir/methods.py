@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import eps_value, non_negative, non_negative_int, number, one_of, positive
-from .attacks import PGD, STARTS, MODES, kl_to, model_mode
+from .attacks import PGD, STARTS, MODES, LossFn, kl_to, model_mode
 from .hooks import FeatureHooks, check_layers
 from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
 
@@ -37,7 +37,7 @@ def list_methods() -> List[str]:
 
 def create_method(name: str, **kwargs) -> "Method":
     """Build a method by name (``"at"``, ``"trades"``, ``"ard"``, ``"iad"``, ``"rslad"``, ``"ardir"``,
-    ``"natural"``; any case) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
+    ``"adaad"``, ``"mtard"``, ``"natural"``; any case) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
     if not isinstance(name, str):
         raise TypeError(f"method must be a name ({', '.join(list_methods())}), got {type(name).__name__}")
     name = one_of("method", name.lower(), list_methods(), "method")
@@ -95,6 +95,7 @@ class Method(nn.Module):
         self.attack_mode = one_of("attack_mode", attack_mode or self.default_attack_mode, MODES, "model mode")
         self.epoch = 0  # the running epoch (0-based) and the run's length, kept up to date by the Trainer
         self.run_epochs = self.epochs
+        self.lr_scale = 1.0  # the running lr / the initial lr, kept up to date by the Trainer (MTARD's eta)
 
     def check_schedule(self, epochs: int) -> None:
         """Called by the Trainer with the run's number of epochs: warn about settings that cannot work in it."""
@@ -107,10 +108,12 @@ class Method(nn.Module):
                          if hasattr(self, name))
 
     def attack(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               target_probs: Optional[torch.Tensor] = None, loss: Optional[str] = None) -> torch.Tensor:
-        """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached."""
+               target_probs: Optional[torch.Tensor] = None, loss: Union[str, LossFn, None] = None,
+               loss_models: Sequence[nn.Module] = ()) -> torch.Tensor:
+        """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached.
+        ``loss`` (default: the method's ``attack_loss``) may be a callable (see :class:`~ardir.attacks.PGD`)."""
         pgd = PGD(student, eps=self.eps, step_size=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
-                  random_start=self.random_start, mode=self.attack_mode)
+                  random_start=self.random_start, mode=self.attack_mode, loss_models=loss_models)
         return pgd.forward(images, labels, target_probs)  # the trainer has checked the data
 
     def setup(self, student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor) -> None:
@@ -442,3 +445,6 @@ class ARDIR(ARD):
         if self.w_ce:
             terms["ce_adv"] = self.w_ce * F.cross_entropy(s_logits, labels)
         return terms
+
+
+from .methods_recent import MTARD, AdaAD  # noqa: E402,F401  (registers the newer baselines)

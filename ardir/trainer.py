@@ -348,6 +348,7 @@ class Trainer:
         self.method.epoch, self.method.run_epochs = self.epoch, self.epochs  # epochs may be changed after __init__
         self.student.train()
         lr = self.optimizer.param_groups[0]["lr"]
+        self.method.lr_scale = lr / self.optimizer.param_groups[0].get("initial_lr", lr)  # MTARD's eta follows it
         for obj in (self.train_loader, getattr(self.train_loader, "sampler", None)):
             if hasattr(obj, "set_epoch"):  # DistributedSampler, GPULoader: a new shuffle every epoch
                 obj.set_epoch(self.epoch)

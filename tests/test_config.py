@@ -104,7 +104,7 @@ def test_help_is_each_arguments_first_sentence_with_its_continuation_lines():
     assert keys["w_kl"].help.startswith("weight of the KL to the teacher's output (1).")
     # one argument with different meanings in different methods says which is which
     assert "iad: exponent" in keys["beta"].help and "trades: weight of the robust KL term (6)" in keys["beta"].help
-    assert keys["alpha"].help.endswith("[ard, iad; default: the method's own]")
+    assert keys["alpha"].help.endswith("[adaad, ard, iad; default: the method's own]")
     for name, option in keys.items():
         assert option.help, name
 
@@ -117,9 +117,10 @@ def test_schema_covers_every_trainer_and_method_argument():
     for p in inspect.signature(Trainer.__init__).parameters.values():
         if p.name in hints and hints[p.name] in plain and p.name not in ("progress", "checkpoint_dir"):
             assert p.name in keys, p.name
-    for method in ("at", "trades", "ard", "iad", "rslad", "ardir"):
+    for method in ("at", "trades", "ard", "iad", "rslad", "ardir", "adaad", "mtard"):
         for arg in method_arguments(method):
             assert arg in keys, (method, arg)
+    assert keys["natural_teacher"].kind == "str"  # MTARD's: a model from Python, a path or a name in a config
 
 
 def test_every_key_is_a_flag_and_flags_parse_to_config_values():
