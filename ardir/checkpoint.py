@@ -4,8 +4,10 @@
   target (``os.replace``, atomic on POSIX and Windows). A crash, a kill or a full disk while writing leaves the
   previous file untouched and no truncated target; the temporary file is removed on any error.
 - Checkpoints load with ``torch.load(..., weights_only=True)``: tensors and plain data (dicts, lists, numbers,
-  strings) only. A file carrying a pickled callable or any other object is refused with :class:`CheckpointError`,
-  never executed. A truncated or corrupt file also raises :class:`CheckpointError`, naming the file.
+  strings) only. A file carrying a pickled callable or any other object is refused with :class:`CheckpointError`
+  ("refused: it would run code when loaded"), never executed. A truncated or corrupt file, and one holding NaN or
+  Inf tensors, also raise :class:`CheckpointError`, naming the file (and the first non-finite tensor).
+- No checkpoint is written with non-finite state: :meth:`Checkpointer.save` refuses it (``FloatingPointError``).
 - :class:`Checkpointer` writes numbered checkpoints ``epoch-EEEE-step-SSSSSSSSS.pt`` (``EEEE`` = epochs completed,
   ``SSSSSSSSS`` = optimiser steps done), keeps the newest ``keep_last`` of them and points ``last.pt`` at the
   newest. :func:`newest_good` finds the newest one that loads, skipping corrupt ones with a warning.
@@ -25,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ._safety import first_non_finite, path_problem, refused_objects
+
 PathLike = Union[str, os.PathLike]
 
 FORMAT = "ardir-checkpoint"
@@ -33,11 +37,12 @@ VERSION = 1
 """The ``version`` entry; a checkpoint from a newer version is refused."""
 LAST = "last.pt"
 _NUMBERED = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
-_STALE = re.compile(r"^\.(epoch-\d+-step-\d+\.pt|last\.pt)\..+\.(tmp|link)$")
+_STALE = re.compile(r"^\.(epoch-\d+-step-\d+\.pt|last\.pt|best\.pt|config\.toml|metrics\.jsonl)\..+\.(tmp|link)$")
 
 __all__ = ["CheckpointError", "Checkpointer", "atomic_save", "atomic_write_bytes", "atomic_write_text", "rng_state",
            "set_rng_state", "loader_generators", "generator_states", "set_generator_states",
-           "checkpoint_name", "find_resumable", "list_checkpoints", "load_checkpoint", "newest_good"]
+           "checkpoint_name", "find_resumable", "list_checkpoints", "load_checkpoint", "newest_good",
+           "remove_stale_temporaries", "first_non_finite"]
 
 
 class CheckpointError(ValueError):
@@ -115,34 +120,73 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``, onto the CPU).
+def load_checkpoint(path: PathLike, allow_non_finite: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``, onto the CPU) and check that its tensors are finite.
+
+    Arguments:
+        path: the file.
+        allow_non_finite: accept NaN/Inf tensors (to inspect a diverged state); by default a checkpoint whose
+            weights, statistics or optimiser state hold a NaN or an Inf is refused, naming the first such tensor.
 
     Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: the file is truncated or corrupt, or carries objects other than tensors and plain data
-            (a pickled callable is refused, never executed).
+        FileNotFoundError, IsADirectoryError, OSError: the path is missing, a directory, a dangling symbolic link
+            or a link loop (the message says which).
+        CheckpointError: the file is truncated or corrupt; or it would run code when loaded (a pickled class or
+            callable: refused, never executed); or it holds non-finite tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, f"checkpoint {path} does not exist", str(path))
+    problem = path_problem(path)
+    if problem is not None:
+        raise problem
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        text = str(error)
-        detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
-        if any(key in text for key in ("Unsupported global", "allowed global", "Unsupported class", "reduce")):
-            raise CheckpointError(
-                f"refused to load {path}: it contains objects other than tensors and plain data (a pickled "
-                f"class or callable), which could run code; it was not executed. Only load files you trust with "
-                f"torch.load(weights_only=False). {detail}") from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a torch checkpoint: it cannot be "
-                              f"read with weights_only=True (nothing in it was executed; {text.splitlines()[-3:]!r}); "
-                              "use an older checkpoint") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's WeightsUnpickler refused an object, or the pickle is broken
+        state = _refusal_or_corruption(path)
     except Exception as error:  # RuntimeError, EOFError, struct.error, ...: whatever a damaged file raises
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); use an older checkpoint "
-                              "(resuming from a directory picks the newest good one)") from None
+        raise _corrupt(path, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    if not allow_non_finite:
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or Inf) in {bad}: it is not a "
+                                  "usable state; use an older checkpoint (resuming from a directory picks the "
+                                  "newest good one)")
+    return state
+
+
+def _corrupt(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a torch checkpoint ({detail}); "
+                           "use an older checkpoint (resuming from a directory picks the newest good one)")
+
+
+def _refusal_or_corruption(path: Path):
+    """Raise what a weights-only ``UnpicklingError`` means for this file: a refusal when its pickle is complete
+    and names objects weights-only loading does not build, else corruption (see :func:`refused_objects`)."""
+    named = refused_objects(path)
+    if named is None:
+        raise _corrupt(path, "its pickle is damaged; nothing in it was executed") from None
+    what = f" (it names {', '.join(named[:4])}{' ...' if len(named) > 4 else ''})" if named else ""
+    raise CheckpointError(f"refused: it would run code when loaded: checkpoint {path}{what} holds objects other "
+                          "than tensors and plain data (a pickled class or callable); it was not executed. "
+                          "ardir loads only tensors and plain data: use a checkpoint written by ardir or a plain "
+                          "state_dict") from None
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[Path]:
+    """Delete the temporary files a writer killed mid-write left in ``directory`` (``.last.pt.*.tmp``,
+    ``.best.pt.*.tmp``, ``.epoch-...pt.*.tmp``, ...: never a complete checkpoint, never taken for one); returns
+    the files removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if _STALE.match(entry.name) and not entry.is_dir():
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -216,16 +260,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.every_steps = every_steps
         self._check_writable()
-        self._remove_stale_temporaries()
-
-    def _remove_stale_temporaries(self) -> None:
-        """Delete temporary files left by a writer killed mid-write (never a complete checkpoint)."""
-        for entry in self.directory.iterdir():
-            if _STALE.match(entry.name):
-                try:
-                    entry.unlink()
-                except OSError:
-                    pass
+        remove_stale_temporaries(self.directory)
 
     def _check_writable(self) -> None:
         try:
@@ -246,7 +281,14 @@ class Checkpointer:
         return self.directory / LAST
 
     def save(self, state: Dict[str, Any], epoch: int, step: int) -> Path:
-        """Write ``state`` as the checkpoint after ``epoch`` epochs and ``step`` steps; returns its path."""
+        """Write ``state`` as the checkpoint after ``epoch`` epochs and ``step`` steps; returns its path.
+
+        Raises ``FloatingPointError`` naming the first tensor holding a NaN or an Inf, writing nothing: a
+        checkpoint is always a state worth resuming from."""
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise FloatingPointError(f"{bad} holds non-finite values (NaN or Inf) after {step} steps: no checkpoint "
+                                     "was written with it")
         path = atomic_save(state, self.directory / checkpoint_name(epoch, step))
         self._point_last_at(path)
         for old in list_checkpoints(self.directory)[self.keep_last:]:

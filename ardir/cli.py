@@ -30,6 +30,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -41,7 +42,8 @@ from . import config as cfg
 from . import data as ardir_data
 from . import distributed
 from . import models
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, find_resumable, list_checkpoints,
+                         load_checkpoint, remove_stale_temporaries)
 from .teachers import TeacherNotFoundError, load_teacher, model_from_checkpoint
 
 __all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError", "count", "whole",
@@ -56,7 +58,25 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-def _flag_type(kind: str):
+def _flag_type(kind: str, option: Optional[cfg.Option] = None):
+    """The argparse type of a flag of ``kind``; with ``option``, its value is also checked (range, choices), so
+    that the error names the flag (``argument --train-size: 0 must be >= 1``)."""
+    parse = _parse_type(kind)
+    if option is None:
+        return parse
+
+    def parse_checked(text: str):
+        value = parse(text)
+        try:
+            item = cfg.Option(option.name, kind[5:-1], None, "", option.group) if kind.startswith("list[") else option
+            return cfg.check_value(item, value)
+        except cfg.ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+    parse_checked.__name__ = parse.__name__
+    return parse_checked
+
+
+def _parse_type(kind: str):
     item = kind[5:-1] if kind.startswith("list[") else kind
     if item == "float":
         def parse_float(text: str) -> float:
@@ -108,6 +128,12 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _device_flag(text: str) -> str:
+    """An argparse type: ``text`` unchanged (``auto`` stays ``auto``) once it is a device torch can use here."""
+    device_name(text)
+    return text
+
+
 def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
     help_ = option.help.replace("%", "%%")
     if option.default is not None and option.group != "method":
@@ -118,7 +144,8 @@ def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
         return
     nargs = "+" if option.kind.startswith("list[") else None
     metavar = option.kind.upper().replace("LIST[", "").replace("]", "")
-    group.add_argument(option.flag, dest=option.name, type=_flag_type(option.kind), nargs=nargs,
+    kind = {"device": _device_flag, "attacks": attack_name}.get(option.name) or _flag_type(option.kind, option)
+    group.add_argument(option.flag, dest=option.name, type=kind, nargs=nargs,
                        default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
@@ -142,13 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_p = sub.add_parser("eval", help="evaluate a checkpoint; writes <name>_report.md and .json beside it")
     eval_p.add_argument("--checkpoint", required=True, help="an ardir checkpoint (DIR/best.pt or DIR/last.pt)")
-    eval_p.add_argument("--attacks", nargs="+", default=None, help="attack names (ardir.evaluate's grammar: natural, "
+    eval_p.add_argument("--attacks", nargs="+", default=None, type=attack_name, help="attack names (ardir.evaluate's grammar: natural, "
                         "fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`")
-    eval_p.add_argument("--eps", type=_flag_type("float"), default=None,
+    eps_option = cfg.schema()["eps"]
+    eval_p.add_argument("--eps", type=_flag_type("float", eps_option), default=None,
                         help="L-inf radius, e.g. 8/255 (default: the run's eval_eps, else its training eps)")
-    eval_p.add_argument("--eps-sweep", type=_flag_type("float"), nargs="+", default=None,
+    eval_p.add_argument("--eps-sweep", type=_flag_type("float", eps_option), nargs="+", default=None,
                         help="also run --sweep-attack at these radii (robust accuracy against eps; `ardir plot`)")
-    eval_p.add_argument("--sweep-attack", default="pgd20", help="attack of the eps sweep and of the large-eps check")
+    eval_p.add_argument("--sweep-attack", default="pgd20", type=attack_name, help="attack of the eps sweep and of the large-eps check")
     eval_p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                         help="run ardir.evaluate's sanity checks (an eps sweep needs them)")
     eval_p.add_argument("--n-examples", type=count, default=None, help="test images evaluated (default: the run's, "
@@ -157,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--fake-data", action=argparse.BooleanOptionalAction, default=None,
                         help="evaluate on fake data (default: as the run was trained)")
     eval_p.add_argument("--batch-size", type=count, default=None, help="evaluation batch size (default: the run's)")
-    eval_p.add_argument("--device", default="auto")
+    eval_p.add_argument("--device", default="auto", type=_device_flag, help="auto, cpu, cuda, cuda:1, ...")
     eval_p.add_argument("--output", default=None, help="report path without suffix (default: <name>_report beside "
                         "the checkpoint <name>.pt)")
     eval_p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
@@ -253,12 +281,11 @@ class RunLogger:
 
     def __call__(self, trainer, record: Dict[str, Any]) -> None:
         record = {"epoch": record["epoch"], "step": trainer.step, **{k: v for k, v in record.items() if k != "epoch"}}
+        if hasattr(trainer, "check_finite"):
+            trainer.check_finite()  # no last.pt or best.pt with a NaN/Inf weight or statistic, ever
         # Order matters for a crash in between: the log line first (a resume drops lines past last.pt), then
         # best.pt, then last.pt, which records the best epoch only once best.pt holds it.
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(json.dumps(record) + "\n")
         improved = "val_pgd" in record and record["val_pgd"] > self.best.get("val_pgd", -1.0)
         if improved:
             self.best = {"epoch": record["epoch"], "val_pgd": record["val_pgd"],
@@ -268,6 +295,19 @@ class RunLogger:
         atomic_save(self.last_state(trainer), self.output_dir / "last.pt")
         trainer.last_checkpoint = self.output_dir / "last.pt"  # what a numerical fault's message points to
         self.log(_format_record(record, trainer.epochs) + ("  *best*" if improved else ""))
+
+    def _append(self, line: str) -> None:
+        """Append to ``metrics.jsonl``, never through a symbolic link (O_NOFOLLOW where the OS has it)."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.metrics_path, flags, 0o644)
+        except OSError as error:
+            raise CLIError(f"cannot append to {self.metrics_path} ({error.strerror or error}): it must be a plain "
+                           "file in the run directory, not a symbolic link") from None
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
     def last_state(self, trainer) -> Dict[str, Any]:
         """The content of ``last.pt``."""
@@ -292,17 +332,70 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
         atomic_write_text("".join(line + "\n" for line in kept), path)
 
 
-def _newer_mid_epoch_checkpoint(directory: Path, step: int) -> Optional[Path]:
-    """The newest of the Trainer's numbered checkpoints in ``directory`` if it is past optimiser step ``step``."""
+def _load_last(last: Path):
+    """``(state, error)`` of a run's ``last.pt``: its state when it loads, else why not (``None`` when absent)."""
+    if not os.path.lexists(last):
+        return None, None
     try:
-        from .checkpoint import list_checkpoints
-    except ImportError:  # pragma: no cover
+        state = load_checkpoint(last)
+    except (CheckpointError, OSError) as error:
+        return None, error
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format "
+                       f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    return state, None
+
+
+def _resume_point(output_dir: Path):
+    """What ``--resume`` continues from: ``(last.pt's state or None, (path, state) of the Trainer's newest good
+    mid-epoch checkpoint when it is further on, or None, the run's saved configuration)``. Both kinds of checkpoint
+    count: a run killed in its first epoch has only ``checkpoints/epoch-0000-step-*.pt`` (and ``config.toml``)."""
+    last = output_dir / "last.pt"
+    state, last_error = _load_last(last)
+    mid = None
+    if list_checkpoints(output_dir / "checkpoints"):
+        try:
+            mid = find_resumable(output_dir / "checkpoints")  # the newest that loads and is finite; warns on others
+        except CheckpointError:
+            mid = None
+    if mid is not None and state is not None and int(mid[1]["step"]) <= int(state["step"]):
+        mid = None  # last.pt is as far on
+    if state is None and mid is None:
+        if last_error is not None:
+            raise CLIError(f"--resume: {last_error}; and {output_dir / 'checkpoints'} holds no usable checkpoint")
+        raise CLIError(f"--resume: no checkpoint in {output_dir / 'checkpoints'} and {last} does not exist; "
+                       "start the run without --resume")
+    if state is not None:
+        return state, mid, state["config"]
+    if last_error is not None:
+        warnings.warn(f"--resume: {last_error}; continuing from {mid[0]}", stacklevel=3)
+    saved = output_dir / "config.toml"
+    if not saved.is_file():
+        raise CLIError(f"--resume: {mid[0]} has no run configuration beside it ({saved} is missing); start a new run")
+    return None, mid, cfg.load_toml(saved)
+
+
+def _best_so_far(output_dir: Path, epoch: int) -> Optional[Dict[str, Any]]:
+    """The record of ``best.pt`` when it is usable and from an epoch <= ``epoch`` (a resume without last.pt)."""
+    try:
+        best = load_checkpoint(output_dir / "best.pt")
+    except (CheckpointError, OSError):
         return None
-    for path in list_checkpoints(directory):  # newest first
-        if int(path.stem.rsplit("-", 1)[1]) > step:
-            return path
-        break
+    if all(k in best for k in ("epoch", "val_pgd", "val_natural")) and int(best["epoch"]) <= epoch:
+        return {k: best[k] for k in ("epoch", "val_pgd", "val_natural")}
     return None
+
+
+def _prepare_run_directory(output_dir: Path, metrics: Path, resume: bool) -> None:
+    """Remove what a kill mid-write left (``.last.pt.*.tmp``, ...); refuse to append through a linked log."""
+    if not output_dir.is_dir():
+        return
+    remove_stale_temporaries(output_dir)
+    if metrics.is_symlink():
+        if resume:
+            raise CLIError(f"{metrics} is a symbolic link (to {os.readlink(metrics)}): ardir appends its log only "
+                           "to a file inside the run directory; replace the link by a copy of its target and resume")
+        metrics.unlink()  # a new run starts a new log: the link goes, its target is left alone
 
 
 def _model_info(config: Mapping[str, Any], loaders: ardir_data.Loaders) -> Dict[str, Any]:
@@ -330,18 +423,14 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     file_values = cfg.load_toml(config_file) if config_file else {}
     output_dir = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.schema()["output_dir"].default)
     last = output_dir / "last.pt"
-    state = None
+    state = mid = None
     if resume:
-        if not last.is_file():
-            raise CLIError(f"--resume: {last} does not exist; start the run without --resume")
-        state = load_checkpoint(last)
-        if state.get("format") != RUN_FORMAT:
-            raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format {state.get('format')!r})")
-        config = cfg.resolve(state["config"], file_values, flags)
+        state, mid, saved = _resume_point(output_dir)
+        config = cfg.resolve(saved, file_values, flags)
     else:
-        if last.exists():
-            raise CLIError(f"{output_dir} already holds a run (last.pt); continue it with --resume, or choose "
-                           "another --output-dir")
+        if os.path.lexists(last) or list_checkpoints(output_dir / "checkpoints"):
+            raise CLIError(f"{output_dir} already holds a run ({'last.pt' if os.path.lexists(last) else 'checkpoints'}"
+                           "); continue it with --resume, or choose another --output-dir")
         config = cfg.resolve(file_values, flags)
     config["output_dir"] = str(output_dir)
     device, joined = distributed.join(_device(config["device"]))  # under torchrun: one process per device
@@ -366,17 +455,21 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
 
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(output_dir, config, info, loaders.train, best=state.get("best") if state else None, log=say)
+        _prepare_run_directory(output_dir, output_dir / "metrics.jsonl", resume)
+    best = state.get("best") if state else _best_so_far(output_dir, int(mid[1]["epoch"])) if mid else None
+    logger = RunLogger(output_dir, config, info, loaders.train, best=best, log=say)
     trainer_kwargs = cfg.trainer_kwargs(config)
     if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
         trainer_kwargs["checkpoint_dir"] = output_dir / "checkpoints"  # the Trainer's mid-epoch checkpoints
     trainer = Trainer(student, loaders.train, teacher=teacher, method=config["method"], val_loader=loaders.val,
                       progress=not config["quiet"], callbacks=[logger], **trainer_kwargs,
                       **cfg.method_kwargs(config))
-    if state is not None:
-        newer = _newer_mid_epoch_checkpoint(output_dir / "checkpoints", int(state["step"]))
-        if newer is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
-            trainer.resume(newer.parent)  # the newest one that loads
+    if resume:
+        if mid is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
+            try:
+                trainer.resume(mid[0])
+            except CheckpointError as err:
+                raise CLIError(f"--resume: {err}") from None
         else:
             try:
                 trainer.load_state_dict(state["trainer"])

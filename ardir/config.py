@@ -43,7 +43,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.9/3.10
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]
 
-__all__ = ["ConfigError", "Option", "RUN_OPTIONS", "schema", "load_toml", "parse_toml", "check", "check_value",
+__all__ = ["ConfigError", "Option", "RUN_OPTIONS", "LIMITS", "schema", "load_toml", "parse_toml", "check",
+           "check_value", "check_range",
            "resolve", "dump_toml", "dump_config", "method_keys", "trainer_keys", "method_kwargs", "trainer_kwargs",
            "layer_specs"]
 
@@ -258,8 +259,42 @@ def _scalar(key: str, kind: str, value: Any) -> Any:
     raise ConfigError(f"{key}: expected a str, got {type(value).__name__} {value!r}")
 
 
+# The range of every numeric key, checked when a flag is parsed or a file read (so `--train-size 0` is an error
+# about --train-size, not about a data-loader argument minutes later): (lowest, lowest is allowed, highest).
+LIMITS: Dict[str, Tuple[float, bool, Optional[float]]] = {
+    "val_size": (0, True, None), "train_size": (1, True, None), "batch_size": (1, True, None),
+    "num_workers": (0, True, None), "n_examples": (1, True, None), "eval_eps": (0, False, 1.0),
+    "epochs": (0, True, None), "lr": (0, False, None), "momentum": (0, True, None), "weight_decay": (0, True, None),
+    "milestones": (1, True, None), "lr_gamma": (0, False, None), "val_attack_steps": (0, True, None),
+    "limit_batches": (1, True, None), "checkpoint_every_steps": (1, True, None), "keep_last": (1, True, None),
+    "eps": (0, False, 1.0), "step_size": (0, False, None), "steps": (0, True, None), "tau": (0, False, None),
+    "beta": (0, True, None), "warmup_epochs": (0, True, None), "kl_scale": (0, False, None),
+    "layer_weights": (0, True, None), "w_ce": (0, True, None), "w_kl": (0, True, None), "w_ir": (0, True, None),
+}
+"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``."""
+
+_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip")}  # the Trainer's own lists
+
+
+def check_range(key: str, value: Any) -> Any:
+    """``value`` if it lies in ``key``'s range (:data:`LIMITS`; finite for every float), else :class:`ConfigError`
+    naming the key (``--`` flag names are the keys with dashes)."""
+    name = key.split("[", 1)[0]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} must be a finite number")
+    if name not in LIMITS or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    low, inclusive, high = LIMITS[name]
+    if value < low or (value == low and not inclusive) or (high is not None and value > high):
+        bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        hint = f" (an L-inf radius on [0, 1] images: 8/255, not 8)" if high == 1.0 and value > 1 else ""
+        raise ConfigError(f"{key}: {value!r} must be {bound}{hint}")
+    return value
+
+
 def check_value(option: Option, value: Any) -> Any:
-    """``value`` converted to ``option``'s kind; :class:`ConfigError` naming the key when it does not fit."""
+    """``value`` converted to ``option``'s kind and checked against its range (:data:`LIMITS`) and choices;
+    :class:`ConfigError` naming the key when it does not fit."""
     if value is None:
         return None
     if option.kind.startswith("list["):
@@ -268,10 +303,12 @@ def check_value(option: Option, value: Any) -> Any:
             raise ConfigError(f"{option.name}: expected a list of {item}, got {type(value).__name__} {value!r}")
         if option.name == "layers":  # (teacher, student) pairs as two-element lists or "teacher:student"
             value = [":".join(v) if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
-        return [_scalar(f"{option.name}[{i}]", item, v) for i, v in enumerate(value)]
-    value = _scalar(option.name, option.kind, value)
-    if option.choices is not None and value not in option.choices:
-        raise ConfigError(f"{option.name}: {value!r} is not one of {', '.join(map(repr, option.choices))}")
+        return [check_range(f"{option.name}[{i}]", _scalar(f"{option.name}[{i}]", item, v))
+                for i, v in enumerate(value)]
+    value = check_range(option.name, _scalar(option.name, option.kind, value))
+    choices = option.choices or _CHOICES.get(option.name)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{option.name}: {value!r} is not one of {', '.join(map(repr, choices))}")
     return value
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import models, zoo
+from ._safety import check_model_info
 
 __all__ = ["TeacherNotFoundError", "ROBUSTBENCH_ZOO", "load_teacher", "load_robustbench", "robustbench_path",
            "robustbench_wrn_state_dict", "model_from_checkpoint", "default_robustbench_dir"]
@@ -143,7 +144,8 @@ def load_robustbench(name: str, dataset: str = "cifar10", model_dir: Optional[Pa
             raise TeacherNotFoundError(
                 f"{path} exists, but ardir maps only {', '.join(sorted(ROBUSTBENCH_ZOO))} onto its own networks; "
                 f"for {name!r} install robustbench (pip install git+https://github.com/RobustBench/robustbench.git)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from .checkpoint import load_checkpoint
+        state = load_checkpoint(path)  # the one safe loader: a file that would run code is refused, never run
     model = models.create(known["model"], num_classes=known["num_classes"], in_chans=3)
     _load_into(model, robustbench_wrn_state_dict(state), f"RobustBench {name} ({path})")
     return model.to(device).eval()
@@ -156,6 +158,7 @@ def model_from_checkpoint(state: Mapping[str, Any], model_name: Optional[str] = 
     state dict with ``model_name``, ``num_classes`` and ``in_chans`` given."""
     info = state.get("model_info") if isinstance(state, Mapping) else None
     if isinstance(info, Mapping):
+        check_model_info(info, source)  # before building: num_classes=2**40 is a damaged file, not a petabyte
         model = models.create(info["name"], num_classes=int(info["num_classes"]), in_chans=int(info["in_chans"]),
                               mean=info.get("mean"), std=info.get("std"))
         weights = state.get("model", state.get("student"))
@@ -214,12 +217,16 @@ def load_teacher(spec: str, num_classes: Optional[int] = None, in_chans: Optiona
         info = zoo.manifest(spec)
         _check_data(spec, info["model"], int(info["num_classes"]), int(info["in_chans"]), num_classes, in_chans)
         teacher = zoo.load_shipped(spec).to(device)
-    elif Path(spec).expanduser().is_file():
+    elif os.path.lexists(Path(spec).expanduser()):  # a file, or a directory or link that load_checkpoint names
         path = Path(spec).expanduser()
         from .checkpoint import load_checkpoint
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except OSError as error:  # a directory, a dangling link, a link loop: said as what it is
+            raise TeacherNotFoundError(f"teacher {error.strerror or error}") from None
         info = state.get("model_info") if isinstance(state, Mapping) else None
         if isinstance(info, Mapping):
+            check_model_info(info, str(path))
             _check_data(str(path), info["name"], int(info["num_classes"]), int(info["in_chans"]), num_classes,
                         in_chans)
         teacher = model_from_checkpoint(state, model_name, num_classes, in_chans, source=str(path)).to(device)

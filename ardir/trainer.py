@@ -14,8 +14,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import (batch_tensors, check_batch, logits_of, non_negative, non_negative_int, one_of, positive,
-                      positive_int)
+from ._checks import (batch_tensors, check_batch, label_range, logits_of, non_negative, non_negative_int, one_of,
+                      positive, positive_int)
 from .attacks import PGD, compile_for_attack, model_mode
 from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
@@ -190,8 +190,12 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self.nan_policy = one_of("nan_policy", nan_policy, NAN_POLICIES, "NaN policy")
-        if checkpoint_dir is None and checkpoint_every_steps is not None:
-            raise ValueError("checkpoint_every_steps needs checkpoint_dir=<a directory> to write the checkpoints to")
+        keep_last = positive_int("keep_last", keep_last)  # checked even without checkpoint_dir: a typo is a typo
+        if checkpoint_every_steps is not None:
+            checkpoint_every_steps = positive_int("checkpoint_every_steps", checkpoint_every_steps)
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every_steps needs checkpoint_dir=<a directory> to write the checkpoints "
+                                 "to")
         self.checkpointer = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, keep_last,
                                                                                checkpoint_every_steps)
         self.last_checkpoint: Optional[Path] = None
@@ -301,6 +305,71 @@ class Trainer:
     def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch("the first training batch", images, labels, self.num_classes, "student")
 
+    def _checked_batch(self, batch: Any, index: int):
+        """Batch ``index`` of the epoch on the device, checked cheaply: tensors of the right dtypes (metadata only,
+        every batch), labels in range (host values on the CPU; on an accelerator a device flag read with the NaN
+        checks, so no host sync per batch) and, for the first batch, the pixel range."""
+        images, labels = _images_labels(batch, "train_loader")
+        what = f"training batch {index + 1} of epoch {self.epoch + 1}"
+        batch_tensors(what, images, labels)
+        on_host = labels.device.type == "cpu"
+        if on_host or self._host_checks:  # host values already: checking costs no device sync
+            label_range(what, labels, self.num_classes, "student")
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if not (on_host or self._host_checks):  # a loader yielding device tensors (ardir.gpu_data)
+            labels = self._flag_bad_labels(labels, index)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if index == 0:
+            self._check_batch(images, labels)
+        return images, labels
+
+    def _flag_bad_labels(self, labels: torch.Tensor, index: int) -> torch.Tensor:
+        """Record on the device the first batch with a label out of range (read by :meth:`_check_faults`) and
+        return the labels with those set to 0, so that the loss kernels stay in bounds until the flag is read."""
+        valid = (labels >= 0) & (labels < self.num_classes)
+        current = torch.as_tensor(self._fault.get("bad_label_batch", -1), device=labels.device)
+        self._fault["bad_label_batch"] = torch.where(~valid.all() & (current < 0), index + 1, current)
+        return labels.masked_fill(~valid, 0)
+
+    def _state_buffers(self) -> List[torch.Tensor]:
+        """Every buffer a forward may write: the student's (BatchNorm statistics, counters) and the method's."""
+        return [b for b in (*self.student.buffers(), *self.method.buffers()) if isinstance(b, torch.Tensor)]
+
+    def _snapshot_buffers(self):
+        """Copies of the buffers before a batch (small next to the activations), for ``nan_policy="skip"``."""
+        return [(b, b.detach().clone()) for b in self._state_buffers()]
+
+    @staticmethod
+    def _restore_buffers(saved, ok) -> None:
+        """Put the buffers back as they were before a skipped batch; on an accelerator ``ok`` is a device flag and
+        the choice is made on the device (no host sync)."""
+        if ok is True:
+            return
+        with torch.no_grad():
+            for buffer, before in saved:
+                buffer.copy_(before if ok is False else torch.where(ok.to(buffer.device), buffer, before))
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first parameter, buffer or optimiser state holding a NaN or an
+        Inf (and the last good checkpoint); called before any checkpoint is written, so none ever holds one."""
+        from ._safety import first_non_finite
+        bad = first_non_finite({"student": self.student.state_dict(), "method": self.method.state_dict(),
+                                "optimizer": self.optimizer.state_dict()})
+        if bad is None:
+            return
+        raise FloatingPointError(
+            f"{bad} holds non-finite values (NaN or Inf) after epoch {self.epoch}, step {self.step}, although every "
+            f"loss and gradient norm was finite (an update overflowed); no checkpoint was written with it; "
+            f"{self._last_good()}. Lower the learning rate or check the loss weights")
+
+    def _last_good(self) -> str:
+        return (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
+                if self.last_checkpoint is not None else
+                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
+                "after every epoch)")
+
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> List[Dict[str, Any]]:
         """Train until ``epochs``; returns the per-epoch records (also in ``trainer.history``)."""
@@ -365,13 +434,8 @@ class Trainer:
         for batch in bar:
             if self.limit_batches is not None and batches >= self.limit_batches:
                 break
-            images, labels = _images_labels(batch, "train_loader")
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            if self.channels_last and images.dim() == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if batches == 0:
-                self._check_batch(images, labels)
+            images, labels = self._checked_batch(batch, batches)
+            saved = self._snapshot_buffers() if self.nan_policy == "skip" else None
             with self.autocast():
                 terms = self.method(self.student, images, labels, self.teacher)
                 loss = sum(terms.values())
@@ -383,6 +447,8 @@ class Trainer:
             if self.world_size > 1:
                 distributed.all_reduce_gradients(self._trained_params)
             ok = self._guard_step(loss, terms, batches, len(labels))  # gradient norm, NaN/Inf check
+            if saved is not None:
+                self._restore_buffers(saved, ok)  # a skipped batch leaves no trace: BatchNorm statistics included
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -452,7 +518,8 @@ class Trainer:
     @staticmethod
     def _new_fault() -> Dict[str, Any]:
         return {"grad_sum": 0.0, "grad_max": 0.0, "good_steps": 0, "skipped": 0, "skipped_images": 0,
-                "bad_step": -1, "bad_batch": -1, "bad_loss": 0.0, "bad_terms": None, "bad_names": []}
+                "bad_step": -1, "bad_batch": -1, "bad_loss": 0.0, "bad_terms": None, "bad_names": [],
+                "bad_label_batch": -1}
 
     def _begin_epoch(self):
         """``(sums, seen, batches)`` the epoch starts from: zeros, or a resumed mid-epoch checkpoint's."""
@@ -540,6 +607,11 @@ class Trainer:
         """On an accelerator with ``nan_policy="stop"``: raise if a step since the epoch began was non-finite
         (one host sync; called at log points, epoch ends and before every checkpoint)."""
         f = self._fault
+        label_batch = f.get("bad_label_batch", -1)
+        if isinstance(label_batch, torch.Tensor) and int(label_batch) >= 0:
+            raise ValueError(f"training batch {int(label_batch)} of epoch {int(f.get('epoch', self.epoch)) + 1}: "
+                             f"labels outside 0 .. {self.num_classes - 1}, but the student has {self.num_classes} "
+                             "outputs: fix the dataset's labels or build the student with more classes")
         if self.nan_policy != "stop" or self._host_checks or not isinstance(f["bad_step"], torch.Tensor):
             return
         step = int(f["bad_step"])
@@ -552,10 +624,7 @@ class Trainer:
         epoch = int(self._fault.get("epoch", self.epoch)) + 1  # train_epoch may have counted the epoch already
         where = f"at epoch {epoch}, step {step} (batch {batch} of the epoch)"
         what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss:.4g})"
-        last = (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
-                if self.last_checkpoint is not None else
-                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
-                "after every epoch)")
+        last = self._last_good()
         return FloatingPointError(
             f"{what} {where}; loss terms: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) +
             f"; {last}. Lower the learning rate, check the data and the loss weights, or pass nan_policy='skip' "
@@ -600,6 +669,7 @@ class Trainer:
         if self.checkpointer is None:
             raise ValueError("save_checkpoint needs the trainer built with checkpoint_dir=<a directory>")
         self._check_faults()  # never save non-finite weights as a good checkpoint
+        self.check_finite()  # nor weights an overflowing update made non-finite
         self.last_checkpoint = self.checkpointer.save(self.state_dict(), self.epoch, self.step)
         return self.last_checkpoint
 
