@@ -91,6 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-size", type=count, default=1000, help="test images of PGD-20 and CW∞-30")
     parser.add_argument("--aa-size", type=count, default=200, help="test images of AutoAttack")
     parser.add_argument("--threads", type=whole, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--training-commit", help="the commit the training ran at, when it ran before this one "
+                                                  "(a resumed or earlier run); default: this commit")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
                      "method": "at", "epochs": args.epochs, "pgd_steps": args.steps, "train_images": 59000,
                      "validation": "1,000 training images held out (seed 0); best.pt by PGD-10 accuracy on them",
                      "best": {"epoch": best_state.get("epoch"), "val_pgd": best_state.get("val_pgd")},
-                     "seconds": train_seconds},
+                     "seconds": train_seconds, "commit": args.training_commit or git_commit()},
         "made_by": f"python {shlex.join(['benchmarks/train_teacher.py'] + list(sys.argv[1:] if argv is None else argv))}",
         "commit": git_commit(), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.system()}",
