@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
 from typing import Any, Iterable
@@ -16,6 +17,22 @@ def one_of(argument: str, value: str, choices: Iterable[str], what: str = "value
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     shown = ", ".join(repr(c) for c in choices[:30]) + (", ..." if len(choices) > 30 else "")
     raise ValueError(f"{argument}={value!r} is not a known {what}; {hint}valid: {shown}")
+
+
+def renamed_keywords(**renamed: str):
+    """A decorator for a constructor: a keyword another library spells differently (torchattacks' ``alpha`` for
+    the step) is a ``TypeError`` saying ardir's name, not Python's generic "unexpected keyword argument"."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renamed.items():
+                if old in kwargs:
+                    owner = fn.__qualname__.split(".")[0]
+                    raise TypeError(f"{owner}({old}={kwargs[old]!r}): ardir calls this argument {new}; pass "
+                                    f"{new}={kwargs[old]!r}")
+            return fn(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 def eps_value(argument: str, value: float) -> float:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import batch_tensors, eps_value, label_range, logits_of, non_negative_int, one_of, pixel_range, positive
+from ._checks import renamed_keywords
 
 LOSSES = ("ce", "kl", "cw")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adv_images, labels) -> per-sample loss (N,)
@@ -137,6 +138,7 @@ class PGD:
             images, labels)
     """
 
+    @renamed_keywords(alpha="step_size")  # torchattacks' spelling; in ARD/IAD alpha is a loss weight
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
                  loss: Union[str, LossFn] = "ce", random_start: str = "uniform", mode: str = "eval",
                  loss_models: Sequence[nn.Module] = ()):
