@@ -83,14 +83,20 @@ def reference_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 def reference_steps(student, teacher, adapter, optimizer, loader, steps, device, method, eps, step_size,
-                    attack_steps, t_layer="features", s_layer="features"):
-    """``steps`` training steps the way the authors' scripts write them (ARD / RSLAD main.py; ARDIR = ARD + hooks).
+                    attack_steps, t_layer="features", s_layer="features", natural=None):
+    """``steps`` training steps the way the authors' scripts write them (ARD / RSLAD / AdaAD / MTARD main scripts;
+    ARDIR = ARD + hooks).
 
     ARD and ARDIR: PGD on CE (summed), uniform start, the student in train mode during the attack; KL to the
     teacher's natural-image output (ARD: tau 30, KLDivLoss mean; ARDIR: tau 1, batchmean) plus, for ARDIR, the
     normalised-MSE between the student's adapted features on x' and the teacher's on x.
     RSLAD: PGD on KL to the teacher, start x + 0.001 N(0, I), student in eval mode; 5/6 KL(x') + 1/6 KL(x).
+    AdaAD: PGD on KL(p(T(x')) || p(S(x'))) with the teacher queried at every step, start x + 0.001 N(0, I), both in
+    eval mode; KLDivLoss (mean) of the student's x' output to the teacher's x' output.
+    MTARD: PGD on CE, start x + 0.001 N(0, I), student in eval mode; w_adv KL(T_adv(x') || S(x')) + w_nat
+    KL(T_nat(x) || S(x)) (KLDivLoss mean) with the weights updated from Python floats every step (``.item()``).
     """
+    weights = {"nat": 0.5, "l0": None}
     feats = {}
     handles = []
     if method == "ardir":
@@ -105,12 +111,14 @@ def reference_steps(student, teacher, adapter, optimizer, loader, steps, device,
             break
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad():
-            t_logits = teacher(inputs)
+            t_logits = teacher(inputs) if method != "adaad" else None  # AdaAD's teacher sees x' only
+            if method == "mtard":
+                nat_probs = F.softmax(natural(inputs), dim=1)
         t_feat = feats.get("t")
         # ---- inner maximisation
-        if method == "rslad":
+        if method in ("rslad", "adaad", "mtard"):
             student.eval()
-            t_probs = F.softmax(t_logits, dim=1)
+            t_probs = F.softmax(t_logits, dim=1) if method == "rslad" else None
             x = inputs.detach() + 0.001 * torch.randn(inputs.shape, device=device)
         else:
             student.train()
@@ -120,6 +128,8 @@ def reference_steps(student, teacher, adapter, optimizer, loader, steps, device,
             with torch.enable_grad():
                 if method == "rslad":
                     loss = F.kl_div(F.log_softmax(student(x), dim=1), t_probs, reduction="sum")
+                elif method == "adaad":
+                    loss = F.kl_div(F.log_softmax(student(x), dim=1), F.softmax(teacher(x), dim=1), reduction="sum")
                 else:
                     loss = F.cross_entropy(student(x), targets, reduction="sum")
             grad = torch.autograd.grad(loss, [x])[0]
@@ -132,6 +142,21 @@ def reference_steps(student, teacher, adapter, optimizer, loader, steps, device,
         s_adv = student(x)
         if method == "ard":
             loss = 30.0 * 30.0 * nn.KLDivLoss()(F.log_softmax(s_adv / 30.0, dim=1), F.softmax(t_logits / 30.0, dim=1))
+        elif method == "adaad":
+            with torch.no_grad():
+                t_adv = teacher(x)
+            loss = nn.KLDivLoss()(F.log_softmax(s_adv, dim=1), F.softmax(t_adv, dim=1))
+        elif method == "mtard":
+            with torch.no_grad():
+                t_adv = teacher(x)
+            s_nat = student(inputs)
+            kl_adv = nn.KLDivLoss()(F.log_softmax(s_adv, dim=1), F.softmax(t_adv, dim=1))
+            kl_nat = nn.KLDivLoss()(F.log_softmax(s_nat, dim=1), nat_probs)
+            if weights["l0"] is None:
+                weights["l0"] = (kl_nat.item(), kl_adv.item())
+            r_nat, r_adv = kl_nat.item() / weights["l0"][0], kl_adv.item() / weights["l0"][1]
+            weights["nat"] -= 0.025 * (weights["nat"] - r_nat / (r_nat + r_adv))
+            loss = (1 - weights["nat"]) * kl_adv + weights["nat"] * kl_nat
         elif method == "rslad":
             s_nat = student(inputs)
             kl = nn.KLDivLoss(reduction="none")
@@ -235,6 +260,13 @@ def build_models(pair, device, seed):
     return teacher, student
 
 
+def natural_teacher(args, device):
+    """MTARD's second teacher: the teacher's architecture, other random weights."""
+    torch.manual_seed(args.seed + 1)
+    t_name, _, chans, *_ = PAIRS[args.pair]
+    return models.create(t_name, num_classes=10, in_chans=chans).to(device).eval().requires_grad_(False)
+
+
 def synthetic(pair, n, seed):
     _, _, chans, size, *_ = PAIRS[pair]
     g = torch.Generator().manual_seed(seed)
@@ -303,9 +335,11 @@ def run_throughput(args, device) -> Dict:
     images, labels = synthetic(args.pair, args.batch_size * (args.steps + 1), args.seed)
     teacher, student = build_models(args.pair, device, args.seed)
     ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
+    extra = {"natural_teacher": natural_teacher(args, device)} if args.method == "mtard" else {}
+    ref_natural = copy.deepcopy(extra["natural_teacher"]) if extra else None
 
     loader = ardir_loader(args, device, images, labels)
-    trainer = make_trainer(args, device, teacher, student, loader, limit_batches=args.steps)
+    trainer = make_trainer(args, device, teacher, student, loader, limit_batches=args.steps, **extra)
     adapter = copy.deepcopy(trainer.method.adapters[0].map) if args.method == "ardir" else nn.Identity()
     ref_params = list(ref_student.parameters()) + list(adapter.parameters())
     ref_opt = torch.optim.SGD(ref_params, lr=0.01, momentum=0.9, weight_decay=2e-4)
@@ -326,7 +360,7 @@ def run_throughput(args, device) -> Dict:
 
     def run_ref():
         return reference_steps(ref_student, ref_teacher, adapter, ref_opt, ref_loader, args.steps, device,
-                               args.method, eps, step_size, 10)
+                               args.method, eps, step_size, 10, natural=ref_natural)
 
     def run_ardir():
         trainer.train_epoch()
@@ -404,7 +438,8 @@ def run_epochs(args, device) -> Dict:
     images, labels = synthetic(args.pair, args.epoch_images, args.seed)
     teacher, student = build_models(args.pair, device, args.seed)
     loader = ardir_loader(args, device, images, labels)
-    trainer = make_trainer(args, device, teacher, student, loader, epochs=args.epochs_check)
+    extra = {"natural_teacher": natural_teacher(args, device)} if args.method == "mtard" else {}
+    trainer = make_trainer(args, device, teacher, student, loader, epochs=args.epochs_check, **extra)
     records = []
     for epoch in range(args.epochs_check):
         reset_memory(device)
@@ -437,7 +472,7 @@ def _true_or_false(text: str) -> bool:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="ardir", choices=["ardir", "ard", "rslad"])
+    parser.add_argument("--method", default="ardir", choices=["ardir", "ard", "rslad", "adaad", "mtard"])
     parser.add_argument("--pair", default="fmnist", choices=sorted(PAIRS),
                         help="fmnist: cnn_large -> cnn_small on 1x28x28; paper: wrn34_10 -> resnet18 on 3x32x32")
     parser.add_argument("--device", type=cli.device_name, default="auto",

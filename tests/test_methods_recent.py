@@ -350,3 +350,22 @@ def test_ardir_train_mtard_without_natural_teacher_is_one_sentence(tmp_path, cap
     assert code != 0
     err = capsys.readouterr().err
     assert "MTARD distils from two teachers" in err and "--natural-teacher" in err
+
+
+@pytest.mark.parametrize("method", ["adaad", "mtard"])
+def test_throughput_reference_loop_and_flag_cover_them(method):
+    """benchmarks/throughput.py --method adaad|mtard: its plain reference loop runs (one tiny step here)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    student, teacher, natural = TinyNet(), frozen(TinyNet(width=12)), frozen(TinyNet(width=6))
+    before = [p.detach().clone() for p in student.parameters()]
+    loader = [(torch.rand(4, 1, 8, 8), torch.randint(0, C, (4,)))]
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    done = bench.reference_steps(student, teacher, torch.nn.Identity(), optimizer, loader, 1, torch.device("cpu"),
+                                 method, 0.1, 0.03, 2, natural=natural)
+    assert done == 1 and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert f"\"{method}\"" in path.read_text().split("add_argument(\"--method\"")[1].split("\n")[0]
