@@ -369,3 +369,22 @@ def test_throughput_reference_loop_and_flag_cover_them(method):
                                  method, 0.1, 0.03, 2, natural=natural)
     assert done == 1 and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert f"\"{method}\"" in path.read_text().split("add_argument(\"--method\"")[1].split("\n")[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_in_adaad_or_mtard_steps_on_cuda():
+    """The callable-loss attack and MTARD's weight update stay on the device: no host sync in a batch's method call."""
+    student, teacher = TinyNet().cuda(), frozen(TinyNet(width=12)).cuda()
+    x, y = torch.rand(8, 1, 8, 8, device="cuda"), torch.randint(0, C, (8,), device="cuda")
+    methods = [ardir.AdaAD(eps=0.1, step_size=0.03, steps=3),
+               ardir.MTARD(natural_teacher=frozen(TinyNet(width=6)).cuda(), eps=0.1, step_size=0.03, steps=3)]
+    for method in methods:
+        method.setup(student, teacher, x)
+        sum(method(student, x, y, teacher).values()).backward()  # warm-up (cuDNN, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for method in methods:
+            sum(method(student, x, y, teacher).values()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
