@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     teacher = ardir.teachers.load_teacher(str(args.run_dir / "best.pt"))
     out = zoo.WEIGHTS_DIR / "fashion-mnist"
     weights = out / f"{args.name}.pt"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_save({k: v.detach().clone().contiguous() for k, v in teacher.state_dict().items()}, weights)
     best_state = ardir.checkpoint.load_checkpoint(args.run_dir / "best.pt")
     manifest = {
