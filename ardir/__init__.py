@@ -9,11 +9,12 @@ Public API::
     ardir.FeatureHooks                       -- outputs of named modules
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
-    ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name or robustbench:NAME
+    ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name, robustbench:NAME or a
+                                                shipped one (ardir.zoo: fashion-mnist:cnn_xlarge-at)
     ardir.gpu_data.GPULoader                 -- a data set kept on the GPU, augmented there
     ardir.distributed                        -- torchrun: init, the loaders' shards, rank 0 writes
 """
-from . import data, distributed, gpu_data, losses, methods, models, teachers
+from . import data, distributed, gpu_data, losses, methods, models, teachers, zoo
 from .attacks import PGD
 from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
 from .hooks import FeatureHooks
@@ -27,5 +28,5 @@ __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
     "PGD", "FeatureHooks", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
     "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "models", "methods", "losses",
-    "teachers", "gpu_data", "distributed",
+    "teachers", "zoo", "gpu_data", "distributed",
 ]
