@@ -173,8 +173,11 @@ class MTARD(Method):
             num_classes = int(student(sample).shape[1])
         if self.natural_model is None:
             from .teachers import load_teacher
-            object.__setattr__(self, "natural_model", load_teacher(self._natural_spec, num_classes,
-                                                                   int(sample.shape[1]), device))
+            try:
+                loaded = load_teacher(self._natural_spec, num_classes, int(sample.shape[1]), device)
+            except (ValueError, FileNotFoundError) as err:  # say which of the two teachers it is
+                raise type(err)(f"natural_teacher: {err}") from None
+            object.__setattr__(self, "natural_model", loaded)
         model = self.natural_model
         if model is student:
             raise ValueError("natural_teacher is the student: pass a separate, naturally trained model")

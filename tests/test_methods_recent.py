@@ -235,6 +235,13 @@ def test_mtard_bad_arguments_are_one_sentence_each():
         assert "\n" not in str(e.value) and str(e.value).count(". ") == 0
 
 
+def test_mtard_natural_teacher_that_cannot_be_loaded_is_named(tmp_path):
+    method = ardir.MTARD(natural_teacher=str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match=r"^natural_teacher: checkpoint .*missing.pt' does not exist") as err:
+        method.setup(TinyNet(), frozen(TinyNet()), torch.rand(2, 1, 8, 8))
+    assert "\n" not in str(err.value)
+
+
 def test_mtard_natural_teacher_from_a_name_is_kept_out_of_the_method_state():
     method = ardir.MTARD(natural_teacher="cnn_small")
     student = ardir.models.create("cnn_small", num_classes=10, in_chans=1)
