@@ -212,7 +212,7 @@ def test_fashion_mnist_suite_uses_the_shipped_teacher(reproduce, tmp_path):
     md, record = _table(out / "fashion_mnist.md")
     rows = {r["method"]: r for r in record["rows"]}
     manifest = reproduce.zoo.manifest("fashion-mnist:cnn_xlarge-at")
-    assert rows["teacher"]["mean"]["autoattack"] == manifest["evaluation"]["accuracy"]["autoattack"]
+    assert rows["teacher"]["mean"]["pgd20"] == manifest["evaluation"]["accuracy"]["pgd20"]
     assert "fashion-mnist:cnn_xlarge-at (cnn_xlarge" in md and "Δ AA vs AT" in md
     tau1 = json.loads((runs / "cnn_small__ard-tau1__seed0.json").read_text())
     assert tau1["method_kwargs"]["tau"] == 1.0 and tau1["method_kwargs"]["kl_reduction"] == "batchmean"

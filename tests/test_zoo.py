@@ -20,8 +20,10 @@ def test_the_shipped_fashion_mnist_teacher_loads_by_name_and_matches_its_hash():
     assert isinstance(teacher, type(models.create(info["model"], in_chans=1)))
     with torch.no_grad():
         assert teacher(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    for key in ("natural", "pgd20", "cw30", "autoattack"):  # the manifest states what it measured
+    for key in ("natural", "pgd20", "cw30"):  # the manifest states what it measured
         assert 0 <= info["evaluation"]["accuracy"][key] <= 100
+    aa = info["evaluation"]["accuracy"]["autoattack"]  # None: not measured (hours on two CPU cores)
+    assert aa is None or 0 <= aa <= 100
     assert info["training"]["command"].startswith("ardir train") and info["commit"]
 
 
