@@ -17,7 +17,7 @@ from . import distributed
 from ._checks import non_negative, number, one_of, positive
 from .attacks import attack_module, kl_to, model_mode
 from .losses import KL_REDUCTIONS, kl_div
-from .methods import Method, Terms, register_method, teacher_logits
+from .methods import RSLAD, Method, Terms, register_method, teacher_logits
 
 
 def _weight(name: str, value: float) -> float:
@@ -123,8 +123,7 @@ class MTARD(Method):
     attack_loss = "ce"
     default_start = "normal"
     default_attack_mode = "eval"
-    epochs = 300
-    milestones = (215 / 300, 260 / 300, 285 / 300)
+    epochs, milestones = RSLAD.epochs, RSLAD.milestones  # the reference trains on RSLAD's schedule
 
     def __init__(self, natural_teacher: TeacherSpec = None, eta: float = 0.025, beta: float = 1.0,
                  kl_reduction: str = "mean", kl_scale: float = 1.0, **attack):

@@ -74,8 +74,8 @@ def main(argv=None):
     teacher = ardir.teachers.load_teacher(TEACHER, num_classes=10, in_chans=1)
     students = [("ARDIR (distilled)", train_student("ardir", loaders, teacher, args)),
                 ("AT (alone)", train_student("at", loaders, None, args))]
-    reports = [(name, ardir.evaluate(model, loaders.test, eps=EPS, attacks=tuple(ATTACKS), n_examples=args.test_size,
-                                     subset="random", seed=0, progress=not args.quiet, checks=False))
+    reports = [(name, ardir.evaluate(model, loaders.test, eps=EPS, attacks=tuple(ATTACKS), subset="random",
+                                     n_examples=args.test_size, seed=0, progress=not args.quiet, checks=False))
                for name, model in students]
     print(f"\ncnn_small on {args.train_size} Fashion-MNIST images, {args.epochs} epochs each; teacher {TEACHER}; "
           f"{reports[0][1].subset} test images; accuracy (%)\n")
