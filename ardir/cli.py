@@ -283,17 +283,18 @@ class RunLogger:
         record = {"epoch": record["epoch"], "step": trainer.step, **{k: v for k, v in record.items() if k != "epoch"}}
         if hasattr(trainer, "check_finite"):
             trainer.check_finite()  # no last.pt or best.pt with a NaN/Inf weight or statistic, ever
-        # Order matters for a crash in between: the log line first (a resume drops lines past last.pt), then
-        # best.pt, then last.pt, which records the best epoch only once best.pt holds it.
-        self._append(json.dumps(record) + "\n")
+        # Order matters for a crash in between: best.pt, then last.pt (which records the best epoch only once
+        # best.pt holds it, and this epoch's log line), then the log line: a logged epoch is always resumable, and a
+        # resume writes the line a crash kept from the log (see _sync_metrics).
         improved = "val_pgd" in record and record["val_pgd"] > self.best.get("val_pgd", -1.0)
         if improved:
             self.best = {"epoch": record["epoch"], "val_pgd": record["val_pgd"],
                          "val_natural": record["val_natural"]}
             atomic_save({"format": MODEL_FORMAT, "config": self.config, "model_info": self.model_info,
                          "model": trainer.student.state_dict(), **self.best}, self.output_dir / "best.pt")
-        atomic_save(self.last_state(trainer), self.output_dir / "last.pt")
+        atomic_save({**self.last_state(trainer), "record": record}, self.output_dir / "last.pt")
         trainer.last_checkpoint = self.output_dir / "last.pt"  # what a numerical fault's message points to
+        self._append(json.dumps(record) + "\n")
         self.log(_format_record(record, trainer.epochs) + ("  *best*" if improved else ""))
 
     def _append(self, line: str) -> None:
@@ -316,11 +317,10 @@ class RunLogger:
                 "rng": _rng_state(self.loader), "best": self.best, "epoch": trainer.epoch, "step": trainer.step}
 
 
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Keep the lines of epochs <= ``epoch`` (an interruption between writing the log and last.pt)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _sync_metrics(path: Path, epoch: int, record: Optional[Mapping[str, Any]] = None) -> None:
+    """Make the log end at ``epoch``, the checkpoint resumed: drop lines past it (or cut short by a crash) and add
+    its own ``record`` when a crash came between writing ``last.pt`` and the log line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
     kept = []
     for line in lines:
         try:
@@ -328,7 +328,10 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut short by the crash
             pass
-    if len(kept) != len(lines):
+    logged = {json.loads(line).get("epoch") for line in kept}
+    if record is not None and record.get("epoch") == epoch and epoch not in logged:
+        kept.append(json.dumps(dict(record)))
+    if kept != lines:
         atomic_write_text("".join(line + "\n" for line in kept), path)
 
 
@@ -481,7 +484,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
             if trainer.world_size == 1:  # in a process group each process has its own, from the trainer's state
                 _set_rng_state(state["rng"], loaders.train)
         if main_process:
-            _truncate_metrics(logger.metrics_path, trainer.epoch)
+            _sync_metrics(logger.metrics_path, trainer.epoch, (state or {}).get("record"))
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
     elif main_process and logger.metrics_path.exists():
         logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over

@@ -304,8 +304,39 @@ def test_data_dir_is_where_train_and_eval_read_the_dataset(tmp_path):
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
-    cli._truncate_metrics(path, 2)
+    cli._sync_metrics(path, 2)
     assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_resume_writes_the_log_line_a_crash_kept_from_the_log(tmp_path):
+    """A kill between writing last.pt and its log line: the resumed run's log still has every epoch once."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n')
+    cli._sync_metrics(path, 2, {"epoch": 2, "loss": 0.5})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1}, {"epoch": 2, "loss": 0.5}]
+    cli._sync_metrics(path, 2, {"epoch": 2, "loss": 0.5})  # already there: not twice
+    assert len(path.read_text().splitlines()) == 2
+    (tmp_path / "none.jsonl").unlink(missing_ok=True)
+    cli._sync_metrics(tmp_path / "none.jsonl", 1, {"epoch": 1})  # the first epoch's line, no log at all
+    assert json.loads((tmp_path / "none.jsonl").read_text()) == {"epoch": 1}
+
+
+def test_a_logged_epoch_is_always_resumable(tmp_path, monkeypatch):
+    """The epoch's checkpoint is on disk before its log line: a crash while logging leaves last.pt, which holds
+    the line, and --resume puts it back in the log."""
+    out = tmp_path / "run"
+
+    def crash(self, line):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.RunLogger, "_append", crash)
+    assert run("train", *TINY, "--method", "at", "--epochs", "2", "--output-dir", out) != 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["record"]["epoch"] == 1
+    monkeypatch.undo()
+    assert run("train", "--output-dir", out, "--resume", "--quiet") == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 def test_config_of_an_extended_run_repeats_it(tmp_path):
