@@ -225,8 +225,11 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "inner max KL to teacher": {"attack_loss": "kl"},
     "w_ce 1 (CE on x' added)": {"w_ce": 1.0},
     "tau 4": {"tau": 4.0},
+    "reference: AT, no teacher": {},
 }
 """ARDIR variants of ``--ablation``: a label and the ARDIR arguments that differ from the library's defaults."""
+ABLATION_METHODS = {"reference: AT, no teacher": "at"}
+"""Ablation rows that run another method than ARDIR: the bar a variant must clear on the same validation split."""
 
 
 # -------------------------------------------------------------------------------------------------- settings
@@ -829,7 +832,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = list(args.seeds if args.seeds is not None else suite.seeds)
     if args.ablation:
         labels = list(args.variants or ABLATIONS)
-        jobs = [(s, "ardir", seed, v) for seed in seeds for s in settings["students"] for v in labels]
+        jobs = [(s, ABLATION_METHODS.get(v, "ardir"), seed, v) for seed in seeds for s in settings["students"]
+                for v in labels]
         name = f"ablation_{suite.results_name}"
     else:
         jobs = [(s, m, seed, None) for seed in seeds for s in settings["students"] for m in methods]

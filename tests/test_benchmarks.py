@@ -192,14 +192,19 @@ def test_rows_record_the_methods_library_defaults(reproduce):
 
 @pytest.mark.slow
 def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
-    variants = ["w_ir 0 (no IR term: ARD with tau 1)", "layers block3 (conv map, 1x1 adapter)"]
+    variants = ["w_ir 0 (no IR term: ARD with tau 1)", "layers block3 (conv map, 1x1 adapter)",
+                "reference: AT, no teacher"]
     out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "--ablation", "--variants", *variants)
     md, record = _table(out / "ablation_fashion_mnist.md")
-    assert [r["variant"] for r in record["rows"]] == sorted(variants)
+    assert sorted(r["variant"] for r in record["rows"]) == sorted(variants)
+    # the bar a variant must clear: plain AT of the same student, scored on the same held-out images
     block3 = json.loads((runs / "cnn_small__layers-block3--conv-map--1x1-adapter__seed0.json").read_text())
     assert block3["method_kwargs"]["layers"] == ["block3"]
     # the ablation chooses defaults, so it is scored on images held out of the training set, never the test set
     assert block3["evaluated_on"].startswith("validation") and "scored on a validation split" in md
+    # the bar a variant must clear: plain AT of the same student, scored on the same held-out images
+    at = json.loads((runs / "cnn_small__reference--at--no-teacher__seed0.json").read_text())
+    assert at["method"] == "at" and at["evaluated_on"] == block3["evaluated_on"]
     assert "never on the test set" in md
 
 
