@@ -19,6 +19,12 @@ A training run writes into ``--output-dir``:
   ``images_per_s``, ``seconds``;
 * ``config.toml`` -- the resolved configuration (``ardir train --config DIR/config.toml`` repeats the run).
 
+Paths are read from the current directory, as typed, and recorded absolute (``config.toml`` and the checkpoints):
+``output_dir``, ``data_dir``, ``robustbench_dir`` (also the default one a ``robustbench:NAME`` teacher is read
+from) and ``teacher``/``natural_teacher`` when they are files (:data:`ardir.config.PATH_KEYS`). So
+``ardir train --output-dir DIR --resume`` and ``ardir eval`` work from any directory; a recorded path that no
+longer exists is an error naming ``DIR/config.toml`` and the flag that overrides it (``--teacher PATH``, ...).
+
 Every flag of ``ardir train`` is a key of the TOML file (``--weight-decay`` is ``weight_decay``); the list comes
 from :mod:`ardir.config` (Trainer and method signatures), so ``ardir train --help`` is always complete.
 """
@@ -378,6 +384,26 @@ def _resume_point(output_dir: Path):
     return None, mid, cfg.load_toml(saved)
 
 
+def _check_saved_paths(config: Mapping[str, Any], given: Mapping[str, Any], output_dir: Path) -> None:
+    """On ``--resume``: a path the run recorded, not given again now, that this run reads and that no longer exists
+    is a :class:`CLIError` naming ``DIR/config.toml`` and the flag that overrides it."""
+    from .methods import METHODS
+    teacher = config.get("teacher") or ""
+    reads = {"teacher": METHODS[config["method"]].needs_teacher, "natural_teacher": True,
+             "data_dir": not config["fake_data"], "robustbench_dir": teacher.startswith("robustbench:")}
+    for key, used in reads.items():
+        value = config.get(key)
+        if not used or key in given or not isinstance(value, str) or not value:
+            continue
+        if key in ("teacher", "natural_teacher") and not cfg.looks_like_path(value):
+            continue  # a name: the loader says what is wrong with it
+        if not os.path.lexists(os.path.expanduser(value)):
+            flag = cfg.schema()[key].flag
+            raise CLIError(f"--resume: the {key} {value} recorded in {output_dir / 'config.toml'} does not exist; "
+                           f"pass {flag} {'DIR' if key.endswith('_dir') else 'PATH'} to resume with it where it is "
+                           "now")
+
+
 def _best_so_far(output_dir: Path, epoch: int) -> Optional[Dict[str, Any]]:
     """The record of ``best.pt`` when it is usable and from an epoch <= ``epoch`` (a resume without last.pt)."""
     try:
@@ -430,12 +456,14 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     if resume:
         state, mid, saved = _resume_point(output_dir)
         config = cfg.resolve(saved, file_values, flags)
+        _check_saved_paths(config, {**file_values, **flags}, output_dir)
     else:
         if os.path.lexists(last) or list_checkpoints(output_dir / "checkpoints"):
             raise CLIError(f"{output_dir} already holds a run ({'last.pt' if os.path.lexists(last) else 'checkpoints'}"
                            "); continue it with --resume, or choose another --output-dir")
         config = cfg.resolve(file_values, flags)
     config["output_dir"] = str(output_dir)
+    config = cfg.absolute_paths(config)  # what last.pt and config.toml record: the run resolves from anywhere
     device, joined = distributed.join(_device(config["device"]))  # under torchrun: one process per device
     _seed_everything(config["seed"])
 

@@ -20,6 +20,9 @@ The keys come from three places, so no option is listed twice:
 
 Unknown keys are errors naming the key and its closest matches; a wrong type is an error naming the key, the
 expected type and what was given. :func:`dump_toml` writes the resolved configuration back as TOML.
+
+Paths (:data:`PATH_KEYS`) are read relative to the current directory, as typed; :func:`absolute_paths` makes them
+absolute, which is how a run records them (``config.toml``, ``last.pt``), so a saved run resolves from anywhere.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.9/3.10
 __all__ = ["ConfigError", "Option", "RUN_OPTIONS", "LIMITS", "schema", "load_toml", "parse_toml", "check",
            "check_value", "check_range",
            "resolve", "dump_toml", "dump_config", "method_keys", "trainer_keys", "method_kwargs", "trainer_kwargs",
-           "layer_specs"]
+           "layer_specs", "PATH_KEYS", "looks_like_path", "absolute_paths"]
 
 SCALARS = ("str", "int", "float", "bool")
 KINDS = SCALARS + ("list[str]", "list[int]", "list[float]")
@@ -375,6 +378,47 @@ def resolve(*layers: Mapping[str, Any]) -> Dict[str, Any]:
         if option.group == "method" and config[option.name] is not None and option.name not in accepted:
             raise ConfigError(f"{option.name}: method {method!r} does not take this argument; it takes "
                               f"{', '.join(method_arguments(method))}")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+PATH_KEYS: Tuple[str, ...] = ("output_dir", "data_dir", "robustbench_dir", "teacher", "natural_teacher")
+"""The keys whose value is a file-system path. ``teacher`` and ``natural_teacher`` are one when they name a file
+(else they are a model name, a shipped teacher ``DATASET:NAME`` or ``robustbench:NAME``)."""
+
+_TEACHER_KEYS = ("teacher", "natural_teacher")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a teacher ``spec`` names a file, existing or not: absolute, with a directory part, or ending in
+    ``.pt``/``.pth``/``.tar`` (the rule of :func:`ardir.teachers.load_teacher`'s "does not exist" error), and not
+    ``robustbench:NAME``."""
+    if not isinstance(spec, str) or not spec or spec.startswith("robustbench:"):
+        return False
+    spec = os.path.expanduser(spec)
+    return os.path.isabs(spec) or os.sep in spec or "/" in spec or spec.endswith((".pt", ".pth", ".tar"))
+
+
+def absolute_paths(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """``config`` with every path of :data:`PATH_KEYS` absolute (``~`` expanded), read from the current directory.
+
+    A teacher is made absolute only when it is an existing file (what :func:`ardir.teachers.load_teacher` loads
+    first); a name stays a name. With ``teacher = "robustbench:NAME"`` and no ``robustbench_dir``, the directory
+    the teacher is read from now (``$ARDIR_ROBUSTBENCH_DIR`` or ``./models``) is recorded.
+    """
+    config = dict(config)
+    teacher = config.get("teacher")
+    if isinstance(teacher, str) and teacher.startswith("robustbench:") and config.get("robustbench_dir") is None:
+        from .teachers import default_robustbench_dir
+        config["robustbench_dir"] = str(default_robustbench_dir())
+    for key in PATH_KEYS:
+        value = config.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = os.path.expanduser(value)
+        if key in _TEACHER_KEYS and (value.startswith("robustbench:") or not os.path.lexists(path)):
+            continue
+        config[key] = os.path.abspath(path)
     return config
 
 
