@@ -48,9 +48,11 @@ from . import config as cfg
 from . import data as ardir_data
 from . import distributed
 from . import models
+from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
+from ._cli_eval import add_eval_parser, evaluate_checkpoint, report_path
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, find_resumable, list_checkpoints,
                          load_checkpoint, remove_stale_temporaries)
-from .teachers import TeacherNotFoundError, load_teacher, model_from_checkpoint
+from .teachers import TeacherNotFoundError, load_teacher
 
 __all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError", "count", "whole",
            "attack_name", "device_name"]
@@ -59,87 +61,7 @@ RUN_FORMAT = "ardir-run"
 MODEL_FORMAT = "ardir-model"
 
 
-class CLIError(Exception):
-    """A problem with the command line or the run directory, reported as one sentence (exit status 2)."""
-
-
 # ---------------------------------------------------------------------------------------------------- parser
-def _flag_type(kind: str, option: Optional[cfg.Option] = None):
-    """The argparse type of a flag of ``kind``; with ``option``, its value is also checked (range, choices), so
-    that the error names the flag (``argument --train-size: 0 must be >= 1``)."""
-    parse = _parse_type(kind)
-    if option is None:
-        return parse
-
-    def parse_checked(text: str):
-        value = parse(text)
-        try:
-            item = cfg.Option(option.name, kind[5:-1], None, "", option.group) if kind.startswith("list[") else option
-            return cfg.check_value(item, value)
-        except cfg.ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
-    parse_checked.__name__ = parse.__name__
-    return parse_checked
-
-
-def _parse_type(kind: str):
-    item = kind[5:-1] if kind.startswith("list[") else kind
-    if item == "float":
-        def parse_float(text: str) -> float:
-            try:
-                return cfg._float("value", text)
-            except cfg.ConfigError as err:  # argparse shows an ArgumentTypeError's own words
-                raise argparse.ArgumentTypeError(str(err).replace("value: ", "", 1)) from None
-        parse_float.__name__ = "float"
-        return parse_float
-    return {"int": int, "str": str}[item]
-
-
-# argparse types, shared with examples/ and benchmarks/ so that every script rejects a bad flag before any work
-def _whole_number(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
-    return value
-
-
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    return _whole_number(text, 1)
-
-
-def whole(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    return _whole_number(text, 0)
-
-
-def attack_name(text: str) -> str:
-    """An argparse type: an attack name of :func:`ardir.evaluate` (``natural``, ``pgd20``, ``cw30``, ...)."""
-    from .evaluate import parse_attack
-    try:
-        parse_attack(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-def device_name(text: str) -> str:
-    """An argparse type: a device torch can use on this machine; ``"auto"`` is CUDA when present, else the CPU."""
-    try:
-        return str(_device(text))
-    except CLIError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _device_flag(text: str) -> str:
-    """An argparse type: ``text`` unchanged (``auto`` stays ``auto``) once it is a device torch can use here."""
-    device_name(text)
-    return text
-
-
 def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
     help_ = option.help.replace("%", "%%")
     if option.default is not None and option.group != "method":
@@ -173,29 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     for option in cfg.schema().values():
         _add_option(groups[option.group], option)
 
-    eval_p = sub.add_parser("eval", help="evaluate a checkpoint; writes <name>_report.md and .json beside it")
-    eval_p.add_argument("--checkpoint", required=True, help="an ardir checkpoint (DIR/best.pt or DIR/last.pt)")
-    eval_p.add_argument("--attacks", nargs="+", default=None, type=attack_name, help="attack names (ardir.evaluate's grammar: natural, "
-                        "fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`")
-    eps_option = cfg.schema()["eps"]
-    eval_p.add_argument("--eps", type=_flag_type("float", eps_option), default=None,
-                        help="L-inf radius, e.g. 8/255 (default: the run's eval_eps, else its training eps)")
-    eval_p.add_argument("--eps-sweep", type=_flag_type("float", eps_option), nargs="+", default=None,
-                        help="also run --sweep-attack at these radii (robust accuracy against eps; `ardir plot`)")
-    eval_p.add_argument("--sweep-attack", default="pgd20", type=attack_name, help="attack of the eps sweep and of the large-eps check")
-    eval_p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
-                        help="run ardir.evaluate's sanity checks (an eps sweep needs them)")
-    eval_p.add_argument("--n-examples", type=count, default=None, help="test images evaluated (default: the run's, "
-                        "else all)")
-    eval_p.add_argument("--data-dir", default=None, help="the dataset's location (default: the run's)")
-    eval_p.add_argument("--fake-data", action=argparse.BooleanOptionalAction, default=None,
-                        help="evaluate on fake data (default: as the run was trained)")
-    eval_p.add_argument("--batch-size", type=count, default=None, help="evaluation batch size (default: the run's)")
-    eval_p.add_argument("--device", default="auto", type=_device_flag, help="auto, cpu, cuda, cuda:1, ...")
-    eval_p.add_argument("--output", default=None, help="report path without suffix (default: <name>_report beside "
-                        "the checkpoint <name>.pt)")
-    eval_p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
-    eval_p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_eval_parser(sub)
 
     plot_p = sub.add_parser("plot", help="training curves (metrics.jsonl) and robust accuracy against eps "
                             "(report*.json with a sweep) as PNG files")
@@ -205,20 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CLIError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...): {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"device {name!r} asked for, but torch sees no Apple GPU (MPS); use --device cpu")
-    return device
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -541,54 +427,6 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         summary += f"; best.pt from epoch {best['epoch']} (val PGD {best['val_pgd']:.2f}%)"
     say(summary + f"; evaluate with `ardir eval --checkpoint {output_dir}/{'best' if best else 'last'}.pt`")
     return output_dir
-
-
-# -------------------------------------------------------------------------------------------------- eval
-def report_path(checkpoint: Path) -> Path:
-    """Where ``ardir eval`` writes a checkpoint's report by default: ``DIR/<name>_report`` (.md and .json)."""
-    return checkpoint.parent / f"{checkpoint.stem}_report"
-
-
-def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None, eps: Optional[float] = None,
-                        n_examples: Optional[int] = None, data_dir: Optional[str] = None,
-                        fake_data: Optional[bool] = None, batch_size: Optional[int] = None, device: str = "auto",
-                        output: Optional[str] = None, eps_sweep: Optional[Sequence[float]] = None,
-                        sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True):
-    """Run ``ardir eval``: rebuild the model from the checkpoint's record, evaluate it on the run's test set,
-    write ``<name>_report.md`` and ``.json`` beside the checkpoint ``<name>.pt`` (or at ``output``), so
-    reports of ``best.pt`` and ``last.pt`` sit side by side. Returns the report."""
-    from .evaluate import evaluate
-    from .methods import create_method
-
-    path = Path(checkpoint)
-    state = load_checkpoint(path)
-    if eps_sweep and not checks:
-        raise CLIError("--eps-sweep is one of the sanity checks: drop --no-checks")
-    if "model_info" not in state or "config" not in state:
-        raise CLIError(f"{path} is not an ardir run checkpoint (best.pt or last.pt of `ardir train`)")
-    config = cfg.resolve(state["config"])
-    dev, joined = distributed.join(_device(device))  # under torchrun each process attacks its share of the batches
-    model = model_from_checkpoint(state, source=str(path)).to(dev).eval()
-    if eps is None:
-        eps = config["eval_eps"]
-    if eps is None:
-        eps = create_method(config["method"], **cfg.method_kwargs(config)).eps
-    fake = config["fake_data"] if fake_data is None else fake_data
-    test = ardir_data.get_dataset(config["dataset"], "test", data_dir or config["data_dir"],
-                                  download=config["download"], augment=False, fake=fake)
-    loader = torch.utils.data.DataLoader(test, batch_size=batch_size or config["batch_size"], shuffle=False)
-    try:
-        report = evaluate(model, loader, eps=eps, attacks=list(attacks or config["attacks"]),
-                          n_examples=n_examples if n_examples is not None else config["n_examples"],
-                          eps_sweep=eps_sweep, sweep_attack=sweep_attack, seed=seed, progress=not quiet,
-                          dataset=config["dataset"], checks=checks, warn=distributed.is_main_process())
-    finally:
-        main_process = distributed.is_main_process()
-        if joined:
-            distributed.cleanup()
-    if main_process:
-        report.save(Path(output) if output else report_path(path))
-    return report
 
 
 # -------------------------------------------------------------------------------------------------- main
