@@ -49,12 +49,13 @@ METRICS = ("natural", "fgsm", "pgd20", "cw20", "cw30", "autoattack")
 HEADERS = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "cw20": "CW∞-20", "cw30": "CW∞-30",
            "autoattack": "AutoAttack"}
 ALL_METHODS = ("natural", "at", "trades", "ard", "iad", "rslad", "ardir")
+RECENT_METHODS = ("adaad", "mtard")  # the baselines recent papers add (MTARD needs a natural teacher too)
 ROW_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "ard-tau1": ("ard", {"tau": 1.0, "kl_reduction": "batchmean"}),
 }
 """Rows that run a method at other settings than its paper's: ``name -> (method, arguments)``. ``ard-tau1`` is ARD
 at tau 1 with the batch-mean KL, beside ARD at its reference settings (tau 30, KL / C)."""
-ROW_NAMES = ALL_METHODS + tuple(ROW_VARIANTS)
+ROW_NAMES = ALL_METHODS + RECENT_METHODS + tuple(ROW_VARIANTS)
 
 
 def base_method(row: str) -> Tuple[str, Dict[str, Any]]:
@@ -96,6 +97,7 @@ class Suite:
     num_classes: int = 10
     checks: bool = True  # evaluate()'s gradient-masking sanity checks on every row
     teacher_attacks: Optional[Tuple[str, ...]] = None  # the teacher's row (no AutoAttack); None: as the students'
+    natural_teacher: Optional[str] = None  # MTARD's naturally trained teacher (a spec); None: --natural-teacher
     notes: Tuple[str, ...] = ()
 
 
@@ -132,15 +134,17 @@ PUBLISHED: Dict[str, Dict[Tuple[str, str], Dict[str, float]]] = {
     }.items()},
 }
 PUBLISHED["cifar10"][("wrn34_10 (teacher)", "teacher")] = {"natural": 84.92, "autoattack": 53.08}
+PUBLISHED["cifar100"][("resnet18", "adaad")] = {"autoattack": 28.06}  # IGDM's re-run of AdaAD (methods.md)
 PUBLISHED_SOURCE = ("Zi et al. 2021 (RSLAD), Table 2 (CIFAR-10, teacher TRADES WRN-34-10) and Table 3 (CIFAR-100, "
                     "teacher WRN-70-16 of Gowal et al.), 'best checkpoint' block; PGD = PGD_SAT (20 steps, CE), "
                     "CW∞ 20 steps, AA = AutoAttack standard; full 10,000-image test sets. ARDIR's own numbers are "
                     "not published anywhere we can read. Teacher row (CIFAR-10): RobustBench's Zhang2019Theoretically "
-                    "(clean 84.92, AA 53.08).")
+                    "(clean 84.92, AA 53.08). AdaAD (CIFAR-100, ResNet-18): AutoAttack 28.06 as re-run by IGDM; "
+                    "MTARD's own tables use other baselines' re-runs and are not quoted here.")
 
 _CIFAR = dict(eps=8 / 255, step_size=2 / 255, steps=10, eval_step_size=2 / 255, teacher_model="wrn34_10",
               teacher_method="trades", teacher_epochs=None, students=("resnet18", "mobilenet_v2"),
-              methods=ALL_METHODS, epochs=None, lr=0.1, batch_size=128, train_size=None,
+              methods=ALL_METHODS + RECENT_METHODS, epochs=None, lr=0.1, batch_size=128, train_size=None,
               attacks=("natural", "fgsm", "pgd20", "cw20", "cw30"), eval_size=None, aa_size=None, seeds=(0,),
               in_chans=3)
 
@@ -165,9 +169,10 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_xlarge", teacher_method="at", teacher_epochs=None,
           teacher_spec="fashion-mnist:cnn_xlarge-at",
-          students=("cnn_small",), methods=ALL_METHODS + ("ard-tau1",), epochs=10, lr=0.05, batch_size=128,
+          students=("cnn_small",), methods=ALL_METHODS + ("ard-tau1",) + RECENT_METHODS, epochs=10, lr=0.05, batch_size=128,
           train_size=5000, attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=None, aa_size=1000,
           seeds=(0, 1, 2), checks=False, teacher_attacks=("natural", "fgsm", "pgd20"),
+          natural_teacher="fashion-mnist:cnn_xlarge-natural",
           notes=("The 'teacher knows more' protocol, as in the papers and in practice: the teacher is ardir's "
                  "shipped fashion-mnist:cnn_xlarge-at (benchmarks/train_teacher.py: a 0.85 M-parameter CNN "
                  "adversarially trained on all 59,000 training images but a 1,000-image validation split, on "
@@ -180,7 +185,10 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "Every method gets the same 10 epochs on the same 5,000 training images (seeded subset) and lr "
                  "(0.05, lr x0.1 at each method's paper fractions of the epochs); IAD's warm-up is 0.3 x epochs "
                  "as its paper's 60/200. ard runs at its reference settings (tau 30, KL / C), ard-tau1 at tau 1 "
-                 "with the batch-mean KL.",
+                 "with the batch-mean KL. AdaAD and MTARD at their reference settings (AdaAD alpha 1, the KL / C "
+                 "of its CIFAR-10 script; MTARD's adaptive weights, KL / C); MTARD's natural teacher is the "
+                 "shipped fashion-mnist:cnn_xlarge-natural (the same network trained without attack on the same "
+                 "59,000 images).",
                  "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
                  "same for every row); the other attacks on the full 10,000-image test set. evaluate()'s sanity "
                  "checks are off: AutoAttack's black-box Square already catches masked gradients.",
@@ -254,6 +262,7 @@ def resolve(suite: Suite, args: argparse.Namespace) -> Dict[str, Any]:
         "teacher_attacks": list(suite.teacher_attacks) if suite.teacher_attacks else None,
         "method_kwargs": suite.method_kwargs, "precision": args.precision,
         "in_chans": suite.in_chans, "num_classes": suite.num_classes,
+        "natural_teacher": pick(args.natural_teacher, suite.natural_teacher),
     }
 
 
@@ -271,9 +280,17 @@ def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
     return out
 
 
+def row_key(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a row's JSON must match to be reused. MTARD's natural teacher is not among them: only MTARD's
+    rows use it, and their ``method_config`` records it."""
+    return _jsonable({k: v for k, v in settings.items() if k not in ("students", "natural_teacher")})
+
+
 def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
     method, row_extra = base_method(method)
+    if method == "mtard":
+        kwargs["natural_teacher"] = settings.get("natural_teacher")
     kwargs.update(settings["method_kwargs"].get(method, {}))
     kwargs.update(row_extra)
     epochs = settings["epochs"] if settings["epochs"] is not None else ardir.methods.METHODS[method].epochs
@@ -445,7 +462,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     run_dir, teacher_dir = run_dirs(args)
     if teacher is None and _needs_teacher(job):
         teacher, _ = get_teacher(settings, teacher_dir, args.data_dir, device, False, lambda msg: None)
-    key = _jsonable({k: v for k, v in settings.items() if k != "students"})
+    key = row_key(settings)
     if method == "teacher" and settings["teacher"] and zoo.is_shipped(settings["teacher"]):
         rec = shipped_teacher_row(settings["teacher"], student)
         rec["settings"] = key
@@ -549,6 +566,25 @@ def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int
                 else:
                     _log_record(log, job[0].stem, result)
                     on_row()
+
+
+def with_natural_teacher(settings: Dict[str, Any], methods: List[str], explicit: bool, log) -> List[str]:
+    """The methods to run: MTARD's row needs a natural teacher (the suite's or ``--natural-teacher``). Asked for by
+    ``--methods`` without one, it is an error; among a suite's default methods, it is left out with a note."""
+    spec = settings.get("natural_teacher")
+    if "mtard" not in methods:
+        return methods
+    if spec:
+        if zoo.is_shipped(spec) and spec not in zoo.list_shipped():
+            raise SystemExit(f"reproduce.py: error: MTARD's natural teacher {spec!r} is not shipped with this ardir "
+                             f"(shipped: {', '.join(zoo.list_shipped())}); train it with "
+                             "`python benchmarks/train_teacher.py --method natural`, or pass --natural-teacher SPEC")
+        return methods
+    if explicit:
+        raise SystemExit("reproduce.py: error: --methods mtard distils from two teachers: pass --natural-teacher SPEC "
+                         "(a checkpoint of `ardir train --method natural`, a model name or robustbench:NAME)")
+    log("note: no MTARD row: this suite has no natural teacher (add one with --natural-teacher SPEC)")
+    return [m for m in methods if m != "mtard"]
 
 
 def check_ardir_layers(settings: Dict[str, Any], jobs: Sequence[Tuple[Path, str, str, int, Optional[str]]]) -> None:
@@ -753,7 +789,7 @@ def suite_command(args: argparse.Namespace) -> str:
 def _overrides(args: argparse.Namespace) -> List[str]:
     out = []
     for name in ("epochs", "teacher_epochs", "train_size", "batch_size", "eval_size", "aa_size", "limit_batches",
-                 "train_steps", "teacher", "data_dir", "output", "run_dir"):
+                 "train_steps", "teacher", "natural_teacher", "data_dir", "output", "run_dir"):
         value = getattr(args, name)
         if value is not None and not (name == "output" and value == DEFAULT_OUTPUT):
             out += [f"--{name.replace('_', '-')}", str(value)]
@@ -780,6 +816,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                               "--teacher-epochs")
     p.add_argument("--teacher-epochs", type=count)
     p.add_argument("--teacher", help="a checkpoint path, a model name or robustbench:NAME (default: train it)")
+    p.add_argument("--natural-teacher", help="MTARD's naturally trained teacher: a checkpoint path, a model name, "
+                                             "robustbench:NAME or a shipped DATASET:NAME (default: the suite's)")
     p.add_argument("--train-size", type=count, help="training images (default: the suite's)")
     p.add_argument("--batch-size", type=count)
     p.add_argument("--train-steps", type=whole, help="PGD steps of the training attacks (dry runs)")
@@ -828,7 +866,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     suite = SUITES[args.suite]
     settings = resolve(suite, args)
     device = torch.device(args.device)
+    log = (lambda msg: print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True))
     methods = list(args.methods or suite.methods)
+    if not (args.ablation or args.template or args.table_only):
+        methods = with_natural_teacher(settings, methods, bool(args.methods), log)
     seeds = list(args.seeds if args.seeds is not None else suite.seeds)
     if args.ablation:
         labels = list(args.variants or ABLATIONS)
@@ -842,7 +883,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name += f"_{args.precision}"
     out_path = ROOT / args.output / name if not Path(args.output).is_absolute() else Path(args.output) / name
     run_dir, teacher_dir = run_dirs(args)
-    log = (lambda msg: print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True))
     reduced = departures(suite, settings)
     started = time.time()
     meta = {"suite": suite.name, "command": suite_command(args),
@@ -906,7 +946,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = _jsonable({k: v for k, v in settings.items() if k != "students"})
+    key = row_key(settings)
     teacher_eval = teacher_dir / ("teacher_eval.json" if settings["precision"] == "fp32" else
                                   f"teacher_eval_{settings['precision']}.json")
 

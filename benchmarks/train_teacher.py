@@ -2,6 +2,7 @@
 
     python benchmarks/train_teacher.py              # train (resumable), evaluate, write the weights and manifest
     python benchmarks/train_teacher.py --aa-size 200 --threads 1
+    python benchmarks/train_teacher.py --method natural --epochs 3     # MTARD's natural teacher, cnn_xlarge-natural
 
 The teacher is trained by ``ardir train`` on all of Fashion-MNIST's training images but a validation split of
 1,000 (seed 0), on which the run keeps its best checkpoint (``best.pt``, PGD-10 accuracy): the test set chooses
@@ -9,7 +10,9 @@ nothing. It is then evaluated once on the test set -- natural accuracy on all 10
 AutoAttack on the suite's seeded random subset (``benchmarks/reproduce.py``: seed 0) -- and its weights-only
 ``state_dict`` is written with a manifest: sha256, the command, the commit, the machine, the training time and
 those accuracies. ``ardir.teachers.load_teacher("fashion-mnist:<name>")`` loads it and checks the hash.
-A killed run resumes: the training from its ``last.pt``, and a finished training is not repeated.
+A killed run resumes: the training from its ``last.pt``, and a finished training is not repeated. With
+``--method natural`` (MTARD's second teacher) the checkpoint is chosen by natural accuracy on the validation
+split, and only the natural accuracy is measured: a naturally trained model has next to none under attack.
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ EPS, EVAL_STEP = 0.1, 0.025  # the suite's radius and evaluation step (benchmark
 
 
 def training_command(args: argparse.Namespace) -> list:
-    """The ``ardir train`` arguments of the teacher: AT with PGD-3 (step 2.5 eps / 3), all training images."""
-    return ["train", "--method", "at", "--model", args.model, "--dataset", "fashion-mnist", "--eps", str(EPS),
-            "--step-size", "0.0333", "--steps", str(args.steps), "--epochs", str(args.epochs), "--lr", "0.05",
-            "--val-size", "1000", "--seed", "0", "--output-dir", str(args.run_dir)]
+    """The ``ardir train`` arguments of the teacher, on all training images but the validation split: AT with PGD-3
+    (step 2.5 eps / 3), or natural training (MTARD's second teacher)."""
+    attack = ["--eps", str(EPS), "--step-size", "0.0333", "--steps", str(args.steps)] if args.method == "at" else []
+    return ["train", "--method", args.method, "--model", args.model, "--dataset", "fashion-mnist", *attack,
+            "--epochs", str(args.epochs), "--lr", "0.05", "--val-size", "1000", "--seed", "0",
+            "--output-dir", str(args.run_dir)]
 
 
 def finished_epochs(run_dir: Path) -> int:
@@ -63,6 +68,9 @@ def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
     loaders = data.get_loaders("fashion-mnist", batch_size=500, val_size=0, seed=0)
     common = dict(eps=EPS, step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
     natural = ardir.evaluate(teacher, loaders.test, attacks=("natural",), **common)
+    if args.method == "natural":  # MTARD's natural teacher: what it hands down is its clean accuracy
+        return {"accuracy": {"natural": natural.accuracy["natural"]}, "subsets": {"natural": natural.subset},
+                "seconds": dict(natural.seconds), "settings": {"attacks": "none: a naturally trained model"}}
     attacked = ardir.evaluate(teacher, loaders.test, attacks=("pgd20", "cw30"), n_examples=args.eval_size,
                               subset="random", **common)
     result = {"accuracy": {"natural": natural.accuracy["natural"], "pgd20": attacked.accuracy["pgd20"],
@@ -87,11 +95,14 @@ def git_commit() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="cnn_xlarge-at", help="the shipped name (fashion-mnist:NAME)")
+    parser.add_argument("--name", help="the shipped name (fashion-mnist:NAME; default MODEL-METHOD)")
     parser.add_argument("--model", default="cnn_xlarge", help="the architecture (ardir.models)")
+    parser.add_argument("--method", choices=("at", "natural"), default="at",
+                        help="at: the robust teacher; natural: MTARD's naturally trained one")
     parser.add_argument("--epochs", type=count, default=4)
     parser.add_argument("--steps", type=count, default=3, help="PGD steps of the training attack")
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "teacher-cnn_xlarge")
+    parser.add_argument("--run-dir", type=Path, help="the training run (default benchmarks/runs/teacher-MODEL for "
+                                                     "AT, teacher-NAME otherwise)")
     parser.add_argument("--eval-size", type=count, default=1000, help="test images of PGD-20 and CW∞-30")
     parser.add_argument("--aa-size", type=whole, default=1000,
                         help="test images of AutoAttack (0: skip it; on two CPU cores it takes hours for this network)")
@@ -99,6 +110,9 @@ def main(argv=None) -> None:
     parser.add_argument("--training-commit", help="the commit the training ran at, when it ran before this one "
                                                   "(a resumed or earlier run); default: this commit")
     args = parser.parse_args(argv)
+    args.name = args.name or f"{args.model}-{args.method}"
+    runs = ROOT / "benchmarks" / "runs"
+    args.run_dir = args.run_dir or runs / (f"teacher-{args.model}" if args.method == "at" else f"teacher-{args.name}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -114,9 +128,12 @@ def main(argv=None) -> None:
         "in_chans": 1, "parameters": sum(p.numel() for p in teacher.parameters()),
         "file": weights.name, "sha256": zoo.file_sha256(weights), "bytes": weights.stat().st_size,
         "training": {"command": "ardir " + shlex.join(training_command(args)).replace(str(ROOT) + "/", ""),
-                     "method": "at", "epochs": args.epochs, "pgd_steps": args.steps, "train_images": 59000,
-                     "validation": "1,000 training images held out (seed 0); best.pt by PGD-10 accuracy on them",
-                     "best": {"epoch": best_state.get("epoch"), "val_pgd": best_state.get("val_pgd")},
+                     "method": args.method, "epochs": args.epochs,
+                     "pgd_steps": args.steps if args.method == "at" else 0, "train_images": 59000,
+                     "validation": "1,000 training images held out (seed 0); best.pt by "
+                                   f"{'PGD-10' if args.method == 'at' else 'natural'} accuracy on them",
+                     "best": {"epoch": best_state.get("epoch"), "val_pgd": best_state.get("val_pgd"),
+                              "val_natural": best_state.get("val_natural")},
                      "seconds": train_seconds, "commit": args.training_commit or git_commit()},
         "made_by": f"python {shlex.join(['benchmarks/train_teacher.py'] + list(sys.argv[1:] if argv is None else argv))}",
         "commit": git_commit(), "torch": torch.__version__,

@@ -133,6 +133,7 @@ def test_cifar_dry_run(reproduce, tmp_path, suite):
     # below), at a cost a CPU test can pay on a WRN-34-10 / ResNet-18.
     extra = ["--no-teacher-eval", "--attacks", "natural", "fgsm", "pgd2", "cw2"]
     extra += ["--teacher", "wrn34_10"] if suite == "cifar100" else []
+    extra += ["--natural-teacher", "resnet18"]  # MTARD's second teacher, built by name (the CIFAR suites ship none)
     out, runs = _dry_run(reproduce, tmp_path, suite, *extra)
     md, record = _table(out / f"{suite}.md")
     suite_cfg = reproduce.SUITES[suite]
@@ -149,6 +150,22 @@ def test_cifar_dry_run(reproduce, tmp_path, suite):
     assert set(json.loads((runs / "resnet18__ardir__seed0.json").read_text())["accuracy"]) >= {"pgd2", "cw2"}
     rslad = json.loads((runs / "resnet18__rslad__seed0.json").read_text())
     assert rslad["method_kwargs"].get("kl_scale", 1.0) == (10.0 if suite == "cifar100" else 1.0)
+    mtard = json.loads((runs / "resnet18__mtard__seed0.json").read_text())
+    assert mtard["method_config"]["natural_teacher"] == "resnet18"
+
+
+def test_mtard_rows_need_a_natural_teacher(reproduce, capsys):
+    """Asked for by --methods, MTARD without a natural teacher stops the run in one sentence; among a suite's
+    default methods it is left out with a note; the Fashion-MNIST suite names its shipped one."""
+    with pytest.raises(SystemExit, match="--natural-teacher SPEC"):
+        reproduce.main(["cifar10", "--methods", "mtard", "--fake-data"])
+    settings = reproduce.resolve(reproduce.SUITES["cifar10"], reproduce.parse_args(["cifar10"]))
+    notes = []
+    assert reproduce.with_natural_teacher(settings, ["at", "mtard"], False, notes.append) == ["at"]
+    assert "no MTARD row" in notes[0]
+    fm = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    assert reproduce.method_arguments(fm, "mtard")["natural_teacher"] == "fashion-mnist:cnn_xlarge-natural"
+    assert "natural_teacher" not in reproduce.row_key(fm)  # only MTARD's rows use it (their method_config has it)
 
 
 @pytest.mark.slow
