@@ -7,6 +7,7 @@
     ardir train --config run.toml --epochs 50          # a TOML file describes the run; flags override it
     ardir train --output-dir runs/ardir --resume       # continue from runs/ardir/last.pt
     ardir eval --checkpoint runs/ardir/best.pt --attacks natural pgd20 cw30 autoattack
+    ardir eval --model resnet18 --weights elsewhere.pt --dataset cifar10   # a state_dict trained elsewhere
     ardir plot runs/ardir
 
 A training run writes into ``--output-dir``:
@@ -49,13 +50,13 @@ from . import data as ardir_data
 from . import distributed
 from . import models
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
-from ._cli_eval import add_eval_parser, evaluate_checkpoint, report_path
+from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, find_resumable, list_checkpoints,
                          load_checkpoint, remove_stale_temporaries)
 from .teachers import TeacherNotFoundError, load_teacher
 
-__all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "RunLogger", "CLIError", "count", "whole",
-           "attack_name", "device_name"]
+__all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "evaluate_weights", "RunLogger", "CLIError",
+           "count", "whole", "attack_name", "device_name"]
 
 RUN_FORMAT = "ardir-run"
 MODEL_FORMAT = "ardir-model"
@@ -440,12 +441,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flags = {k: v for k, v in vars(args).items() if k in options}
             train(flags, args.config, args.resume)
         elif args.command == "eval":
-            report = evaluate_checkpoint(args.checkpoint, args.attacks, args.eps, args.n_examples, args.data_dir,
-                                         args.fake_data, args.batch_size, args.device, args.output, args.eps_sweep,
-                                         args.sweep_attack, args.seed, args.quiet, args.checks)
+            report, where = run_eval(args)
             if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
                 print(report.to_markdown())
-                where = Path(args.output) if args.output else report_path(Path(args.checkpoint))
                 print(f"wrote {where}.md and {where}.json")
         elif args.command == "plot":
             from .plot import plot_run

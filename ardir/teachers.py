@@ -31,7 +31,7 @@ from . import models, zoo
 from ._safety import check_model_info
 
 __all__ = ["TeacherNotFoundError", "ROBUSTBENCH_ZOO", "load_teacher", "load_robustbench", "robustbench_path",
-           "robustbench_wrn_state_dict", "model_from_checkpoint", "default_robustbench_dir"]
+           "robustbench_wrn_state_dict", "model_from_checkpoint", "default_robustbench_dir", "load_weights"]
 
 PathLike = Union[str, os.PathLike]
 PREFIX = "robustbench:"
@@ -103,6 +103,77 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
             f"{source} does not fit {type(model).__name__}: missing keys {list(missing)[:6]}"
             f"{' ...' if len(missing) > 6 else ''}, unexpected keys {list(unexpected)[:6]}"
             f"{' ...' if len(unexpected) > 6 else ''}")
+    return model
+
+
+_WRAPPERS = ("state_dict", "model", "model_state_dict")
+
+
+def _own_buffer(key: str) -> bool:
+    """A buffer the model sets itself, which weights trained elsewhere may lack: BatchNorm's step count, the
+    normalisation ardir puts inside a model (``normalize.mean``/``.std``, :func:`ardir.models.create`)."""
+    return key.endswith("num_batches_tracked") or key in ("normalize.mean", "normalize.std")
+
+
+def _differences(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list:
+    """What keeps ``given`` from loading into a model with state ``expected``, one phrase per key, model order first."""
+    found = []
+    for key, value in expected.items():
+        if key not in given:
+            found.append(f"the model's key {key!r} is missing from the file")
+        elif tuple(given[key].shape) != tuple(value.shape):
+            found.append(f"key {key!r} is {tuple(given[key].shape)} in the file and {tuple(value.shape)} in the model")
+    found += [f"the file's key {key!r} is not in the model" for key in given if key not in expected]
+    return found
+
+
+def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = None) -> nn.Module:
+    """Load the weights file ``path`` into ``model`` (a model trained elsewhere) and return ``model``.
+
+    The file holds a plain ``state_dict``, or a dict with one under ``state_dict``, ``model`` or
+    ``model_state_dict`` (an ardir checkpoint too); a ``module.`` prefix on every key (DataParallel,
+    DistributedDataParallel) is removed. It loads with :func:`ardir.checkpoint.load_checkpoint`
+    (``weights_only=True``: a file that would run code is refused, never run). BatchNorm's
+    ``num_batches_tracked`` and ardir's ``normalize.mean``/``.std`` may be missing: the model keeps its own.
+
+    Arguments:
+        model: the architecture, built (e.g. by :func:`ardir.models.create`).
+        path: the weights file.
+        model_name: how errors name the model (default: its class name).
+
+    Raises:
+        FileNotFoundError, OSError: the path is missing or not a file.
+        ardir.checkpoint.CheckpointError: the file is refused, corrupt or non-finite, holds no ``state_dict``, or
+            does not fit ``model``, named with the file, the model and the first key that differs.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
+    state = load_checkpoint(path)
+    name = model_name or type(model).__name__
+    for wrapper in _WRAPPERS:
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
+    if not tensors:
+        if not isinstance(state, Mapping):
+            what = f"a {type(state).__name__}"
+        else:
+            what = f"keys {', '.join(map(repr, list(state)[:6]))}" if state else "an empty dict"
+        raise CheckpointError(f"weights {path} hold no state_dict ({what}): save model.state_dict(), or a dict with "
+                              f"it under one of {', '.join(map(repr, _WRAPPERS))}")
+    if all(key.startswith("module.") for key in tensors):
+        tensors = {key[len("module."):]: value for key, value in tensors.items()}
+    expected = model.state_dict()
+    tensors.update({key: value for key, value in expected.items() if key not in tensors and _own_buffer(key)})
+    differences = _differences(expected, tensors)
+    if differences:
+        more = f" ({len(differences)} keys differ)" if len(differences) > 1 else ""
+        raise CheckpointError(f"weights {path} do not fit model {name}: {differences[0]}{more}")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:  # what the key and shape check cannot see (a module's own loading rules)
+        raise CheckpointError(f"weights {path} do not fit model {name}: {str(err).splitlines()[-1].strip()}") \
+            from None
     return model
 
 
