@@ -7,6 +7,7 @@ Public API::
     ardir.PGD                                -- L-inf PGD with a selectable loss
     ardir.evaluate, ardir.list_attacks       -- natural / FGSM / PGD / CW / AutoAttack report with sanity checks
     ardir.FeatureHooks                       -- outputs of named modules
+    ardir.describe_layers                    -- every named module, its type and output shape on a sample
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
     ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name, robustbench:NAME or a
@@ -17,7 +18,7 @@ Public API::
 from . import data, distributed, gpu_data, losses, methods, models, teachers, zoo
 from .attacks import PGD
 from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
-from .hooks import FeatureHooks
+from .hooks import FeatureHooks, describe_layers
 from .methods import (ARD, ARDIR, AT, IAD, MTARD, RSLAD, TRADES, AdaAD, Method, Natural, create_method,
                       list_methods)
 from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
-    "PGD", "FeatureHooks", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
+    "PGD", "FeatureHooks", "describe_layers", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
     "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "models", "methods", "losses",
     "teachers", "zoo", "gpu_data", "distributed",
 ]
