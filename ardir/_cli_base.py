@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 
 from . import config as cfg
+from . import data as ardir_data
+from . import models
 
 
 class CLIError(Exception):
@@ -75,6 +77,22 @@ def attack_name(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _model_name(text: str) -> str:
+    """An argparse type: a name :func:`ardir.models.create` builds."""
+    try:
+        return models.check_name(text)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _dataset_name(text: str) -> str:
+    """An argparse type: a dataset name of :data:`ardir.data.DATASETS` (or an alias), as its canonical name."""
+    try:
+        return ardir_data.get_spec(text).name
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def device_name(text: str) -> str:

@@ -12,25 +12,10 @@ from . import config as cfg
 from . import data as ardir_data
 from . import distributed
 from . import models
-from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count
+from ._cli_base import (CLIError, _dataset_name, _device, _device_flag, _flag_type, _model_name, attack_name,
+                         count)
 from .checkpoint import load_checkpoint
 from .teachers import load_weights, model_from_checkpoint
-
-
-def _model_name(text: str) -> str:
-    """An argparse type: a name :func:`ardir.models.create` builds."""
-    try:
-        return models.check_name(text)
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _dataset_name(text: str) -> str:
-    """An argparse type: a dataset name of :data:`ardir.data.DATASETS` (or an alias), as its canonical name."""
-    try:
-        return ardir_data.get_spec(text).name
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
@@ -43,8 +28,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                         "state_dict or model) of a model trained elsewhere; with --model and --dataset")
     eval_p.add_argument("--model", type=_model_name, metavar="NAME", help="the architecture of --weights: a name of "
                         "ardir.models.list_models() or timm/<name>")
-    eval_p.add_argument("--dataset", type=_dataset_name, metavar="NAME", help="the test set of --weights; its classes and channels "
-                        "size the model")
+    eval_p.add_argument("--dataset", type=_dataset_name, metavar="NAME", help="the test set of --weights; its "
+                        "classes and channels size the model")
     eval_p.add_argument("--normalize", action="store_true", help="with --weights: the model normalises its input "
                         "with the dataset's mean and std (as `ardir train --normalize`)")
     eval_p.add_argument("--attacks", nargs="+", default=None, type=attack_name, help="attack names (ardir.evaluate's "

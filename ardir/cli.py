@@ -1,4 +1,5 @@
-"""The ``ardir`` command: ``ardir train``, ``ardir eval`` and ``ardir plot`` (also ``python -m ardir``).
+"""The ``ardir`` command: ``ardir train``, ``ardir eval``, ``ardir plot`` and ``ardir layers`` (also
+``python -m ardir``).
 
 ::
 
@@ -9,6 +10,7 @@
     ardir eval --checkpoint runs/ardir/best.pt --attacks natural pgd20 cw30 autoattack
     ardir eval --model resnet18 --weights elsewhere.pt --dataset cifar10   # a state_dict trained elsewhere
     ardir plot runs/ardir
+    ardir layers --model resnet18 --dataset cifar10    # layer names, types and output shapes (for --layers)
 
 A training run writes into ``--output-dir``:
 
@@ -51,6 +53,7 @@ from . import distributed
 from . import models
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
+from ._cli_layers import add_layers_parser, show_layers
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, find_resumable, list_checkpoints,
                          load_checkpoint, remove_stale_temporaries)
 from .teachers import TeacherNotFoundError, load_teacher
@@ -81,8 +84,8 @@ def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ardir`` argument parser; ``train``'s flags are generated from :func:`ardir.config.schema`."""
     parser = argparse.ArgumentParser(prog="ardir", description="Adversarially robust knowledge distillation: "
-                                     "train, evaluate, plot.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot}")
+                                     "train, evaluate, plot, list a model's layers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,layers}")
 
     train_p = sub.add_parser("train", help="train a model (a teacher with --method trades/at, or distil a student)",
                              description="Train with any method. Flags override --config; --resume continues "
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(report*.json with a sweep) as PNG files")
     plot_p.add_argument("directory", help="a run directory")
     plot_p.add_argument("--output-dir", default=None, help="where the PNG files go (default: the run directory)")
+    add_layers_parser(sub)
     return parser
 
 
@@ -445,6 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
                 print(report.to_markdown())
                 print(f"wrote {where}.md and {where}.json")
+        elif args.command == "layers":
+            print(show_layers(args.model, args.dataset, args.in_chans, args.image_size))
         elif args.command == "plot":
             from .plot import plot_run
             for path in plot_run(args.directory, args.output_dir):

@@ -1,12 +1,17 @@
 """Layer names with shapes: ardir.describe_layers runs one sample through a model with a hook on every named module
-and leaves the model as it was."""
+and leaves the model as it was; `ardir layers --model NAME` prints the table."""
 import pytest
 import torch
 import torch.nn as nn
 
 import ardir
+from ardir import cli
 from ardir.hooks import LayerInfo, describe_layers, format_layers, layer_names
 from conftest import TinyNet
+
+
+def run(*args):
+    return cli.main([str(a) for a in args])
 
 
 class Unused(TinyNet):
@@ -63,3 +68,38 @@ def test_format_layers_is_a_table_per_image():
     assert any(line.split() == ["spare", "Linear", "-", "(not", "run)"] for line in lines)
     assert any(line.startswith("twice") and line.endswith("8x8x8 (last of 2 calls)") for line in lines)
     assert any(line.split() == ["features", "Flatten", "32"] for line in lines)
+
+
+def test_ardir_layers_prints_the_table(capsys):
+    assert run("layers", "--model", "cnn_small", "--dataset", "fashion-mnist") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cnn_small on 1x28x28 images, 10 classes: 17 named modules; ARDIR matches features")
+    assert "features  Flatten " in out and "block3 " in out
+
+
+def test_ardir_layers_takes_a_timm_model(capsys):
+    pytest.importorskip("timm")
+    assert run("layers", "--model", "timm/resnet18") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("timm/resnet18 on 3x32x32 images, 10 classes: ")
+    assert any(line.split()[:3] == ["layer4", "Sequential", "512x1x1"] for line in out.splitlines())
+    assert run("layers", "--model", "timm/vit_tiny_patch16_224") == 2  # timm asserts the image size
+    err = capsys.readouterr().err
+    assert "does not run on a batch of shape (1, 3, 32, 32): Input height (32) doesn't match model (224)" in err
+    assert "--in-chans and --image-size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "cnn_small", "--dataset", "mnist", "--in-chans", 3], "--in-chans and --image-size describe the "
+                                                                     "input when no --dataset does"),
+    (["--model", "cnn_large", "--image-size", 2], "cnn_large: SmallCNN does not run on a batch of shape "
+                                                  "(1, 3, 2, 2): "),
+])
+def test_ardir_layers_errors_are_one_sentence(capsys, argv, message):
+    assert run("layers", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ardir layers: error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        run("layers", "--model", "resnet81")
+    assert "argument --model: name='resnet81' is not a known model; did you mean 'resnet18'" in \
+        capsys.readouterr().err
