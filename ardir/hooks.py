@@ -6,6 +6,7 @@ shape of its output on a sample batch (``ardir layers --model NAME`` prints it a
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -130,7 +131,7 @@ def _output_shape(output) -> Optional[Tuple[int, ...]]:
 
 def _sample_batch(model: nn.Module, sample: Union[torch.Tensor, Sequence[int]]) -> torch.Tensor:
     """``sample`` on the model's device, or a batch of zeros of the shape ``sample`` and the model's dtype."""
-    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
     if isinstance(sample, torch.Tensor):
         return sample.to(device)
