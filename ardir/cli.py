@@ -172,6 +172,12 @@ class RunLogger:
         self.log = log or (lambda line: tqdm.write(line))
 
     @property
+    def selection_metric(self) -> str:
+        """What ``best.pt`` maximises on the validation split: PGD accuracy, or natural accuracy for a model
+        trained without attack (``--method natural``, e.g. MTARD's natural teacher), whose PGD accuracy is noise."""
+        return "val_natural" if self.config.get("method") == "natural" else "val_pgd"
+
+    @property
     def metrics_path(self) -> Path:
         """``output_dir / "metrics.jsonl"``."""
         return self.output_dir / "metrics.jsonl"
@@ -183,7 +189,8 @@ class RunLogger:
         # Order matters for a crash in between: best.pt, then last.pt (which records the best epoch only once
         # best.pt holds it, and this epoch's log line), then the log line: a logged epoch is always resumable, and a
         # resume writes the line a crash kept from the log (see _sync_metrics).
-        improved = "val_pgd" in record and record["val_pgd"] > self.best.get("val_pgd", -1.0)
+        key = self.selection_metric
+        improved = key in record and record[key] > self.best.get(key, -1.0)
         if improved:
             self.best = {"epoch": record["epoch"], "val_pgd": record["val_pgd"],
                          "val_natural": record["val_natural"]}
@@ -429,7 +436,8 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     best = logger.best
     summary = f"done: {output_dir}/last.pt"
     if best:
-        summary += f"; best.pt from epoch {best['epoch']} (val PGD {best['val_pgd']:.2f}%)"
+        which = "natural" if logger.selection_metric == "val_natural" else "PGD"
+        summary += f"; best.pt from epoch {best['epoch']} (val {which} {best[logger.selection_metric]:.2f}%)"
     say(summary + f"; evaluate with `ardir eval --checkpoint {output_dir}/{'best' if best else 'last'}.pt`")
     return output_dir
 

@@ -301,6 +301,19 @@ def test_data_dir_is_where_train_and_eval_read_the_dataset(tmp_path):
     assert report["n_examples"] == 32 and report["dataset"] == "mnist"
 
 
+def test_natural_training_keeps_its_best_natural_accuracy(tmp_path):
+    """A model trained without attack (MTARD's natural teacher) has next to no PGD accuracy: its best.pt is the
+    epoch of the best natural accuracy on the validation split."""
+    out = tmp_path / "natural"
+    assert run("train", *TINY, "--method", "natural", "--epochs", "3", "--lr", "0.5", "--output-dir", out) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] == max(records, key=lambda r: r["val_natural"])["epoch"]
+    assert best["val_natural"] == max(r["val_natural"] for r in records)
+    assert cli.RunLogger(out, {"method": "natural"}, {}, None).selection_metric == "val_natural"
+    assert cli.RunLogger(out, {"method": "at"}, {}, None).selection_metric == "val_pgd"
+
+
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
