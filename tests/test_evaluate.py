@@ -4,7 +4,6 @@ A small cnn_small (width 8) is adversarially trained once per module on 4000 Fas
 about 20-30 s on one CPU thread) and evaluated on the first 200 test images. The full AutoAttack agreement
 between the two engines is marked slow (minutes on CPU): run it with ``pytest -m slow tests/test_evaluate.py``.
 """
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,10 +17,11 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import ardir
 from ardir import autoattack as aa
 from ardir.evaluate import EvaluationWarning, Report, evaluate, list_attacks, parse_attack
+from ardir.evaluation import attacks, checks
+from ardir.evaluation._helpers import _fmt_eps
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 EPS = 0.1
-ev = importlib.import_module("ardir.evaluate")  # the module (ardir.evaluate is the function)
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                    reason="Fashion-MNIST not found in /usr/share/datasets/fashion-mnist")
 needs_official = pytest.mark.skipif(not aa.official_available(),
@@ -252,7 +252,7 @@ def test_official_engine_missing_gives_install_hint(tiny, monkeypatch):
 
 # -------------------------------------------------------------------------------- grammar and checks
 def test_attack_grammar():
-    ctx = ev._Context(nn.Linear(2, 2), 8 / 255, 2 / 255, 10, "ardir")
+    ctx = attacks.Context(nn.Linear(2, 2), 8 / 255, 2 / 255, 10, "ardir")
     for name, key, steps in [("pgd20", "pgd20", 20), ("PGD-100", "pgd100", 100), ("cw30", "cw30", 30),
                              ("fgsm", "fgsm", 1)]:
         spec, match = parse_attack(name)
@@ -344,16 +344,16 @@ def test_same_seed_same_numbers(tiny):
 
 def test_excess_counts_only_beyond_noise():
     weak = torch.tensor([True] * 10 + [False] * 90)
-    assert ev._excess(weak, weak) == (0, 0.0)
+    assert checks._excess(weak, weak) == (0, 0.0)
     strong = weak.clone()
     strong[10:40] = True  # 30 samples survive the stronger attack only
-    excess, noise = ev._excess(weak, strong)
+    excess, noise = checks._excess(weak, strong)
     assert excess == 30 and excess > noise
 
 
 def fake_report(masks, sweep=None, num_classes=10, gradient_check=None, large_eps=None):
     """A Report with hand-made per-sample results, and the runners of its attacks, for the sanity rules."""
-    ctx = ev._Context(nn.Linear(2, 10), 0.1, 0.025, num_classes, "ardir")
+    ctx = attacks.Context(nn.Linear(2, 10), 0.1, 0.025, num_classes, "ardir")
     runners = {key: parse_attack(key)[0].build(parse_attack(key)[1], ctx) for key in masks}
     n = len(next(iter(masks.values())))
     report = Report(accuracy={k: 100 * m.float().mean().item() for k, m in masks.items()}, correct=masks,
@@ -369,7 +369,7 @@ def fake_report(masks, sweep=None, num_classes=10, gradient_check=None, large_ep
         runners[keys[e]] = parse_attack("pgd20")[0].build(parse_attack("pgd20")[1], ctx)
         report.sweep[e] = 100 * mask.float().mean().item()
     report.sweep_attack = "pgd20" if sweep else None
-    return ev._sanity_flags(report, runners, extra, {}, keys, False, [])
+    return checks._sanity_flags(report, runners, extra, {}, keys, False, [])
 
 
 def first(k, n=100):
@@ -421,7 +421,7 @@ def test_markdown_json_and_save(report, tmp_path):
 
 
 def test_eps_formatting():
-    assert ev._fmt_eps(8 / 255) == "8/255" and ev._fmt_eps(0.1) == "0.1" and ev._fmt_eps(0.5) == "0.5"
+    assert _fmt_eps(8 / 255) == "8/255" and _fmt_eps(0.1) == "0.1" and _fmt_eps(0.5) == "0.5"
 
 
 class Interrupt(Exception):
@@ -447,7 +447,7 @@ def test_resume_from_state_file(tiny, tmp_path, monkeypatch):
     for key in full.correct:
         assert torch.equal(resumed.correct[key], full.correct[key])
     # A finished state replays without attacking again.
-    monkeypatch.setattr(ev._PGDRunner, "run", lambda *a: pytest.fail("attacked a sample already done"))
+    monkeypatch.setattr(attacks._PGDRunner, "run", lambda *a: pytest.fail("attacked a sample already done"))
     again = evaluate(model, loader, state_path=state, **kwargs)
     assert torch.equal(again.correct["pgd5"], full.correct["pgd5"])
     with pytest.raises(ValueError, match="other settings"):

@@ -1,0 +1,235 @@
+"""The attack grammar of :func:`ardir.evaluate`: attack names, the rules that build them, and the runners.
+
+An attack is one rule, ``register_attack(pattern, examples, summary)`` on a function ``build(match, context)``
+that returns a :class:`Runner`; adding an attack takes one file (see ``docs/evaluation.md``)::
+
+    import torch
+    from ardir.evaluation.attacks import Runner, register_attack
+
+    class Noise(Runner):
+        rank, family, white_box = 1, "noise", False     # as weak as FGSM; it never looks at gradients
+
+        def __init__(self, ctx):
+            super().__init__("noise", "Noise", "uniform noise in the ε-ball", {"eps": ctx.eps})
+            self.model, self.eps = ctx.model, ctx.eps
+
+        def run(self, images, labels, seed, done=None, on_component=None):
+            torch.manual_seed(seed)
+            adv = (images + self.eps * (2 * torch.rand_like(images) - 1)).clamp(0, 1)
+            with torch.no_grad():
+                return self.model(adv).argmax(1) == labels, {}
+
+    @register_attack(r"noise", ("noise",), "uniform random noise in the ε-ball")
+    def build_noise(match, ctx):
+        return Noise(ctx)
+
+The built-in rules: ``natural``, ``fgsm``, ``pgdN``, ``cwN``, ``autoattack`` and the AutoAttack components alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .._checks import one_of
+from ..attacks import PGD
+from ..autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
+from ._helpers import _fmt_eps
+
+__all__ = ["Context", "Runner", "AttackSpec", "register_attack", "list_attacks", "parse_attack"]
+
+
+@dataclass
+class Context:
+    """What a rule builds its runner from: the model (in eval mode, parameters frozen), the L-inf radius ``eps``,
+    the PGD step ``step_size``, the model's ``num_classes`` and the AutoAttack ``engine`` (``"ardir"`` or
+    ``"official"``). The sweep of the sanity checks builds its attack with a scaled ``eps`` and ``step_size``."""
+    model: nn.Module
+    eps: float
+    step_size: float
+    num_classes: int
+    engine: str
+
+
+class Runner:
+    """An attack ready to run: ``run(images, labels, seed) -> (correct (N,), {component: correct (N,)})``.
+
+    ``images`` and ``labels`` are the points the model classifies correctly, on the model's device; ``correct``
+    (bool) says which are still classified correctly after the attack (within ``eps``); ``seed`` is the seed of
+    this attack on this batch. ``key`` is the report's key (``"pgd20"``), ``display`` the table's name
+    (``"PGD-20"``), ``description`` the table's settings column, ``settings`` (JSON-ready) everything needed to
+    reproduce the attack.
+
+    Runners made of components (AutoAttack) also take ``done`` and ``on_component`` to resume between components.
+
+    ``rank`` orders attacks by expected strength (natural 0 < FGSM 1 < iterative 2 < AutoAttack 3); attacks of
+    one ``family`` are also ordered by ``steps``. ``white_box`` is False for a black-box attack (Square).
+    """
+    rank = 2
+    family = ""
+    steps = 0
+    white_box = True
+
+    def __init__(self, key: str, display: str, description: str, settings: Dict[str, Any]):
+        self.key, self.display, self.description, self.settings = key, display, description, settings
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor, seed: int, done=None,
+            on_component=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(correct (N,), {component: correct (N,)})``: which points are still classified correctly."""
+        raise NotImplementedError
+
+
+class _Natural(Runner):
+    rank = 0
+    family = "natural"
+
+    def __init__(self, model: nn.Module):
+        super().__init__("natural", "Natural", "no attack", {})
+        self.model = model
+
+    def run(self, images, labels, seed, done=None, on_component=None):
+        with torch.no_grad():
+            return self.model(images).argmax(1) == labels, {}
+
+
+class _PGDRunner(Runner):
+    def __init__(self, key: str, display: str, ctx: Context, steps: int, loss: str, step_size: float,
+                 random_start: str, rank: int, family: str):
+        self.attack = PGD(ctx.model, eps=ctx.eps, step_size=step_size, steps=steps, loss=loss,
+                          random_start=random_start)
+        self.model, self.eps = ctx.model, ctx.eps
+        self.rank, self.family, self.steps = rank, family, steps
+        loss_name = {"ce": "cross-entropy", "cw": "CW margin"}[loss]
+        start = "uniform random start" if random_start == "uniform" else "no random start"
+        description = (f"{loss_name}, {steps} step{'s' if steps > 1 else ''} of {_fmt_eps(step_size)}, {start}")
+        super().__init__(key, display, description,
+                         {"eps": ctx.eps, "loss": loss, "steps": steps, "step_size": step_size,
+                          "random_start": random_start, "restarts": 1, "implementation": "ardir.PGD"})
+
+    def run(self, images, labels, seed, done=None, on_component=None):
+        torch.manual_seed(seed)
+        adv = self.attack(images, labels)
+        return still_correct(self.model, images, adv, labels, self.eps), {}
+
+
+class _AutoAttackRunner(Runner):
+    rank = 3
+    family = "autoattack"
+
+    def __init__(self, key: str, display: str, ctx: Context, components: Sequence[str]):
+        self.attack = AutoAttack(ctx.model, eps=ctx.eps, num_classes=ctx.num_classes, attacks=components,
+                                 engine=ctx.engine)
+        self.components = list(components)
+        if len(components) == 1:
+            self.rank, self.family = 2, components[0]
+            self.white_box = components[0] != "square"
+            description = ", ".join(f"{k} {v}" for k, v in self.attack.settings["components"][components[0]].items())
+        else:
+            description = "standard: APGD-CE, APGD-T, FAB-T, Square"
+        description += f" ({ctx.engine} engine)"
+        super().__init__(key, display, description, {"eps": ctx.eps, **self.attack.settings})
+
+    def run(self, images, labels, seed, done=None, on_component=None):
+        robust, per_component = self.attack.run(images, labels, seed, done, on_component)
+        return robust, per_component if len(self.components) > 1 else {}
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One rule of the attack grammar: names matching ``pattern`` (a regex, matched in full on the lower-cased
+    name) are built by ``build(match, context)``; ``examples`` are shown in errors and :func:`list_attacks`."""
+    pattern: str
+    examples: Tuple[str, ...]
+    summary: str
+    build: Callable[[re.Match, Context], Runner]
+
+
+_SPECS: List[AttackSpec] = []
+
+
+def register_attack(pattern: str, examples: Sequence[str], summary: str):
+    """Decorator adding a rule ``build(match, context) -> runner`` to the attack grammar.
+
+    ``pattern`` is a regex matched in full on the lower-cased name (``_`` read as ``-``); its groups reach
+    ``build`` through ``match`` (``r"pgd-?(\\d+)"``: ``match[1]`` is the number of steps). ``context`` is a
+    :class:`Context` (model, eps, step size, number of classes, engine); the runner a :class:`Runner`.
+    ``examples`` are names :func:`list_attacks` lists and errors suggest; ``summary`` is one line. Rules are
+    tried in the order they were added, the built-in ones first.
+    """
+    def add(build):
+        _SPECS.append(AttackSpec(pattern, tuple(examples), summary, build))
+        return build
+    return add
+
+
+def list_attacks() -> List[str]:
+    """Example names the grammar accepts (``pgdN`` and ``cwN`` take any number of steps N >= 1)."""
+    return [example for spec in _SPECS for example in spec.examples]
+
+
+def parse_attack(name: str) -> Tuple[AttackSpec, re.Match]:
+    """The rule and regex match of an attack name; ``ValueError`` with the closest valid names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"attack names are strings such as 'pgd20', got {name!r}")
+    normal = name.strip().lower().replace("_", "-")
+    for spec in _SPECS:
+        match = re.fullmatch(spec.pattern, normal)
+        if match:
+            return spec, match
+    one_of("attacks", name, list_attacks(), "attack (pgdN and cwN take any N >= 1)")
+    raise AssertionError("unreachable")
+
+
+def _build(name: str, ctx: Context) -> Runner:
+    """The runner of an attack name (parsed by :func:`parse_attack`) in ``ctx``."""
+    spec, match = parse_attack(name)
+    return spec.build(match, ctx)
+
+
+def _steps(match: re.Match, name: str) -> int:
+    steps = int(match[1])
+    if steps < 1:
+        raise ValueError(f"{name}{steps}: the number of steps must be at least 1")
+    return steps
+
+
+@register_attack(r"natural|clean", ("natural",), "no attack")
+def _build_natural(match, ctx):
+    return _Natural(ctx.model)
+
+
+@register_attack(r"fgsm", ("fgsm",), "one step of size eps on the cross-entropy (Goodfellow et al. 2015)")
+def _build_fgsm(match, ctx):
+    return _PGDRunner("fgsm", "FGSM", ctx, steps=1, loss="ce", step_size=ctx.eps, random_start="none", rank=1,
+                      family="fgsm")
+
+
+@register_attack(r"pgd-?(\d+)", ("pgd20", "pgd100"), "PGD on the cross-entropy, N steps (Madry et al. 2018)")
+def _build_pgd(match, ctx):
+    steps = _steps(match, "pgd")
+    return _PGDRunner(f"pgd{steps}", f"PGD-{steps}", ctx, steps=steps, loss="ce", step_size=ctx.step_size,
+                      random_start="uniform", rank=2, family="pgd")
+
+
+@register_attack(r"cw-?(\d+)", ("cw30",), "CW-inf: PGD on the CW margin loss, N steps (Carlini & Wagner 2017)")
+def _build_cw(match, ctx):
+    steps = _steps(match, "cw")
+    return _PGDRunner(f"cw{steps}", f"CW∞-{steps}", ctx, steps=steps, loss="cw", step_size=ctx.step_size,
+                      random_start="uniform", rank=2, family="cw")
+
+
+@register_attack(r"autoattack|aa", ("autoattack",), "AutoAttack, standard version (Croce & Hein 2020)")
+def _build_autoattack(match, ctx):
+    return _AutoAttackRunner("autoattack", "AutoAttack", ctx, STANDARD)
+
+
+_COMPONENT_NAMES = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab-t": "FAB-T",
+                    "square": "Square"}
+
+
+@register_attack(r"(apgd-ce|apgd-dlr|apgd-t|fab-t|square)", COMPONENTS, "one AutoAttack component alone")
+def _build_component(match, ctx):
+    return _AutoAttackRunner(match[1], _COMPONENT_NAMES[match[1]], ctx, [match[1]])
