@@ -222,7 +222,7 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
 ]}
 
 ABLATIONS: Dict[str, Dict[str, Any]] = {
-    "default (features, nmse, w_ir 1, natural, ce)": {},
+    "base: w_ce 0, features, nmse, w_ir 1, natural input, CE attack": {},
     "w_ir 0 (no IR term: ARD with tau 1)": {"w_ir": 0.0},
     "w_ir 0.3": {"w_ir": 0.3},
     "w_ir 3": {"w_ir": 3.0},
@@ -232,12 +232,23 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "teacher input adversarial": {"teacher_input": "adversarial"},
     "inner max KL to teacher": {"attack_loss": "kl"},
     "w_ce 1 (CE on x' added)": {"w_ce": 1.0},
+    "w_ce 1, w_ir 0 (ARD with tau 1 + CE on x')": {"w_ce": 1.0, "w_ir": 0.0},
     "tau 4": {"tau": 4.0},
     "reference: AT, no teacher": {},
 }
-"""ARDIR variants of ``--ablation``: a label and the ARDIR arguments that differ from the library's defaults."""
+"""ARDIR variants of ``--ablation``: a label and the ARDIR arguments that differ from :data:`ABLATION_BASE`."""
+ABLATION_BASE: Dict[str, Any] = {"w_ce": 0.0}
+"""The configuration the one-factor ablation varies: ARDIR's first defaults (no CE term), written out so that the
+rows keep their meaning when a library default changes."""
 ABLATION_METHODS = {"reference: AT, no teacher": "at"}
 """Ablation rows that run another method than ARDIR: the bar a variant must clear on the same validation split."""
+
+
+def ablation_arguments(variant: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The method arguments of an ablation row (None outside the ablation)."""
+    if variant is None:
+        return None
+    return dict(ABLATIONS[variant]) if variant in ABLATION_METHODS else {**ABLATION_BASE, **ABLATIONS[variant]}
 
 
 # -------------------------------------------------------------------------------------------------- settings
@@ -483,9 +494,9 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "command": "(trained by any row's command when missing; cached)"}
     else:
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
-                      ABLATIONS[variant] if variant is not None else None, validation=variant is not None)
+                      ablation_arguments(variant), validation=variant is not None)
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant),
-                   method_config=method_config(settings, method, ABLATIONS[variant] if variant is not None else None))
+                   method_config=method_config(settings, method, ablation_arguments(variant)))
         rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
     atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
@@ -599,7 +610,7 @@ def check_ardir_layers(settings: Dict[str, Any], jobs: Sequence[Tuple[Path, str,
     sample = torch.rand(2, settings["in_chans"], spec.image_size, spec.image_size)
     for student, variant in sorted(pairs, key=str):
         method = ardir.create_method("ardir", **method_arguments(settings, "ardir",
-                                                                 ABLATIONS[variant] if variant is not None else None))
+                                                                 ablation_arguments(variant)))
         try:
             method.setup(build(student), teacher, sample)
         except ValueError as err:
@@ -959,9 +970,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 found.append(rec)
         for f in sorted(run_dir.glob("*__seed*.json")):
             rec = json.loads(f.read_text())
+            variant = rec.get("variant") if rec.get("variant") in ABLATIONS else None
             if rec.get("settings") == key and (rec.get("variant") is not None) == args.ablation \
                     and rec["student"] in settings["students"] and rec.get("method_config") == method_config(
-                        settings, rec["method"], ABLATIONS.get(rec.get("variant")) if rec.get("variant") else None):
+                        settings, rec["method"], ablation_arguments(variant)):
                 found.append(rec)
         return found
 
@@ -976,7 +988,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.precision != "fp32":
             stem += f"__{args.precision}"
         path = run_dir / f"{stem}.json"
-        config = method_config(settings, method, ABLATIONS[variant] if variant is not None else None)
+        config = method_config(settings, method, ablation_arguments(variant))
         if path.exists() and not args.force:
             done = json.loads(path.read_text())
             if done.get("settings") == key and done.get("method_config") == config:
