@@ -341,7 +341,8 @@ class ARDIR(ARD):
             default: the models' ``default_ir_layers`` (the pooled penultimate ``features`` of bundled models).
         layer_weights: lambda_l per layer (default 1 each).
         distance: D, ``"nmse"`` (MSE of per-sample L2-normalised features, default), ``"mse"`` or ``"cosine"``.
-        w_ce: weight of the cross-entropy on the adversarial batch (0).
+        w_ce: weight of the cross-entropy on the adversarial batch (1: chosen by the Fashion-MNIST ablation on a
+            validation split, +2.7 points of PGD-20 and CW-30 over 0 on two seeds; see docs/reproducing.md).
         w_kl: weight of the KL to the teacher's output (1).
         w_ir: weight of the internal-representation term (1).
         tau: temperature of the KL term (1).
@@ -357,7 +358,7 @@ class ARDIR(ARD):
     name = "ardir"
 
     def __init__(self, layers: Optional[Sequence[LayerSpec]] = None, layer_weights: Optional[Sequence[float]] = None,
-                 distance: str = "nmse", w_ce: float = 0.0, w_kl: float = 1.0, w_ir: float = 1.0,
+                 distance: str = "nmse", w_ce: float = 1.0, w_kl: float = 1.0, w_ir: float = 1.0,
                  tau: float = 1.0, teacher_input: str = "natural", attack_loss: str = "ce",
                  kl_reduction: str = "batchmean", **attack):
         super().__init__(tau=tau, alpha=1.0, kl_reduction=kl_reduction, **attack)

@@ -318,3 +318,16 @@ def test_ardir_layers_are_checked_before_the_teacher_trains(reproduce, tmp_path)
     reproduce.check_ardir_layers(settings, [job("cnn_small"), job("cnn_small", "layers block3 (conv map, 1x1 adapter)")])
     with pytest.raises(SystemExit, match="ARDIR with student timm/resnet18: layers: these models name no default"):
         reproduce.check_ardir_layers(settings, [job("timm/resnet18")])
+
+
+def test_rows_survive_a_new_argument_at_its_default(reproduce):
+    """A row recorded before the library gained an argument (its config lacks it) still counts while the argument
+    is at its default; a changed value or a dropped argument makes it stale."""
+    settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    current = reproduce.method_config(settings, "ardir")
+    older = {k: v for k, v in current.items() if k != "distance"}  # as if distance were new
+    assert reproduce.same_method(older, current, "ardir")
+    assert not reproduce.same_method(dict(older, w_ce=0.0), current, "ardir")
+    assert reproduce.same_method(dict(older, w_ce=0.0), reproduce.method_config(settings, "ardir-ce0"), "ardir-ce0")
+    assert not reproduce.same_method(dict(current, gone=1), current, "ardir")
+    assert not reproduce.same_method({k: v for k, v in current.items() if k != "eps"}, current, "ardir")
