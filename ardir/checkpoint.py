@@ -64,6 +64,16 @@ def _write_error(path: Path, error: OSError) -> OSError:
         return OSError(error.errno, message)
 
 
+def _umask_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask), which mkstemp's 0o600 is not."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_CREATE_MODE = _umask_mode()  # read once: os.umask is process-wide and not thread-safe to query
+
+
 def _atomic_write(path: PathLike, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it over ``path``."""
     path = Path(path)
@@ -76,6 +86,8 @@ def _atomic_write(path: PathLike, write) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if hasattr(os, "fchmod"):  # colleagues read a run as they read any file the user writes
+                os.fchmod(f.fileno(), _CREATE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:  # also KeyboardInterrupt: never leave the temporary file behind

@@ -125,3 +125,12 @@ def test_checkpointer_arguments_and_stale_temporaries(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     saver = Checkpointer(tmp_path, every_steps=5)
     assert not stale.exists() and saver.every_steps == 5
+
+
+def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path):
+    """Checkpoints and logs are readable as any file the user writes (umask 022: 0644), not private to the owner."""
+    path = ck.atomic_save({"w": torch.zeros(1)}, tmp_path / "a.pt")
+    text = ck.atomic_write_text("x\n", tmp_path / "m.jsonl")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o666 & ~mask
