@@ -35,9 +35,25 @@ def renamed_keywords(**renamed: str):
     return decorate
 
 
-def eps_value(argument: str, value: float) -> float:
-    """An L-inf radius on [0,1] images: 0 < eps <= 1."""
+NORMS = ("linf", "l2")
+
+
+def norm_name(argument: str, value: str) -> str:
+    """A threat model's norm, ``"linf"`` or ``"l2"`` (a ``TypeError`` for a non-string)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{argument}={value!r} must be the name of a norm, 'linf' or 'l2', got {type(value).__name__}")
+    return one_of(argument, value, NORMS, "norm (threat model)")
+
+
+def eps_value(argument: str, value: float, norm: str = "linf") -> float:
+    """A radius on [0,1] images: L-inf 0 < eps <= 1; L2 eps > 0 (the L2 diameter of the image cube depends on the
+    image's size, so no upper bound)."""
     value = number(argument, value)
+    if norm == "l2":
+        if not value > 0:
+            raise ValueError(f"{argument}={value} must be > 0: an L2 radius is positive (CIFAR-10's usual L2 eps is "
+                             "0.5)")
+        return value
     if not 0 < value <= 1:
         raise ValueError(
             f"{argument}={value} is outside (0, 1]: images live in [0, 1], so an L-inf radius "

@@ -1,4 +1,4 @@
-"""L-inf PGD, the inner maximisation of every training method and the workhorse of evaluation.
+"""PGD in the L-inf or L2 ball, the inner maximisation of every training method and the workhorse of evaluation.
 
 Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018,
 https://arxiv.org/abs/1706.06083.
@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import batch_tensors, eps_value, label_range, logits_of, non_negative_int, one_of, pixel_range, positive
+from ._checks import (NORMS, batch_tensors, eps_value, label_range, logits_of, non_negative_int, norm_name, one_of,
+                      pixel_range, positive)
 from ._checks import renamed_keywords
 
 LOSSES = ("ce", "kl", "cw")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adv_images, labels) -> per-sample loss (N,)
 STARTS = ("uniform", "normal", "none")
 MODES = ("eval", "train", "keep")
+# An L2 step divides the gradient by its per-sample norm, floored at this: a zero gradient makes no step (no 0/0).
+L2_NORM_FLOOR = 1e-12
 
 # model -> the module PGD calls instead (``torch.compile(model)``); see :func:`compile_for_attack`.
 _ATTACK_MODULES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 # Under fp16 autocast the attack loss is multiplied by this before ``autograd.grad``, so small input gradients do
-# not underflow to zero in half precision; PGD only uses the gradient's sign, which the scale does not change.
+# not underflow to zero in half precision; PGD only uses the gradient's sign (L-inf) or direction (L2), which the
+# scale does not change.
 FP16_ATTACK_LOSS_SCALE = 1024.0
 
 
@@ -71,6 +75,38 @@ def kl_to(target_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, 1), target_probs, reduction="none").sum(1)
 
 
+def _sample_norms(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each sample of ``t`` (N, ...), shaped (N, 1, ..., 1) to broadcast against it."""
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+def project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """``delta`` (N, ...) with every sample longer than ``eps`` (L2) scaled back onto the sphere of radius ``eps``;
+    the others unchanged. Same shape and dtype."""
+    return delta * (eps / _sample_norms(delta).clamp(min=eps))
+
+
+def l2_direction(grad: torch.Tensor) -> torch.Tensor:
+    """``grad / ||grad||_2`` per sample (N, ...); a zero gradient stays zero (norm floored at
+    :data:`L2_NORM_FLOOR`)."""
+    return grad / _sample_norms(grad).clamp(min=L2_NORM_FLOOR)
+
+
+def uniform_l2_ball(like: torch.Tensor, eps: float) -> torch.Tensor:
+    """Perturbations uniform in volume in the L2 ball of radius ``eps``, one per sample of ``like`` (N, ...).
+
+    A direction ``z / ||z||`` with ``z ~ N(0, I)`` (uniform on the sphere) times a radius ``eps * U ** (1 / d)``,
+    ``U ~ U(0, 1)`` and ``d`` the dimension of a sample (the radius of a uniform point has density proportional to
+    ``r ** (d - 1)``). In high dimension the radius is close to ``eps``, as the L-inf uniform start's points lie
+    far out in their cube.
+    """
+    z = torch.randn_like(like)
+    dim = max(like.numel() // max(len(like), 1), 1)
+    shape = (len(like),) + (1,) * (like.dim() - 1)
+    radius = torch.rand(shape, dtype=like.dtype, device=like.device).pow_(1.0 / dim).mul_(eps)
+    return z / _sample_norms(z).clamp(min=L2_NORM_FLOOR) * radius
+
+
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Put ``model`` in ``mode`` ("eval", "train" or "keep") and restore every module's own flag on exit."""
@@ -85,15 +121,20 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 class PGD:
-    r"""Projected gradient ascent in the L-inf ball, like ``torchattacks.PGD`` but with the loss to climb selectable.
+    r"""Projected gradient ascent in the L-inf or L2 ball, like ``torchattacks.PGD`` / ``PGDL2`` but with the loss to
+    climb selectable.
 
-    Distance: L-inf. Each step: ``x' <- clip_[0,1](clip_{x±eps}(x' + step_size * sign(grad L(x'))))``.
+    Each step, per sample:
+    L-inf (default): ``x' <- clip_[0,1](clip_{x±eps}(x' + step_size * sign(grad L(x'))))``;
+    L2: ``x' <- clip_[0,1](x + P_eps(x' + step_size * g / ||g||_2 - x))`` with ``g = grad L(x')`` (a zero gradient
+    makes no step) and ``P_eps`` the projection onto the L2 ball of radius eps (``delta * min(1, eps / ||delta||)``).
+    One L2 step of size eps from ``random_start="none"`` is FGM, the L2 counterpart of FGSM.
 
     Arguments:
         model: the network attacked; it must take images in [0, 1] (put normalisation inside it).
-        eps: radius of the L-inf ball (default 8/255).
+        eps: radius of the ball (default 8/255): L-inf in (0, 1]; L2 > 0 (e.g. 0.5 on CIFAR-10).
         step_size: the step (default 2/255; torchattacks calls it ``alpha``, which in ardir's ARD and IAD
-            is the weight of the distillation term).
+            is the weight of the distillation term); under L2 the L2 length of each step.
         steps: number of ascent steps (default 10); 0 returns the random start.
         loss: what the attack climbs:
             ``"ce"``: cross-entropy to ``labels`` (Madry AT, ARD);
@@ -105,13 +146,16 @@ class PGD:
             ``KL(p(T(x')) || p(S(x')))`` with the teacher in the graph). Its models' parameters get no ``.grad``
             (the gradient is taken with respect to the input only); name the models it calls besides ``model`` in
             ``loss_models``. It may call :func:`attack_module` ``(model)`` to run a compiled ``model``.
-        random_start: ``"uniform"`` in the ball (Madry), ``"normal"`` = ``x + 0.001 * N(0, I)`` (TRADES, RSLAD) or
-            ``"none"``.
+        random_start: ``"uniform"`` in the ball (Madry; under L2 uniform in volume, see :func:`uniform_l2_ball`,
+            where torchattacks' ``PGDL2`` draws the radius uniformly in [0, eps]), ``"normal"`` =
+            ``x + 0.001 * N(0, I)`` (TRADES, RSLAD; under L2 projected onto the ball) or ``"none"``; then clipped
+            to [0, 1].
         mode: the model's mode while attacking: ``"eval"`` (default), ``"train"`` (ARD: BatchNorm uses batch
             statistics) or ``"keep"``. Every module's own train/eval flag is restored afterwards.
         loss_models: the other modules a callable ``loss`` runs (e.g. a teacher): held in eval mode during the
             attack (a teacher's BatchNorm statistics must not move, whatever ``mode`` the attacked model has) and
             every module's flag restored afterwards.
+        norm: the threat model, ``"linf"`` (default) or ``"l2"``.
 
     Shape:
         images: (N, C, H, W) in [0, 1]; labels: (N,) int64; target_probs: (N, K) rows summing to 1.
@@ -121,15 +165,15 @@ class PGD:
     computed and no ``.grad`` is left on any parameter; a DistributedDataParallel model is attacked through its
     ``.module`` (no gradient all-reduce). A call checks its inputs (:meth:`check_inputs`: types, shapes, devices;
     the [0, 1] pixel range on the first call only, as that check is a host synchronisation); the loop itself never
-    synchronises with the host. Called under
-    ``torch.autocast`` it runs in that precision (the sign of the gradient is robust to bf16; under fp16 the loss is
-    scaled by :data:`FP16_ATTACK_LOSS_SCALE` first). A model registered with :func:`compile_for_attack` is run
-    compiled.
+    synchronises with the host. Called under ``torch.autocast`` it runs in that precision (the sign and the
+    direction of the gradient are robust to bf16; under fp16 the loss is scaled by :data:`FP16_ATTACK_LOSS_SCALE`
+    first). A model registered with :func:`compile_for_attack` is run compiled.
 
     Example::
 
         attack = ardir.PGD(model, eps=8/255, step_size=2/255, steps=20)
         adv_images = attack(images, labels)
+        adv_l2 = ardir.PGD(model, eps=0.5, step_size=0.125, steps=20, norm="l2")(images, labels)
 
         # any loss: here AdaAD's, the teacher-student discrepancy on the perturbed batch (labels unused)
         def discrepancy(adv, labels):
@@ -141,11 +185,12 @@ class PGD:
     @renamed_keywords(alpha="step_size")  # torchattacks' spelling; in ARD/IAD alpha is a loss weight
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
                  loss: Union[str, LossFn] = "ce", random_start: str = "uniform", mode: str = "eval",
-                 loss_models: Sequence[nn.Module] = ()):
+                 loss_models: Sequence[nn.Module] = (), norm: str = "linf"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = _unwrap(model)
-        self.eps = eps_value("eps", eps)
+        self.norm = norm_name("norm", norm)
+        self.eps = eps_value("eps", eps, self.norm)
         self.step_size = positive("step_size", step_size)
         self.steps = non_negative_int("steps", steps)
         if callable(loss) and not isinstance(loss, (str, nn.Module)):
@@ -169,7 +214,7 @@ class PGD:
     def __repr__(self) -> str:
         loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", type(self.loss).__name__)
         return (f"PGD(eps={self.eps:.5g}, step_size={self.step_size:.5g}, steps={self.steps}, loss={loss!r}, "
-                f"random_start={self.random_start!r}, mode={self.mode!r})")
+                f"random_start={self.random_start!r}, mode={self.mode!r}, norm={self.norm!r})")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  target_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -198,6 +243,10 @@ class PGD:
 
     def start(self, images: torch.Tensor) -> torch.Tensor:
         """The random starting point, inside the ball and [0, 1]."""
+        if self.norm == "l2" and self.random_start != "none":
+            delta = (uniform_l2_ball(images, self.eps) if self.random_start == "uniform" else
+                     project_l2(0.001 * torch.randn_like(images), self.eps))
+            return (images + delta).clamp(0, 1)
         if self.random_start == "uniform":
             delta = torch.empty_like(images).uniform_(-self.eps, self.eps)
         elif self.random_start == "normal":
@@ -251,8 +300,10 @@ class PGD:
                     target_probs = F.softmax(net(images).float(), 1)
             target_probs = None if target_probs is None else target_probs.detach()
             adv = self.start(images)
-            # the eps-ball and [0, 1] intersect in [low, high] (images are in [0, 1]), so one clamp projects onto both
-            low, high = (images - self.eps).clamp_(min=0), (images + self.eps).clamp_(max=1)
+            # L-inf: the eps-ball and [0, 1] intersect in [low, high] (images are in [0, 1]), so one clamp projects
+            # onto both
+            bounds = ((images - self.eps).clamp_(min=0), (images + self.eps).clamp_(max=1)) \
+                if self.norm == "linf" else None
             for _ in range(self.steps):
                 adv.requires_grad_(True)
                 loss = (self.custom_objective(adv, labels) if custom else
@@ -264,5 +315,16 @@ class PGD:
                     raise ValueError(f"PGD's loss {getattr(self.loss, '__name__', 'loss')}(adv_images, labels) does "
                                      "not depend on adv_images (it uses other inputs); the attack needs its gradient "
                                      "with respect to adv_images")
-                adv = torch.clamp(torch.add(adv.detach(), grad.sign(), alpha=self.step_size), low, high)
+                adv = self.step(adv.detach(), grad, images, bounds)
         return adv.detach()
+
+    def step(self, adv: torch.Tensor, grad: torch.Tensor, images: torch.Tensor,
+             bounds: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One ascent step from ``adv`` along ``grad`` (both (N, C, H, W)), back into the ball around ``images`` and
+        [0, 1]: L-inf clamps to ``bounds`` = (low, high); L2 moves by ``step_size`` along ``grad / ||grad||_2``,
+        projects onto the eps-ball around ``images``, then clips to [0, 1] (which keeps it in the ball: clipping
+        only moves a pixel towards the image's own, which lies in [0, 1])."""
+        if bounds is not None:
+            return torch.clamp(torch.add(adv, grad.sign(), alpha=self.step_size), *bounds)
+        moved = torch.add(adv, l2_direction(grad), alpha=self.step_size)
+        return (images + project_l2(moved - images, self.eps)).clamp_(0, 1)
