@@ -35,7 +35,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     eval_p.add_argument("--attacks", nargs="+", default=None, type=attack_name, help="attack names (ardir.evaluate's "
                         "grammar: natural, fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`, with "
                         f"--weights {' '.join(cfg.ATTACKS_DEFAULT)}")
-    eps_option = cfg.schema()["eps"]
+    eps_option = cfg.schema()["eval_eps"]  # an L-inf radius, in (0, 1]
     eval_p.add_argument("--eps", type=_flag_type("float", eps_option), default=None,
                         help="L-inf radius, e.g. 8/255 (default: the run's eval_eps, else its training eps; with "
                         "--weights 8/255)")
@@ -109,6 +109,9 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
     model = model_from_checkpoint(state, source=str(path))
     if eps is None:
         eps = config["eval_eps"]
+    if eps is None and config.get("norm") == "l2":  # its training eps is an L2 radius, not one for these attacks
+        raise CLIError(f"{path} was trained under L2 (norm = \"l2\", eps {config.get('eps')}) but ardir eval runs "
+                       "L-inf attacks only: pass --eps RADIUS for an L-inf evaluation of it")
     if eps is None:
         eps = create_method(config["method"], **cfg.method_kwargs(config)).eps
     fake = config["fake_data"] if fake_data is None else fake_data

@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.9/3.10
         tomllib = None  # type: ignore[assignment]
 
 __all__ = ["ConfigError", "Option", "RUN_OPTIONS", "LIMITS", "schema", "load_toml", "parse_toml", "check",
-           "check_value", "check_range",
+           "check_value", "check_range", "check_threat_model",
            "resolve", "dump_toml", "dump_config", "method_keys", "trainer_keys", "method_kwargs", "trainer_kwargs",
            "layer_specs", "PATH_KEYS", "looks_like_path", "absolute_paths"]
 
@@ -270,13 +270,15 @@ LIMITS: Dict[str, Tuple[float, bool, Optional[float]]] = {
     "epochs": (0, True, None), "lr": (0, False, None), "momentum": (0, True, None), "weight_decay": (0, True, None),
     "milestones": (1, True, None), "lr_gamma": (0, False, None), "val_attack_steps": (0, True, None),
     "limit_batches": (1, True, None), "checkpoint_every_steps": (1, True, None), "keep_last": (1, True, None),
-    "eps": (0, False, 1.0), "step_size": (0, False, None), "steps": (0, True, None), "tau": (0, False, None),
+    "eps": (0, False, None), "step_size": (0, False, None), "steps": (0, True, None), "tau": (0, False, None),
     "beta": (0, True, None), "warmup_epochs": (0, True, None), "kl_scale": (0, False, None),
     "layer_weights": (0, True, None), "w_ce": (0, True, None), "w_kl": (0, True, None), "w_ir": (0, True, None),
 }
-"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``."""
+"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``. ``eps``'s upper bound depends
+on ``norm`` (1 under L-inf, none under L2), so :func:`resolve` checks it (:func:`check_threat_model`)."""
 
-_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip")}  # the Trainer's own lists
+_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip"),  # the Trainer's own lists
+            "norm": ("linf", "l2")}  # the methods' (ardir._checks.NORMS)
 
 
 def check_range(key: str, value: Any) -> Any:
@@ -373,12 +375,22 @@ def resolve(*layers: Mapping[str, Any]) -> Dict[str, Any]:
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
         raise ConfigError(f"method: {method!r} is not a method; {hint}choose one of {', '.join(sorted(METHODS))}")
     config["method"] = method
+    check_threat_model(config)
     accepted = set(method_arguments(method))
     for option in options.values():
         if option.group == "method" and config[option.name] is not None and option.name not in accepted:
             raise ConfigError(f"{option.name}: method {method!r} does not take this argument; it takes "
                               f"{', '.join(method_arguments(method))}")
     return config
+
+
+def check_threat_model(config: Mapping[str, Any]) -> None:
+    """``eps`` (when set) within its norm's range: at most 1 under L-inf (``norm`` unset or ``"linf"``), any
+    positive radius under L2; else :class:`ConfigError` naming the key and the way to an L2 radius."""
+    eps, norm = config.get("eps"), config.get("norm") or "linf"
+    if eps is not None and norm == "linf" and eps > 1:
+        raise ConfigError(f"eps: {eps!r} must be <= 1 under norm = \"linf\" (an L-inf radius on [0, 1] images: "
+                          "8/255, not 8); for an L2 radius pass --norm l2 (TOML: norm = \"l2\")")
 
 
 # ---------------------------------------------------------------------------------------------------- paths

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import eps_value, non_negative, non_negative_int, number, one_of, positive
+from ._checks import eps_value, non_negative, non_negative_int, norm_name, number, one_of, positive
 from .attacks import PGD, STARTS, MODES, LossFn, kl_to, model_mode
 from .hooks import FeatureHooks, check_layers
 from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
@@ -68,11 +68,13 @@ class Method(nn.Module):
     """Base class: attack settings (the inner maximisation) and the paper's schedule.
 
     Arguments:
-        eps: L-inf radius of the training attack (8/255).
-        step_size: PGD step (2/255).
+        eps: radius of the training attack's ball (8/255): L-inf in (0, 1], L2 > 0 (CIFAR-10: 0.5).
+        step_size: PGD step (2/255); under L2 the L2 length of a step (CIFAR-10: 2.5 * eps / steps).
         steps: PGD steps (10).
         random_start: ``"uniform"``, ``"normal"`` (x + 0.001 N(0, I)) or ``"none"``; default: the method's own.
         attack_mode: the student's mode during the attack, ``"eval"`` or ``"train"``; default: the method's own.
+        norm: the threat model of the training attack and of the Trainer's validation PGD, ``"linf"`` (default) or
+            ``"l2"``. See :class:`~ardir.attacks.PGD`.
 
     Subclasses set ``name``, the attack's loss and defaults, and implement :meth:`forward`.
     """
@@ -86,9 +88,10 @@ class Method(nn.Module):
     milestones: ClassVar[Tuple[float, ...]] = (0.5, 0.75)
 
     def __init__(self, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-                 random_start: Optional[str] = None, attack_mode: Optional[str] = None):
+                 random_start: Optional[str] = None, attack_mode: Optional[str] = None, norm: str = "linf"):
         super().__init__()
-        self.eps = eps_value("eps", eps)
+        self.norm = norm_name("norm", norm)
+        self.eps = eps_value("eps", eps, self.norm)
         self.step_size = positive("step_size", step_size)
         self.steps = non_negative_int("steps", steps)
         self.random_start = one_of("random_start", random_start or self.default_start, STARTS, "random start")
@@ -113,7 +116,7 @@ class Method(nn.Module):
         """The inner maximisation: PGD with this method's settings; returns x' (N, C, H, W), detached.
         ``loss`` (default: the method's ``attack_loss``) may be a callable (see :class:`~ardir.attacks.PGD`)."""
         pgd = PGD(student, eps=self.eps, step_size=self.step_size, steps=self.steps, loss=loss or self.attack_loss,
-                  random_start=self.random_start, mode=self.attack_mode, loss_models=loss_models)
+                  random_start=self.random_start, mode=self.attack_mode, loss_models=loss_models, norm=self.norm)
         return pgd.forward(images, labels, target_probs)  # the trainer has checked the data
 
     def setup(self, student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor) -> None:

@@ -88,7 +88,8 @@ class Trainer:
             schedule scaled to ``epochs``.
         optimizer, scheduler: factories ``optimizer(params)`` and ``scheduler(optimizer)`` replacing the defaults.
         val_loader: held-out data evaluated after each epoch (natural and PGD accuracy).
-        val_attack_steps: PGD steps of the validation attack after each epoch (10).
+        val_attack_steps: PGD steps of the validation attack after each epoch (10); its norm, eps and step are the
+            method's.
         limit_batches: stop each epoch after this many batches (dry runs).
         progress: show tqdm bars (they also switch off when the output is not a terminal).
         callbacks: ``fn(trainer, record)`` called after every epoch with the epoch's record.
@@ -115,7 +116,8 @@ class Trainer:
             and is counted in the record's ``skipped_batches``. On CUDA the check is on the device: "stop" raises
             at the next log point (every 20 batches), epoch end or checkpoint, never saving non-finite weights;
             "skip" zeroes that step's gradients (momentum and weight decay still apply).
-        method_kwargs: the method's own arguments, e.g. ``tau=30``, ``layers=["layer4"]``, ``eps=8/255``.
+        method_kwargs: the method's own arguments, e.g. ``tau=30``, ``layers=["layer4"]``, ``eps=8/255``,
+            ``norm="l2"`` (the threat model, see :class:`~ardir.methods.Method`).
 
     Example::
 
@@ -487,8 +489,9 @@ class Trainer:
         return record
 
     def validate(self) -> Dict[str, float]:
-        """Natural and PGD accuracy (%) of the student on ``val_loader`` with the method's eps and step."""
-        attack = PGD(self.student, eps=self.method.eps, step_size=self.method.step_size, steps=self.val_attack_steps)
+        """Natural and PGD accuracy (%) of the student on ``val_loader`` with the method's norm, eps and step."""
+        attack = PGD(self.student, eps=self.method.eps, step_size=self.method.step_size, steps=self.val_attack_steps,
+                     norm=self.method.norm)
         checked = False
         # (natural correct, adversarial correct, seen) counted on the device: no host sync per batch; summed over
         # the processes of a process group (each evaluates its shard, see ardir.distributed.shard_loader).

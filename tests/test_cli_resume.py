@@ -74,7 +74,7 @@ def test_resume_takes_the_newest_good_checkpoint_of_either_kind(tmp_path, capsys
     ("--train-size", "0", "--train-size: 0 must be >= 1"), ("--checkpoint-every-steps", "0", "must be >= 1"),
     ("--eval-eps", "8", "must be > 0 and <= 1 (an L-inf radius on [0, 1] images: 8/255, not 8)"),
     ("--keep-last", "0", "must be >= 1"), ("--batch-size", "0", "must be >= 1"), ("--val-size", "-1", ">= 0"),
-    ("--lr", "0", "must be > 0"), ("--eps", "8", "<= 1"), ("--milestones", "0", "--milestones: 0 must be >= 1"),
+    ("--lr", "0", "must be > 0"), ("--eps", "0", "must be > 0"), ("--milestones", "0", "--milestones: 0 must be >= 1"),
     ("--limit-batches", "0", ">= 1"), ("--n-examples", "0", ">= 1"), ("--precision", "fp8", "is not one of"),
     ("--nan-policy", "ignore", "is not one of"), ("--lr", "nan", "finite"), ("--device", "gpu7", "device"),
     ("--attacks", "pgdx", "pgdx"),

@@ -1,4 +1,7 @@
-"""The L2 threat model: PGD(norm="l2") and the errors of bad combinations."""
+"""The L2 threat model for training: PGD(norm="l2"), every method's ``norm``, the Trainer's validation attack,
+``ardir train --norm l2`` and the errors of bad combinations."""
+import json
+import math
 
 import pytest
 import torch
@@ -6,8 +9,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ardir
+from ardir import cli
+from ardir import config as cfg
 from ardir.attacks import l2_direction, project_l2, uniform_l2_ball
+from ardir.checkpoint import load_checkpoint
+from ardir.methods import create_method, list_methods
 from conftest import TinyNet
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+TINY = ["--dataset", "fashion-mnist", "--fake-data", "--model", "cnn_small", "--train-size", "64", "--val-size",
+        "32", "--batch-size", "32", "--limit-batches", "1", "--steps", "1", "--val-attack-steps", "1", "--quiet"]
 
 
 def batch(n=16):
@@ -201,6 +216,53 @@ def test_no_host_sync_inside_the_l2_attack_loop():
         torch.cuda.set_sync_debug_mode("default")
 
 
+# ----------------------------------------------------------------------------------------------- methods
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_takes_norm(name):
+    extra = {"natural_teacher": TinyNet()} if name == "mtard" else {}
+    method = create_method(name, norm="l2", eps=1.5, step_size=0.4, **extra)
+    assert method.norm == "l2" and method.eps == 1.5 and "norm='l2'" in repr(method)
+    assert create_method(name, **extra).norm == "linf"
+
+
+@pytest.mark.parametrize("name, start", [("at", "uniform"), ("trades", "normal"), ("ard", "uniform")])
+def test_a_methods_attack_is_l2_pgd_with_its_settings(name, start):
+    student = TinyNet()
+    x, y = batch()
+    method = create_method(name, norm="l2", eps=0.9, step_size=0.3, steps=3)
+    torch.manual_seed(6)
+    adv = method.attack(student, x, y)
+    torch.manual_seed(6)
+    ref = ardir.PGD(student, eps=0.9, step_size=0.3, steps=3, loss=method.attack_loss, random_start=start,
+                    mode=method.attack_mode, norm="l2").forward(x, y)
+    assert torch.equal(adv, ref) and l2_of(adv - x).max() <= 0.9 + 1e-5
+
+
+def test_adaad_climbs_its_discrepancy_under_l2():
+    student, teacher = TinyNet(), TinyNet(width=6).eval().requires_grad_(False)
+    x, y = batch()
+    method = create_method("adaad", norm="l2", eps=0.9, step_size=0.3, steps=3)
+    adv = method.adversarial(student, teacher, x, y)
+    assert l2_of(adv - x).max() <= 0.9 + 1e-5 and (adv - x).abs().max() > 0.1  # L-inf would stay <= 8/255
+
+
+def test_the_trainers_validation_pgd_uses_the_runs_norm(monkeypatch):
+    import ardir.trainer as trainer_module
+    made = []
+
+    class Spy(ardir.PGD):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(trainer_module, "PGD", Spy)
+    loader = [batch(8)]
+    trainer = ardir.Trainer(TinyNet(), loader, method="at", val_loader=loader, epochs=1, progress=False,
+                            norm="l2", eps=1.5, step_size=0.5, steps=1, val_attack_steps=2)
+    record = trainer.validate()
+    assert [(a.norm, a.eps, a.step_size, a.steps) for a in made] == [("l2", 1.5, 0.5, 2)]
+    assert 0 <= record["val_pgd"] <= record["val_natural"]
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(norm="l1"), ValueError, r"norm='l1' is not a known norm.*'linf', 'l2'"),
@@ -215,7 +277,49 @@ def test_no_host_sync_inside_the_l2_attack_loop():
 def test_bad_threat_models_are_one_sentence_naming_the_argument(kwargs, error, words):
     with pytest.raises(error, match=words):
         ardir.PGD(TinyNet(), **kwargs)
+    with pytest.raises(error, match=words):
+        create_method("at", **kwargs)
 
 
 def test_l2_accepts_radii_above_one():
     assert ardir.PGD(TinyNet(), eps=2.0, norm="l2").eps == 2.0
+    assert ardir.ATTrainer(TinyNet(), [batch(4)], norm="l2", eps=2.0, progress=False).method.eps == 2.0
+
+
+def test_the_configuration_checks_eps_against_the_norm():
+    assert cfg.resolve({"eps": 1.5, "norm": "l2"})["norm"] == "l2"
+    assert cfg.parse_toml('norm = "l2"\neps = 2.0') == {"norm": "l2", "eps": 2.0}
+    with pytest.raises(cfg.ConfigError, match=r'eps: 1.5 must be <= 1 under norm = "linf".*--norm l2'):
+        cfg.resolve({"eps": 1.5})
+    with pytest.raises(cfg.ConfigError, match=r"norm: 'l3' is not one of 'linf', 'l2'"):
+        cfg.parse_toml('norm = "l3"')
+    with pytest.raises(cfg.ConfigError, match=r"eps: 0.0 must be > 0"):
+        cfg.parse_toml('norm = "l2"\neps = 0.0')
+    assert "norm" in cfg.schema() and cfg.schema()["norm"].group == "method"
+
+
+def test_cli_norm_flag_is_checked_and_a_large_linf_eps_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--norm", "l3"])
+    assert info.value.code == 2 and "argument --norm: 'l3' is not one of 'linf', 'l2'" in capsys.readouterr().err
+    assert cli.main(["train", "--eps", "8"]) == 2  # refused before any data is looked for
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ardir train: error: eps: 8.0 must be <= 1") and "--norm l2" in err
+    assert len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- ardir train
+def test_ardir_train_norm_l2_records_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--method", "at", "--norm", "l2", "--eps", "1.5", "--step-size", "0.5", "--epochs", "1",
+            "--output-dir", str(out)]
+    assert cli.main(args) == 0
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["norm"] == "l2" and config["eps"] == 1.5 and config["step_size"] == 0.5
+    assert load_checkpoint(out / "last.pt")["config"]["norm"] == "l2"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["loss"]) and 0 <= record["val_pgd"] <= record["val_natural"] <= 100
+    # ardir eval runs L-inf attacks: the run's L2 eps is no radius for them, so it asks for one
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pt")]) == 2
+    assert 'trained under L2 (norm = "l2", eps 1.5)' in capsys.readouterr().err
