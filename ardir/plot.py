@@ -38,6 +38,14 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
     """Two panels against the epoch: every loss term (and the total), and validation natural/PGD accuracy.
 
     Returns ``path`` (a PNG file)."""
+    fig = _curves_figure(records)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def _curves_figure(records: Sequence[Mapping[str, Any]]):
+    """The figure :func:`plot_metrics` saves: losses, and validation accuracy when the records have it."""
     if not records:
         raise ValueError("no epochs to plot: metrics.jsonl is empty")
     plt = _pyplot()
@@ -49,22 +57,24 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
     for term in terms:
         ax.plot(epochs, [r.get(term, float("nan")) for r in records], marker="o", markersize=3, label=term,
                 linewidth=2 if term == "loss" else 1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (mean over the epoch)")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
+    _epoch_axis(ax, "training loss (mean over the epoch)")
     if has_val:
         ax = axes[0][1]
         for key, label in (("val_natural", "natural"), ("val_pgd", "PGD")):
             ax.plot(epochs, [r.get(key, float("nan")) for r in records], marker="o", markersize=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax, "validation accuracy (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def _epoch_axis(ax, ylabel: str) -> None:
+    """Label a panel whose x-axis is the epoch, with whole-number ticks only (no epoch 1.5), legend and grid."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
 
 
 def plot_sweep(report: Mapping[str, Any], path: PathLike) -> Path:
