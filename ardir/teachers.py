@@ -177,12 +177,15 @@ def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = N
     return model
 
 
+ROBUSTBENCH_INSTALL = "pip install 'ardir[robustbench]'"
+"""How the ``robustbench`` package is installed (the extra of pyproject.toml, from PyPI), as the README says."""
+
+
 def _download_hint(name: str, path: Path) -> str:
-    return (f"RobustBench model {name!r} is not at {path}. Either `pip install "
-            f"git+https://github.com/RobustBench/robustbench.git` and run once online (it downloads the file "
-            f"there), or download {name}.pt from the RobustBench model zoo (the link is in RobustBench's "
-            f"model_info/{path.parent.parent.name}/{path.parent.name}/{name}.json / the leaderboard) and put it at "
-            f"{path}; another directory is chosen with --robustbench-dir or $ARDIR_ROBUSTBENCH_DIR.")
+    return (f"RobustBench model {name!r} is not at {path}. Either `{ROBUSTBENCH_INSTALL}` and run once online "
+            f"(it downloads the file there), or download {name}.pt from the RobustBench model zoo (the link is in "
+            f"RobustBench's model_info/{path.parent.parent.name}/{path.parent.name}/{name}.json / the leaderboard) "
+            f"and put it at {path}; another directory is chosen with --robustbench-dir or $ARDIR_ROBUSTBENCH_DIR.")
 
 
 def load_robustbench(name: str, dataset: str = "cifar10", model_dir: Optional[PathLike] = None,
@@ -214,7 +217,7 @@ def load_robustbench(name: str, dataset: str = "cifar10", model_dir: Optional[Pa
         if known is None:
             raise TeacherNotFoundError(
                 f"{path} exists, but ardir maps only {', '.join(sorted(ROBUSTBENCH_ZOO))} onto its own networks; "
-                f"for {name!r} install robustbench (pip install git+https://github.com/RobustBench/robustbench.git)")
+                f"for {name!r} install robustbench ({ROBUSTBENCH_INSTALL})")
         from .checkpoint import load_checkpoint
         state = load_checkpoint(path)  # the one safe loader: a file that would run code is refused, never run
     model = models.create(known["model"], num_classes=known["num_classes"], in_chans=3)

@@ -1,5 +1,7 @@
 """ardir.teachers: checkpoint paths, model names and RobustBench's local model files (no network)."""
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,15 +118,24 @@ def test_robustbench_missing_file_says_what_to_download_and_where(tmp_path, tiny
         load_teacher("robustbench:Zhang2019Theoretically", model_dir=tmp_path)
     message = str(err.value)
     assert str(tmp_path / "cifar10" / "Linf" / "Zhang2019Theoretically.pt") in message
-    assert "pip install" in message and "--robustbench-dir" in message
+    assert "pip install 'ardir[robustbench]'" in message and "--robustbench-dir" in message
+    assert "git+" not in message  # the extra of pyproject.toml, as the README says
 
 
 def test_robustbench_unknown_architecture_without_the_package(tmp_path, tiny_zoo):
     path = tmp_path / "cifar10" / "Linf" / "Other2020.pt"
     path.parent.mkdir(parents=True)
     torch.save({}, path)
-    with pytest.raises(TeacherNotFoundError, match="install robustbench"):
+    with pytest.raises(TeacherNotFoundError, match=r"install robustbench \(pip install 'ardir\[robustbench\]'\)"):
         load_teacher("robustbench:Other2020", model_dir=tmp_path)
+
+
+def test_the_robustbench_hint_is_the_extra_the_readme_and_pyproject_name():
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "robustbench" in pyproject["project"]["optional-dependencies"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert teachers.ROBUSTBENCH_INSTALL == "pip install 'ardir[robustbench]'"
+    assert teachers.ROBUSTBENCH_INSTALL in readme
 
 
 def test_robustbench_dir_from_the_environment(tmp_path, monkeypatch):
