@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from ._checks import eps_value, one_of
+from ._checks import eps_value, norm_name, one_of
 from .attacks import model_mode
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -52,6 +52,9 @@ COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 ENGINES = ("ardir", "official")
 
 TOLERANCE = 1e-5
+
+L2_ENGINE_ERROR = "ardir's AutoAttack engine is L∞ only; pass engine='official' for L2"
+"""The error of AutoAttack (and of ardir.evaluate's AutoAttack attacks) under L2 with ``engine="ardir"``."""
 """Slack on the L-inf distance when validating an adversarial example (float rounding only)."""
 
 OFFICIAL_MISSING = ("engine='official' runs the authors' AutoAttack code, which is not installed: "
@@ -188,14 +191,17 @@ def _captured_official_warnings() -> Iterator[List[str]]:
 
 
 def _official_component(name: str, model: nn.Module, eps: float, num_classes: int, seed: int,
-                        messages: List[str]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One component run through the official driver (``run_standard_evaluation``) with standard settings."""
+                        messages: List[str], norm: str = "linf") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One component run through the official driver (``run_standard_evaluation``) with standard settings,
+    in the official norm ``"Linf"`` or ``"L2"`` (``norm`` is ardir's ``"linf"`` or ``"l2"``)."""
     module = official_module()
     device = _device(model)
+    official_norm = {"linf": "Linf", "l2": "L2"}[norm]
     if module.__name__ == "pyautoattack":
-        adversary = module.AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=seed, device=device)
+        adversary = module.AutoAttack(model, eps=eps, norm=official_norm, version="standard", seed=seed,
+                                      device=device)
     else:
-        adversary = module.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
+        adversary = module.AutoAttack(model, norm=official_norm, eps=eps, version="standard", seed=seed,
                                       device=str(device), verbose=False)
     adversary.verbose = False
     adversary.attacks_to_run = [name]
@@ -226,16 +232,20 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def still_correct(model: nn.Module, images: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
-                  eps: float) -> torch.Tensor:
+                  eps: float, norm: str = "linf") -> torch.Tensor:
     """Per-sample bool (N,): the model classifies ``adv`` correctly, or ``adv`` is not a valid attack.
 
     An adversarial example is valid when it is finite, in [0, 1] and within ``eps`` (+ :data:`TOLERANCE`)
-    of ``images`` in L-inf; an invalid one is replaced by the natural image, so it never counts as a success.
+    of ``images`` in ``norm`` (``"linf"``, or ``"l2"`` with the tolerance also relative: + 1e-5 eps); an invalid
+    one is replaced by the natural image, so it never counts as a success.
     """
     adv = adv.to(images.device, images.dtype)
     flat = (adv - images).flatten(1)
     valid = torch.isfinite(adv.flatten(1)).all(1)
-    valid &= flat.abs().amax(1) <= eps + TOLERANCE
+    if norm == "l2":
+        valid &= flat.double().norm(dim=1) <= eps * (1 + TOLERANCE) + TOLERANCE
+    else:
+        valid &= flat.abs().amax(1) <= eps + TOLERANCE
     valid &= (adv.flatten(1).amin(1) >= -TOLERANCE) & (adv.flatten(1).amax(1) <= 1 + TOLERANCE)
     adv = torch.where(valid.view(-1, *[1] * (images.dim() - 1)), adv, images)
     return model(adv).argmax(1) == labels
@@ -247,11 +257,13 @@ class AutoAttack:
     Arguments:
         model: the classifier, images in [0, 1] -> logits; it is attacked in eval mode and every module's
             own train/eval flag is restored afterwards.
-        eps: L-inf radius (default 8/255).
+        eps: the radius in ``norm`` (default 8/255, an L-inf radius).
         num_classes: the model's number of outputs (targeted attacks use ``min(9, num_classes - 1)`` targets).
         attacks: the components, run in this order on the points still robust; default :data:`STANDARD`.
         engine: ``"ardir"`` (ardir's components with the official settings, no extra dependency) or
             ``"official"`` (the authors' code; ``pip install pyautoattack``).
+        norm: ``"linf"`` (default) or ``"l2"``. Under L2 only the official engine runs (its standard version
+            supports L2); ardir's components are L-inf implementations, so ``engine="ardir"`` is refused.
 
     :meth:`run` returns a bool tensor (N,) (True: classified correctly after every component) and, per
     component, the bool tensor (N,) of points still robust after it (cumulative, as AutoAttack's log).
@@ -259,9 +271,10 @@ class AutoAttack:
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, num_classes: int = 10,
-                 attacks: Sequence[str] = STANDARD, engine: str = "ardir"):
+                 attacks: Sequence[str] = STANDARD, engine: str = "ardir", norm: str = "linf"):
         self.model = model
-        self.eps = eps_value("eps", eps)
+        self.norm = norm_name("norm", norm)
+        self.eps = eps_value("eps", eps, self.norm)
         self.num_classes = int(num_classes)
         self.attacks = [one_of("attacks", a, COMPONENTS, "AutoAttack component") for a in attacks]
         if not self.attacks:
@@ -269,6 +282,8 @@ class AutoAttack:
         for name in self.attacks:
             _check_classes(name, self.num_classes)
         self.engine = one_of("engine", engine, ENGINES, "AutoAttack engine")
+        if self.norm == "l2" and self.engine == "ardir":
+            raise ValueError(L2_ENGINE_ERROR)
         if self.engine == "official":
             official_module()  # fail now, with the install hint
         self.messages: List[str] = []
@@ -280,13 +295,16 @@ class AutoAttack:
         standard = tuple(self.attacks) == STANDARD
         engine = "ardir (ardir components: apgd, fab, square)" if self.engine == "ardir" else \
             f"official ({official_module().__name__} {getattr(official_module(), '__version__', '')})".strip()
-        return {"version": "standard" if standard else "custom", "engine": engine,
-                "components": {name: component_settings(name, self.num_classes) for name in self.attacks}}
+        settings = {"version": "standard" if standard else "custom", "engine": engine,
+                    "components": {name: component_settings(name, self.num_classes) for name in self.attacks}}
+        if self.norm != "linf":  # L-inf settings stay as they were, so older evaluation state files still resume
+            settings["norm"] = "L2"
+        return settings
 
     def _component(self, name: str, seed: int, model: nn.Module):
         if self.engine == "ardir":
             return _ardir_component(name, model, self.eps, self.num_classes, seed)
-        return _official_component(name, self.model, self.eps, self.num_classes, seed, self.messages)
+        return _official_component(name, self.model, self.eps, self.num_classes, seed, self.messages, self.norm)
 
     def run(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
             done: Optional[Dict[str, torch.Tensor]] = None,
@@ -314,7 +332,7 @@ class AutoAttack:
                         x, y = images[todo], labels[todo]
                         with torch.enable_grad():
                             adv = attack(x, y)
-                        robust[todo] = still_correct(self.model, x, adv, y, self.eps)
+                        robust[todo] = still_correct(self.model, x, adv, y, self.eps, self.norm)
                     if on_component is not None:
                         on_component(name, robust.clone())
                 per_component[name] = robust.clone()

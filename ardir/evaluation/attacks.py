@@ -46,12 +46,14 @@ __all__ = ["Context", "Runner", "AttackSpec", "register_attack", "list_attacks",
 class Context:
     """What a rule builds its runner from: the model (in eval mode, parameters frozen), the L-inf radius ``eps``,
     the PGD step ``step_size``, the model's ``num_classes`` and the AutoAttack ``engine`` (``"ardir"`` or
-    ``"official"``). The sweep of the sanity checks builds its attack with a scaled ``eps`` and ``step_size``."""
+    ``"official"``), and the threat model's ``norm`` (``"linf"`` or ``"l2"``; ``eps`` is a radius in that norm).
+    The sweep of the sanity checks builds its attack with a scaled ``eps`` and ``step_size``."""
     model: nn.Module
     eps: float
     step_size: float
     num_classes: int
     engine: str
+    norm: str = "linf"
 
 
 class Runner:
@@ -99,20 +101,23 @@ class _PGDRunner(Runner):
     def __init__(self, key: str, display: str, ctx: Context, steps: int, loss: str, step_size: float,
                  random_start: str, rank: int, family: str):
         self.attack = PGD(ctx.model, eps=ctx.eps, step_size=step_size, steps=steps, loss=loss,
-                          random_start=random_start)
-        self.model, self.eps = ctx.model, ctx.eps
+                          random_start=random_start, norm=ctx.norm)
+        self.model, self.eps, self.norm = ctx.model, ctx.eps, ctx.norm
         self.rank, self.family, self.steps = rank, family, steps
         loss_name = {"ce": "cross-entropy", "cw": "CW margin"}[loss]
         start = "uniform random start" if random_start == "uniform" else "no random start"
-        description = (f"{loss_name}, {steps} step{'s' if steps > 1 else ''} of {_fmt_eps(step_size)}, {start}")
-        super().__init__(key, display, description,
-                         {"eps": ctx.eps, "loss": loss, "steps": steps, "step_size": step_size,
-                          "random_start": random_start, "restarts": 1, "implementation": "ardir.PGD"})
+        step = _fmt_eps(step_size) if ctx.norm == "linf" else f"{step_size:.4g} (L2, normalised gradient)"
+        description = (f"{loss_name}, {steps} step{'s' if steps > 1 else ''} of {step}, {start}")
+        settings = {"eps": ctx.eps, "loss": loss, "steps": steps, "step_size": step_size,
+                    "random_start": random_start, "restarts": 1, "implementation": "ardir.PGD"}
+        if ctx.norm != "linf":  # L-inf settings stay as they were, so older state files still resume
+            settings["norm"] = ctx.norm
+        super().__init__(key, display, description, settings)
 
     def run(self, images, labels, seed, done=None, on_component=None):
         torch.manual_seed(seed)
         adv = self.attack(images, labels)
-        return still_correct(self.model, images, adv, labels, self.eps), {}
+        return still_correct(self.model, images, adv, labels, self.eps, self.norm), {}
 
 
 class _AutoAttackRunner(Runner):
@@ -121,7 +126,7 @@ class _AutoAttackRunner(Runner):
 
     def __init__(self, key: str, display: str, ctx: Context, components: Sequence[str]):
         self.attack = AutoAttack(ctx.model, eps=ctx.eps, num_classes=ctx.num_classes, attacks=components,
-                                 engine=ctx.engine)
+                                 engine=ctx.engine, norm=ctx.norm)
         self.components = list(components)
         if len(components) == 1:
             self.rank, self.family = 2, components[0]
@@ -129,7 +134,7 @@ class _AutoAttackRunner(Runner):
             description = ", ".join(f"{k} {v}" for k, v in self.attack.settings["components"][components[0]].items())
         else:
             description = "standard: APGD-CE, APGD-T, FAB-T, Square"
-        description += f" ({ctx.engine} engine)"
+        description += f" ({ctx.engine} engine{', L2' if ctx.norm == 'l2' else ''})"
         super().__init__(key, display, description, {"eps": ctx.eps, **self.attack.settings})
 
     def run(self, images, labels, seed, done=None, on_component=None):
@@ -201,9 +206,10 @@ def _build_natural(match, ctx):
     return _Natural(ctx.model)
 
 
-@register_attack(r"fgsm", ("fgsm",), "one step of size eps on the cross-entropy (Goodfellow et al. 2015)")
+@register_attack(r"fgsm", ("fgsm",), "one step of size eps on the cross-entropy (Goodfellow et al. 2015); "
+                 "under L2 FGM, one step of length eps along the normalised gradient")
 def _build_fgsm(match, ctx):
-    return _PGDRunner("fgsm", "FGSM", ctx, steps=1, loss="ce", step_size=ctx.eps, random_start="none", rank=1,
+    return _PGDRunner("fgsm", "FGSM" if ctx.norm == "linf" else "FGM", ctx, steps=1, loss="ce", step_size=ctx.eps, random_start="none", rank=1,
                       family="fgsm")
 
 
@@ -214,10 +220,11 @@ def _build_pgd(match, ctx):
                       random_start="uniform", rank=2, family="pgd")
 
 
-@register_attack(r"cw-?(\d+)", ("cw30",), "CW-inf: PGD on the CW margin loss, N steps (Carlini & Wagner 2017)")
+@register_attack(r"cw-?(\d+)", ("cw30",), "CW-inf (CW2 under L2): PGD on the CW margin loss in the eps-ball, N steps "
+                 "(Carlini & Wagner 2017)")
 def _build_cw(match, ctx):
     steps = _steps(match, "cw")
-    return _PGDRunner(f"cw{steps}", f"CW∞-{steps}", ctx, steps=steps, loss="cw", step_size=ctx.step_size,
+    return _PGDRunner(f"cw{steps}", f"CW∞-{steps}" if ctx.norm == "linf" else f"CW2-{steps}", ctx, steps=steps, loss="cw", step_size=ctx.step_size,
                       random_start="uniform", rank=2, family="cw")
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._helpers import _fmt_eps
 from .attacks import Runner
 from .report import Report, SanityFlag
 
@@ -124,7 +123,8 @@ def _check_eps_rises(report: Report, masks: Dict[float, torch.Tensor], sweep_nam
         if excess > noise:
             flags.append(SanityFlag("eps_monotonic", (
                 f"Accuracy under {sweep_name} rises from {report.sweep[small]:.2f}% "
-                f"at ε = {_fmt_eps(small)} to {report.sweep[large]:.2f}% at ε = {_fmt_eps(large)}. A larger "
+                f"at ε = {report._eps_text(small)} to {report.sweep[large]:.2f}% at "
+                f"ε = {report._eps_text(large)}. A larger "
                 "ε contains every perturbation of a smaller one, so accuracy can only fall: the attack is "
                 "failing, typically because of gradient masking."),
                 {"eps_small": small, "eps_large": large, "excess": excess, "noise": noise}))
@@ -139,15 +139,16 @@ def _check_eps_flat(report: Report, masks: Dict[float, torch.Tensor], sweep_name
     if len(points) > 1 and int(masks[low].sum()) >= 10 and drop <= noise:
         return [SanityFlag("eps_monotonic", (
             f"Accuracy under {sweep_name} does not fall as ε grows: "
-            f"{report.sweep[low]:.2f}% at ε = {_fmt_eps(low)} and {report.sweep[high]:.2f}% at "
-            f"ε = {_fmt_eps(high)}. More room to perturb must help a working attack; a flat curve means "
+            f"{report.sweep[low]:.2f}% at ε = {report._eps_text(low)} and {report.sweep[high]:.2f}% at "
+            f"ε = {report._eps_text(high)}. More room to perturb must help a working attack; a flat curve means "
             "the attack is not following the loss, typically because of gradient masking."),
             {"eps_small": low, "eps_large": high, "drop": drop, "noise": noise})]
     return []
 
 
 def _check_large_eps(report: Report, sweep_name: str) -> List[SanityFlag]:
-    """At a large eps (0.5 by default) the accuracy must reach chance."""
+    """At a large eps the accuracy must reach chance: 0.5 under L-inf by default, sqrt(C*H*W) under L2 (the
+    diameter of the [0, 1] image cube, so the ball around any image holds every image)."""
     eps_large = report.sanity.get("large_eps")
     if eps_large is None:
         return []
@@ -156,7 +157,7 @@ def _check_large_eps(report: Report, sweep_name: str) -> List[SanityFlag]:
     acc = report.sweep[eps_large]
     if acc > chance + noise:
         return [SanityFlag("large_eps", (
-            f"At ε = {_fmt_eps(eps_large)}, {sweep_name} still leaves {acc:.2f}% "
+            f"At ε = {report._eps_text(eps_large)}, {sweep_name} still leaves {acc:.2f}% "
             f"correct, above chance ({chance:.1f}%). Such a perturbation can turn any image into a flat grey "
             "one, so a working attack reaches chance or below: the attack is not finding the adversarial "
             "examples that exist, a sign of gradient masking."),

@@ -40,7 +40,8 @@ class Report:
         names, descriptions: per attack key, the display name (``"PGD-20"``) and a one-line summary.
         settings: per attack key, every setting needed to reproduce it (eps, steps, step size, loss, engine...).
         seconds: wall-clock seconds per attack key (summed over batches; a resumed run adds them up).
-        threat_model: ``{"norm": "Linf", "eps": eps}``.
+        threat_model: ``{"norm": "Linf", "eps": eps}`` or ``{"norm": "L2", "eps": eps}`` (RobustBench's names;
+            the JSON's ``threat_model`` and the Markdown caption state it).
         n_examples, num_classes, seed, device, engine: as evaluated.
         subset: which samples, e.g. ``"first 1000"`` or ``"random 1000 of 10000 (seed 0)"``.
         indices: the dataset indices evaluated when ``subset="random"`` (else None: the loader's first N).
@@ -113,8 +114,9 @@ class Report:
     # ------------------------------------------------------------------------------------------- output
     def to_markdown(self) -> str:
         """A Markdown table (attack, accuracy %, settings, seconds) with a caption line and the warnings."""
-        eps = _fmt_eps(self.threat_model["eps"])
-        lines = [f"Robust accuracy, L∞ threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
+        eps = self._eps_text(self.threat_model["eps"])
+        norm = "L2" if self.threat_model["norm"] == "L2" else "L∞"
+        lines = [f"Robust accuracy, {norm} threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
                  f"seed {self.seed}, {self.device}.", "",
                  "| Attack | Accuracy (%) | Settings | Time (s) |", "|:--|--:|:--|--:|"]
         for key, acc in self.accuracy.items():
@@ -122,7 +124,7 @@ class Report:
         lines.append(f"| **Worst case** | **{self.worst_case:.2f}** | per-sample minimum over the attacks above | "
                      f"{sum(self.seconds.values()):.1f} |")
         if self.sweep:
-            points = ", ".join(f"ε = {_fmt_eps(e)}: {a:.2f}" for e, a in sorted(self.sweep.items()))
+            points = ", ".join(f"ε = {self._eps_text(e)}: {a:.2f}" for e, a in sorted(self.sweep.items()))
             lines += ["", f"Accuracy (%) under {self.names.get(self.sweep_attack, self.sweep_attack)} against ε "
                           f"(sanity checks): {points}."]
         if self.flags:
@@ -130,12 +132,17 @@ class Report:
             lines.extend(f"> **Warning ({flag.code}):** {flag.message}" for flag in self.flags)
         return "\n".join(lines) + "\n"
 
+    def _eps_text(self, eps: float) -> str:
+        """An eps as the report prints it: 8/255 for L-inf multiples of 1/255, a short decimal under L2."""
+        return f"{eps:.4g}" if self.threat_model["norm"] == "L2" else _fmt_eps(eps)
+
     def __str__(self) -> str:
         return self.to_markdown()
 
     def __repr__(self) -> str:
         accs = ", ".join(f"{k}={v:.2f}" for k, v in self.accuracy.items())
-        return (f"Report(eps={_fmt_eps(self.threat_model['eps'])}, n={self.n_examples}, {accs}, "
+        norm = ", norm=L2" if self.threat_model["norm"] == "L2" else ""
+        return (f"Report(eps={self._eps_text(self.threat_model['eps'])}{norm}, n={self.n_examples}, {accs}, "
                 f"worst_case={self.worst_case:.2f}, flags={[f.code for f in self.flags]})")
 
     def to_dict(self) -> Dict[str, Any]:
@@ -148,7 +155,7 @@ class Report:
         aa = self.accuracy.get("autoattack")
         return {
             "name": self.model, "dataset": self.dataset, "threat_model": self.threat_model["norm"],
-            "eps": _fmt_eps(self.threat_model["eps"]),
+            "eps": self._eps_text(self.threat_model["eps"]),
             "clean_acc": f"{self.accuracy['natural']:.2f}" if "natural" in self.accuracy else None,
             "autoattack_acc": None if aa is None else f"{aa:.2f}",
             "worst_case_acc": round(self.worst_case, 4),

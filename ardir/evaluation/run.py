@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -16,11 +17,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from .._checks import batch_tensors, check_batch, eps_value, label_range, logits_of, one_of, pixel_range, positive
+from .._checks import (batch_tensors, check_batch, eps_value, label_range, logits_of, norm_name, one_of, pixel_range,
+                       positive)
 from ..attacks import model_mode
-from ..autoattack import _device
+from ..autoattack import L2_ENGINE_ERROR, _device
 from ._helpers import _derive_seed, _fmt_eps, _forked_rng, _frozen, _percent, _unbits
-from .attacks import Context, Runner, _AutoAttackRunner, _build, _Natural, parse_attack
+from .attacks import (Context, Runner, _AutoAttackRunner, _build, _build_autoattack, _build_component, _Natural,
+                      parse_attack)
 from .checks import _sanity_flags
 from .report import EvaluationWarning, Report
 from .selection import SUBSETS, _int64, _select
@@ -35,21 +38,22 @@ DEFAULT_ATTACKS = ("natural", "fgsm", "pgd20", "cw30", "autoattack")
 def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
              attacks: Union[str, Sequence[str]] = DEFAULT_ATTACKS, *, step_size: Optional[float] = None,
              n_examples: Optional[int] = None, subset: str = "first", seed: int = 0, engine: str = "ardir",
-             batch_size: Optional[int] = None, checks: bool = True, large_eps: Optional[float] = 0.5,
+             batch_size: Optional[int] = None, checks: bool = True, large_eps: Union[float, str, None] = "auto",
              eps_sweep: Optional[Sequence[float]] = None, sweep_attack: str = "pgd20",
              state_path: Union[str, os.PathLike, None] = None, progress: bool = True,
-             dataset: Optional[str] = None, warn: bool = True) -> Report:
+             dataset: Optional[str] = None, warn: bool = True, norm: str = "linf") -> Report:
     """Evaluate ``model`` on ``loader`` under every attack in ``attacks`` and return a :class:`Report`.
 
     Arguments:
         model: maps images (N, C, H, W) in [0, 1] to logits (N, num_classes); normalisation inside the model.
             It runs on its own device, in eval mode; its modes and ``requires_grad`` flags are restored after.
         loader: yields ``(images, labels)`` batches (a torch DataLoader, unshuffled, or any iterable).
-        eps: L-inf radius, 0 < eps <= 1 (default 8/255).
+        eps: the radius in ``norm``: L-inf 0 < eps <= 1 (default 8/255); L2 eps > 0 (CIFAR-10's usual 0.5).
         attacks: names from the grammar (:func:`list_attacks`): ``"natural"``, ``"fgsm"``, ``"pgdN"``,
             ``"cwN"``, ``"autoattack"``, ``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"fab-t"``, ``"square"``.
             ``natural`` is always evaluated (first), as every robust accuracy counts natural errors.
-        step_size: PGD and CW step; default ``eps / 4`` (2/255 at eps = 8/255). Sweep attacks scale it with eps.
+        step_size: PGD and CW step; default ``eps / 4`` under both norms (2/255 at L-inf eps = 8/255; 0.125 at
+            L2 eps = 0.5, a step of that L2 length along the normalised gradient). Sweep attacks scale it with eps.
         n_examples: evaluate only this many samples (default: all the loader gives).
         subset: ``"first"`` (the loader's first ``n_examples``) or ``"random"`` (a seeded random subset of
             ``loader.dataset``, drawn with ``seed``).
@@ -59,7 +63,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
             or ``"official"`` (the authors' code, ``pip install pyautoattack``).
         batch_size: re-batch the samples to this size (default: the loader's batches).
         checks: run the sanity checks (gradient check, ordering, black box vs white box, large eps, eps sweep).
-        large_eps: the eps of the "accuracy must reach chance" check (default 0.5; None skips it).
+        large_eps: the eps of the "accuracy must reach chance" check; ``"auto"`` (default) is 0.5 under L-inf
+            and sqrt(C*H*W) under L2 (the diameter of the image cube, so the ball holds every image); None skips it.
         eps_sweep: extra eps values at which ``sweep_attack`` runs; accuracy must not rise with eps.
         sweep_attack: the attack of the sweep and the large-eps check (default ``"pgd20"``).
         state_path: a JSON file recording which (batch, attack) pairs are done and their per-sample results;
@@ -68,6 +73,10 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
         progress: show a tqdm bar (it also switches off when the output is not a terminal).
         dataset: a dataset name stored in the report (RobustBench's ``dataset`` key), e.g. ``"cifar10"``.
         warn: issue an :class:`EvaluationWarning` for each failed sanity check (they are in the report anyway).
+        norm: the threat model, ``"linf"`` (default) or ``"l2"``. Under L2 ``fgsm`` is FGM (one step of length
+            eps along the normalised gradient, no random start), ``pgdN`` and ``cwN`` are ``ardir.PGD(norm="l2")``
+            on the cross-entropy / CW margin (uniform start in the ball), and AutoAttack and its components need
+            ``engine="official"`` (its standard version supports L2; ardir's components are L-inf only).
 
     In a process group (``torchrun``, :func:`ardir.distributed.init`), call it on every process with the same
     loader: each attacks every W-th batch and the results are gathered, so every process returns the report one
@@ -77,7 +86,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
         a :class:`Report`; ``print(report.to_markdown())`` gives the table.
 
     Raises:
-        ValueError: unknown attack name (with close matches), eps outside (0, 1], empty loader, pixel values
+        ValueError: unknown attack name (with close matches), eps outside (0, 1] under L-inf or <= 0 under L2,
+            AutoAttack under L2 with ``engine="ardir"``, empty loader, pixel values
             outside [0, 1], labels outside the model's classes, or a state file from other settings.
         ImportError: ``engine="official"`` without the official package.
     """
@@ -87,7 +97,7 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
     settings = _Settings(eps=eps, attacks=attacks, step_size=step_size, n_examples=n_examples, subset=subset,
                          seed=seed, engine=engine, batch_size=batch_size, checks=checks, large_eps=large_eps,
                          sweep=eps_sweep, sweep_attack=sweep_attack, state_path=state_path, progress=progress,
-                         dataset=dataset)
+                         dataset=dataset, norm=norm)
     with _forked_rng():  # the attacks (and iterating a DataLoader) draw from torch's global RNG
         report = _run(model, loader, settings)
     report.total_seconds = time.perf_counter() - started
@@ -115,9 +125,11 @@ class _Settings:
     state_path: Union[str, os.PathLike, None]
     progress: bool
     dataset: Optional[str]
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
-        self.eps = eps_value("eps", self.eps)
+        self.norm = norm_name("norm", self.norm)
+        self.eps = eps_value("eps", self.eps, self.norm)
         self.step_size = self.eps / 4 if self.step_size is None else positive("step_size", self.step_size)
         self.attacks = _attack_names(self.attacks, self.sweep_attack)
         self.subset = one_of("subset", self.subset, SUBSETS, "subset")
@@ -128,9 +140,18 @@ class _Settings:
                 raise ValueError(f"n_examples={n_examples!r} must be a whole number >= 1 (or None for all)")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1 (or None: the loader's batches)")
-        self.large_eps = None if (self.large_eps is None or not self.checks) else eps_value("large_eps", self.large_eps)
+        if self.norm == "l2" and self.engine == "ardir":
+            for name in self.attacks + [self.sweep_attack]:
+                if parse_attack(name)[0].build in (_build_autoattack, _build_component):
+                    raise ValueError(f"attacks: {name!r} under norm='l2': {L2_ENGINE_ERROR}")
+        if self.large_eps is None or not self.checks:
+            self.large_eps = None
+        elif self.large_eps == "auto":
+            self.large_eps = 0.5 if self.norm == "linf" else "auto"  # L2: sqrt(C*H*W), known at the first batch
+        else:
+            self.large_eps = eps_value("large_eps", self.large_eps, self.norm)
         eps_sweep = [self.sweep] if isinstance(self.sweep, (int, float)) else self.sweep
-        self.sweep = sorted({eps_value("eps_sweep", e) for e in (eps_sweep or [])}) if self.checks else []
+        self.sweep = sorted({eps_value("eps_sweep", e, self.norm) for e in (eps_sweep or [])}) if self.checks else []
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed={self.seed!r} must be an int")
 
@@ -163,7 +184,7 @@ class _Plan:
 
 def _plan(model: nn.Module, s: _Settings, num_classes: int) -> _Plan:
     """Build every runner; an attack listed twice is an error. The sweep runs at eps' with step_size * eps' / eps."""
-    ctx = Context(model, s.eps, s.step_size, num_classes, s.engine)
+    ctx = Context(model, s.eps, s.step_size, num_classes, s.engine, s.norm)
     runners: Dict[str, Runner] = {"natural": _Natural(model)}
     for name in s.attacks:
         runner = _build(name, ctx)
@@ -180,7 +201,7 @@ def _plan(model: nn.Module, s: _Settings, num_classes: int) -> _Plan:
         if e == s.eps and sweep_key in runners:
             sweep_keys[e] = sweep_key
             continue
-        runner = _build(s.sweep_attack, Context(model, e, s.step_size * e / s.eps, num_classes, s.engine))
+        runner = _build(s.sweep_attack, Context(model, e, s.step_size * e / s.eps, num_classes, s.engine, s.norm))
         runner.key = f"{runner.key}@{e:.6g}"
         runners[runner.key] = runner
         sweep_keys[e] = runner.key
@@ -198,6 +219,8 @@ def _run(model: nn.Module, loader: Iterable, s: _Settings) -> Report:
     run = _Evaluation(model, s)
     with model_mode(model, "eval"), _frozen(model):
         run.probe(first)
+        if s.large_eps == "auto":  # L2: the diameter of the [0, 1] image cube, so the ball holds every image
+            s.large_eps = math.sqrt(first[0][0].numel())
         run.plan = _plan(model, s, run.num_classes)
         run.open_state(subset_label)
         n = run.attack(itertools.chain([first], batches), total)
@@ -234,7 +257,7 @@ class _Evaluation:
     def open_state(self, subset_label: str) -> None:
         """The resume state of these settings (one file per process in a process group)."""
         s, runners = self.s, self.plan.runners
-        config = {"eps": s.eps, "seed": s.seed, "subset": subset_label, "engine": s.engine, "checks": bool(s.checks),
+        config = {"eps": s.eps, **({"norm": s.norm} if s.norm != "linf" else {}), "seed": s.seed, "subset": subset_label, "engine": s.engine, "checks": bool(s.checks),
                   "model": _model_fingerprint(self.model), "batch_size": s.batch_size,
                   "attacks": {k: json.loads(json.dumps(r.settings, default=str)) for k, r in runners.items()}}
         # In a process group (torchrun) each process attacks every W-th batch and the outcomes are gathered: each
@@ -338,7 +361,7 @@ class _Evaluation:
             accuracy=accuracy, correct=correct, names={k: runners[k].display for k in main_keys},
             descriptions={k: runners[k].description for k in main_keys},
             settings={k: runners[k].settings for k in main_keys},
-            seconds={k: seconds[k] for k in main_keys}, threat_model={"norm": "Linf", "eps": s.eps}, n_examples=n,
+            seconds={k: seconds[k] for k in main_keys}, threat_model={"norm": {"linf": "Linf", "l2": "L2"}[s.norm], "eps": s.eps}, n_examples=n,
             num_classes=self.num_classes, seed=s.seed, device=str(self.device), engine=s.engine,
             subset=subset_label, indices=indices, components=components, sweep=sweep_acc,
             sweep_attack=sweep_key if sweep_acc else None, gradient_check=grad if s.checks else {},
