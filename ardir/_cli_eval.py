@@ -35,11 +35,14 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     eval_p.add_argument("--attacks", nargs="+", default=None, type=attack_name, help="attack names (ardir.evaluate's "
                         "grammar: natural, fgsm, pgd20, cw30, autoattack, ...); default: the run's `attacks`, with "
                         f"--weights {' '.join(cfg.ATTACKS_DEFAULT)}")
-    eps_option = cfg.schema()["eval_eps"]  # an L-inf radius, in (0, 1]
-    eval_p.add_argument("--eps", type=_flag_type("float", eps_option), default=None,
-                        help="L-inf radius, e.g. 8/255 (default: the run's eval_eps, else its training eps; with "
-                        "--weights 8/255)")
-    eval_p.add_argument("--eps-sweep", type=_flag_type("float", eps_option), nargs="+", default=None,
+    # radii are checked against the threat model once it is known (the run's norm or --norm): (0, 1] under L-inf
+    eval_p.add_argument("--norm", default=None, type=_norm_flag,
+                        help="threat model, linf or l2 (default: the run's norm, else linf; with --weights linf)")
+    radius = cfg.schema()["eps"]  # > 0 here; <= 1 as well under L-inf, checked once the norm is known
+    eval_p.add_argument("--eps", type=_flag_type("float", radius), default=None,
+                        help="radius in --norm, e.g. 8/255 under linf or 0.5 under l2 (default: the run's eval_eps, "
+                        "else its training eps; with --weights 8/255 under linf, 0.5 under l2)")
+    eval_p.add_argument("--eps-sweep", type=_flag_type("float", radius), nargs="+", default=None,
                         help="also run --sweep-attack at these radii (robust accuracy against eps; `ardir plot`)")
     eval_p.add_argument("--sweep-attack", default="pgd20", type=attack_name,
                         help="attack of the eps sweep and of the large-eps check")
@@ -61,6 +64,24 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     return eval_p
 
 
+def _norm_flag(text: str) -> str:
+    """The --norm flag: linf or l2."""
+    if text not in ("linf", "l2"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a norm: pass linf or l2")
+    return text
+
+
+def _check_radii(norm: str, eps: float, eps_sweep: Optional[Sequence[float]]) -> None:
+    """--eps and --eps-sweep within the range of ``norm`` (L-inf (0, 1], L2 > 0); else one CLIError line."""
+    for flag, values in (("--eps", [eps]), ("--eps-sweep", eps_sweep or [])):
+        for value in values:
+            if not value > 0 or (norm == "linf" and value > 1):
+                hint = " (an L-inf radius on [0, 1] images: 8/255, not 8; for an L2 radius pass --norm l2)" \
+                    if norm == "linf" else ""
+                raise CLIError(f"{flag} {value:g} must be > 0{' and <= 1' if norm == 'linf' else ''} under "
+                               f"--norm {norm}{hint}")
+
+
 def report_path(checkpoint: Path) -> Path:
     """Where ``ardir eval`` writes a checkpoint's report by default: ``DIR/<name>_report`` (.md and .json)."""
     return checkpoint.parent / f"{checkpoint.stem}_report"
@@ -68,7 +89,8 @@ def report_path(checkpoint: Path) -> Path:
 
 def _evaluate_and_save(model: torch.nn.Module, test, device: str, eps: float, attacks: Sequence[str],
                        n_examples: Optional[int], batch_size: int, eps_sweep: Optional[Sequence[float]],
-                       sweep_attack: str, seed: int, quiet: bool, checks: bool, dataset: str, output: Path):
+                       sweep_attack: str, seed: int, quiet: bool, checks: bool, dataset: str, output: Path,
+                       norm: str = "linf"):
     """Evaluate ``model`` on the ``test`` set (``ardir.evaluate``) and write the report at ``output`` (.md, .json)."""
     from .evaluate import evaluate
 
@@ -78,7 +100,7 @@ def _evaluate_and_save(model: torch.nn.Module, test, device: str, eps: float, at
     try:
         report = evaluate(model, loader, eps=eps, attacks=list(attacks), n_examples=n_examples, eps_sweep=eps_sweep,
                           sweep_attack=sweep_attack, seed=seed, progress=not quiet, dataset=dataset, checks=checks,
-                          warn=distributed.is_main_process())
+                          warn=distributed.is_main_process(), norm=norm)
     finally:
         main_process = distributed.is_main_process()
         if joined:
@@ -92,10 +114,12 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
                         n_examples: Optional[int] = None, data_dir: Optional[str] = None,
                         fake_data: Optional[bool] = None, batch_size: Optional[int] = None, device: str = "auto",
                         output: Optional[str] = None, eps_sweep: Optional[Sequence[float]] = None,
-                        sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True):
+                        sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True,
+                        norm: Optional[str] = None):
     """Run ``ardir eval --checkpoint``: rebuild the model from the checkpoint's record, evaluate it on the run's
     test set, write ``<name>_report.md`` and ``.json`` beside the checkpoint ``<name>.pt`` (or at ``output``), so
-    reports of ``best.pt`` and ``last.pt`` sit side by side. Returns the report."""
+    reports of ``best.pt`` and ``last.pt`` sit side by side. The threat model is the run's (``norm`` and its eps:
+    an L2 run is evaluated under L2) unless ``norm`` is given, which then needs ``eps``. Returns the report."""
     from .methods import create_method
 
     path = Path(checkpoint)
@@ -107,20 +131,23 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
                        "plain state_dict with --model NAME --weights FILE --dataset NAME")
     config = cfg.resolve(state["config"])
     model = model_from_checkpoint(state, source=str(path))
+    run_norm = config.get("norm") or "linf"
+    if norm is not None and norm != run_norm and eps is None:  # the run's radii belong to its own norm
+        raise CLIError(f"--norm {norm}: {path} was trained under {run_norm}, so its eps is no {norm} radius; pass "
+                       "--eps RADIUS too")
+    norm = norm or run_norm
     if eps is None:
         eps = config["eval_eps"]
-    if eps is None and config.get("norm") == "l2":  # its training eps is an L2 radius, not one for these attacks
-        raise CLIError(f"{path} was trained under L2 (norm = \"l2\", eps {config.get('eps')}) but ardir eval runs "
-                       "L-inf attacks only: pass --eps RADIUS for an L-inf evaluation of it")
     if eps is None:
         eps = create_method(config["method"], **cfg.method_kwargs(config)).eps
+    _check_radii(norm, eps, eps_sweep)
     fake = config["fake_data"] if fake_data is None else fake_data
     test = ardir_data.get_dataset(config["dataset"], "test", data_dir or config["data_dir"],
                                   download=config["download"], augment=False, fake=fake)
     return _evaluate_and_save(model, test, device, eps, attacks or config["attacks"],
                               n_examples if n_examples is not None else config["n_examples"],
                               batch_size or config["batch_size"], eps_sweep, sweep_attack, seed, quiet, checks,
-                              config["dataset"], Path(output) if output else report_path(path))
+                              config["dataset"], Path(output) if output else report_path(path), norm)
 
 
 def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[Sequence[str]] = None,
@@ -128,15 +155,19 @@ def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[S
                      fake_data: Optional[bool] = None, batch_size: Optional[int] = None, device: str = "auto",
                      output: Optional[str] = None, eps_sweep: Optional[Sequence[float]] = None,
                      sweep_attack: str = "pgd20", seed: int = 0, quiet: bool = False, checks: bool = True,
-                     normalize: bool = False):
+                     normalize: bool = False, norm: Optional[str] = None):
     """Run ``ardir eval --model NAME --weights FILE --dataset NAME``: build ``model`` with
     :func:`ardir.models.create` for the dataset's classes and channels, load the weights trained elsewhere
     (:func:`ardir.teachers.load_weights`), evaluate on the dataset's test set and write ``<name>_report.md`` and
     ``.json`` beside the weights file ``<name>.pt`` (or at ``output``). Without a run to take them from, the
-    defaults are the attacks ``natural fgsm pgd20 cw30``, eps 8/255, the whole test set, batches of 128. Returns
+    defaults are the attacks ``natural fgsm pgd20 cw30``, eps 8/255 (0.5 with ``norm="l2"``), the whole test set, batches of 128. Returns
     the report."""
     if eps_sweep and not checks:
         raise CLIError("--eps-sweep is one of the sanity checks: drop --no-checks")
+    norm = norm or "linf"
+    if eps is None:
+        eps = 8 / 255 if norm == "linf" else 0.5
+    _check_radii(norm, eps, eps_sweep)
     spec = ardir_data.get_spec(dataset)
     options = cfg.schema()
 
@@ -152,9 +183,9 @@ def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[S
     net = models.create(model, num_classes=num_classes, in_chans=spec.in_chans, mean=mean, std=std)
     load_weights(net, weights, model_name=f"{model} ({num_classes} classes, {spec.in_chans}-channel images)")
     test = test if test is not None else test_set()
-    return _evaluate_and_save(net, test, device, 8 / 255 if eps is None else eps, attacks or options["attacks"].default,
+    return _evaluate_and_save(net, test, device, eps, attacks or options["attacks"].default,
                               n_examples, batch_size or options["batch_size"].default, eps_sweep, sweep_attack, seed,
-                              quiet, checks, spec.name, Path(output) if output else report_path(Path(weights)))
+                              quiet, checks, spec.name, Path(output) if output else report_path(Path(weights)), norm)
 
 
 def run_eval(args: argparse.Namespace):
@@ -162,7 +193,7 @@ def run_eval(args: argparse.Namespace):
     common = dict(attacks=args.attacks, eps=args.eps, n_examples=args.n_examples, data_dir=args.data_dir,
                   fake_data=args.fake_data, batch_size=args.batch_size, device=args.device, output=args.output,
                   eps_sweep=args.eps_sweep, sweep_attack=args.sweep_attack, seed=args.seed, quiet=args.quiet,
-                  checks=args.checks)
+                  checks=args.checks, norm=args.norm)
     if args.weights is not None:
         for flag, value, what in (("--model", args.model, "NAME, the architecture the weights are for "
                                    "(ardir.models.list_models() or timm/<name>)"),

@@ -87,7 +87,7 @@ def test_every_train_flag_is_checked_when_parsed_naming_the_flag(capsys, flag, v
     assert f"argument {flag}: " in err and words in err, err
 
 
-@pytest.mark.parametrize("flag, value", [("--eps", "8"), ("--eps-sweep", "0"), ("--n-examples", "0"),
+@pytest.mark.parametrize("flag, value", [("--eps", "0"), ("--eps-sweep", "0"), ("--norm", "l3"), ("--n-examples", "0"),
                                          ("--device", "gpu7"), ("--attacks", "pgdx"), ("--sweep-attack", "x")])
 def test_eval_flags_are_checked_when_parsed(capsys, flag, value):
     with pytest.raises(SystemExit):
