@@ -1,0 +1,109 @@
+"""What ``ardir train --resume`` continues from: the run's ``last.pt`` or, when further on, the Trainer's newest good
+mid-epoch checkpoint; the run's recorded paths, checked before any work; and ``metrics.jsonl`` made to end at the
+epoch resumed."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from . import config as cfg
+from ._cli_base import CLIError
+from .checkpoint import CheckpointError, atomic_write_text, find_resumable, list_checkpoints, load_checkpoint
+
+RUN_FORMAT = "ardir-run"
+"""The ``format`` of a run's ``last.pt``."""
+
+
+def _sync_metrics(path: Path, epoch: int, record: Optional[Mapping[str, Any]] = None) -> None:
+    """Make the log end at ``epoch``, the checkpoint resumed: drop lines past it (or cut short by a crash) and add
+    its own ``record`` when a crash came between writing ``last.pt`` and the log line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("epoch", 0) <= epoch:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            pass
+    logged = {json.loads(line).get("epoch") for line in kept}
+    if record is not None and record.get("epoch") == epoch and epoch not in logged:
+        kept.append(json.dumps(dict(record)))
+    if kept != lines:
+        atomic_write_text("".join(line + "\n" for line in kept), path)
+
+
+def _load_last(last: Path):
+    """``(state, error)`` of a run's ``last.pt``: its state when it loads, else why not (``None`` when absent)."""
+    if not os.path.lexists(last):
+        return None, None
+    try:
+        state = load_checkpoint(last)
+    except (CheckpointError, OSError) as error:
+        return None, error
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format "
+                       f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    return state, None
+
+
+def _resume_point(output_dir: Path):
+    """What ``--resume`` continues from: ``(last.pt's state or None, (path, state) of the Trainer's newest good
+    mid-epoch checkpoint when it is further on, or None, the run's saved configuration)``. Both kinds of checkpoint
+    count: a run killed in its first epoch has only ``checkpoints/epoch-0000-step-*.pt`` (and ``config.toml``)."""
+    last = output_dir / "last.pt"
+    state, last_error = _load_last(last)
+    mid = None
+    if list_checkpoints(output_dir / "checkpoints"):
+        try:
+            mid = find_resumable(output_dir / "checkpoints")  # the newest that loads and is finite; warns on others
+        except CheckpointError:
+            mid = None
+    if mid is not None and state is not None and int(mid[1]["step"]) <= int(state["step"]):
+        mid = None  # last.pt is as far on
+    if state is None and mid is None:
+        if last_error is not None:
+            raise CLIError(f"--resume: {last_error}; and {output_dir / 'checkpoints'} holds no usable checkpoint")
+        raise CLIError(f"--resume: no checkpoint in {output_dir / 'checkpoints'} and {last} does not exist; "
+                       "start the run without --resume")
+    if state is not None:
+        return state, mid, state["config"]
+    if last_error is not None:
+        warnings.warn(f"--resume: {last_error}; continuing from {mid[0]}", stacklevel=4)
+    saved = output_dir / "config.toml"
+    if not saved.is_file():
+        raise CLIError(f"--resume: {mid[0]} has no run configuration beside it ({saved} is missing); start a new run")
+    return None, mid, cfg.load_toml(saved)
+
+
+def _check_saved_paths(config: Mapping[str, Any], given: Mapping[str, Any], output_dir: Path) -> None:
+    """On ``--resume``: a path the run recorded, not given again now, that this run reads and that no longer exists
+    is a :class:`CLIError` naming ``DIR/config.toml`` and the flag that overrides it."""
+    from .methods import METHODS
+    teacher = config.get("teacher") or ""
+    reads = {"teacher": METHODS[config["method"]].needs_teacher, "natural_teacher": True,
+             "data_dir": not config["fake_data"], "robustbench_dir": teacher.startswith("robustbench:")}
+    for key, used in reads.items():
+        value = config.get(key)
+        if not used or key in given or not isinstance(value, str) or not value:
+            continue
+        if key in ("teacher", "natural_teacher") and not cfg.looks_like_path(value):
+            continue  # a name: the loader says what is wrong with it
+        if not os.path.lexists(os.path.expanduser(value)):
+            flag = cfg.schema()[key].flag
+            raise CLIError(f"--resume: the {key} {value} recorded in {output_dir / 'config.toml'} does not exist; "
+                           f"pass {flag} {'DIR' if key.endswith('_dir') else 'PATH'} to resume with it where it is "
+                           "now")
+
+
+def _best_so_far(output_dir: Path, epoch: int) -> Optional[Dict[str, Any]]:
+    """The record of ``best.pt`` when it is usable and from an epoch <= ``epoch`` (a resume without last.pt)."""
+    try:
+        best = load_checkpoint(output_dir / "best.pt")
+    except (CheckpointError, OSError):
+        return None
+    if all(k in best for k in ("epoch", "val_pgd", "val_natural")) and int(best["epoch"]) <= epoch:
+        return {k: best[k] for k in ("epoch", "val_pgd", "val_natural")}
+    return None
