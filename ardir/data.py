@@ -23,7 +23,6 @@ import os
 import struct
 import urllib.error
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -31,8 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
 
 from ._checks import non_negative_int, one_of
 
@@ -79,7 +76,9 @@ class DatasetSpec:
     num_classes: Optional[int]
     in_chans: int
     image_size: int
-    torchvision_cls: type
+    # The class's name in ``torchvision.datasets``, imported when the dataset is read (:attr:`torchvision_cls`),
+    # so that ``import ardir`` (and ``ardir --help``) does not pay for importing torchvision.
+    torchvision_name: str
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     crop_padding: int
@@ -93,40 +92,46 @@ class DatasetSpec:
     system_dirs: Tuple[Path, ...] = ()
     install_hint: str = ""
 
+    @property
+    def torchvision_cls(self) -> type:
+        """The ``torchvision.datasets`` class that reads or downloads this dataset (imports torchvision)."""
+        from torchvision import datasets
+        return getattr(datasets, self.torchvision_name)
+
 
 DATASETS = {
     # Random crop + flip: the standard CIFAR recipe of every robust-distillation paper
     # (ARD, RSLAD, IAD, AdaAD ...).
     "cifar10": DatasetSpec(
-        "cifar10", 10, 3, 32, tv_datasets.CIFAR10,
+        "cifar10", 10, 3, 32, "CIFAR10",
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, hflip=True,
         torchvision_subdir="cifar-10-batches-py"),
     "cifar100": DatasetSpec(
-        "cifar100", 100, 3, 32, tv_datasets.CIFAR100,
+        "cifar100", 100, 3, 32, "CIFAR100",
         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, hflip=True,
         torchvision_subdir="cifar-100-python"),
     # No flip: a mirrored digit is a different (or no) digit.
     "svhn": DatasetSpec(
-        "svhn", 10, 3, 32, tv_datasets.SVHN,
+        "svhn", 10, 3, 32, "SVHN",
         (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, hflip=False,
         split_arg="split"),
     # No augmentation, as in Madry et al.'s and TRADES' MNIST setups: digits are centred and
     # small shifts add nothing but training time.
     "mnist": DatasetSpec(
-        "mnist", 10, 1, 28, tv_datasets.MNIST,
+        "mnist", 10, 1, 28, "MNIST",
         (0.1307,), (0.3081,), crop_padding=0, hflip=False,
         torchvision_subdir="MNIST/raw", idx_files=True),
     # Crop + flip: clothes are left-right symmetric classes (a mirrored shoe is still a shoe),
     # and Fashion-MNIST overfits quickly without augmentation; padding 2 keeps 28x28 items in view.
     "fashion-mnist": DatasetSpec(
-        "fashion-mnist", 10, 1, 28, tv_datasets.FashionMNIST,
+        "fashion-mnist", 10, 1, 28, "FashionMNIST",
         (0.2860,), (0.3530,), crop_padding=2, hflip=True,
         torchvision_subdir="FashionMNIST/raw", idx_files=True,
         system_dirs=(FASHION_MNIST_SYSTEM_DIR,),
         install_hint="apt-get install dataset-fashion-mnist"),
     # A folder of natural images: data_dir/{train,test}/<class>/<image>; ImageNet statistics for info.
     "imagefolder": DatasetSpec(
-        "imagefolder", None, 3, 32, tv_datasets.ImageFolder,
+        "imagefolder", None, 3, 32, "ImageFolder",
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_padding=4, hflip=True),
 }
 """Registry of supported datasets: canonical name -> :class:`DatasetSpec`."""
@@ -233,23 +238,6 @@ class InMemoryImageDataset(TensorDataset):
         """The same images (shared, not copied) with augmentation off."""
         clone = copy.copy(self)
         clone.augment = False
-        return clone
-
-
-class _ImageFolder(tv_datasets.ImageFolder):
-    """``ImageFolder`` resized to ``size`` x ``size`` RGB, with the same crop/flip as the built-ins."""
-
-    def __init__(self, root: Path, size: int, spec: DatasetSpec, augment: bool) -> None:
-        self.eval_transform = T.Compose([T.Resize((size, size)), T.ToTensor()])
-        transform = self.eval_transform
-        if augment:
-            transform = T.Compose([self.eval_transform,
-                                   partial(_crop_flip, padding=spec.crop_padding, hflip=spec.hflip)])
-        super().__init__(str(root), transform=transform)
-
-    def without_augmentation(self) -> "_ImageFolder":
-        clone = copy.copy(self)
-        clone.transform = clone.eval_transform
         return clone
 
 
@@ -372,7 +360,7 @@ def get_dataset(name: str, split: str = "train", data_dir: Optional[PathLike] = 
 
 
 def _get_image_folder(spec: DatasetSpec, split: str, data_dir: Optional[PathLike], size: int,
-                      augment: bool) -> _ImageFolder:
+                      augment: bool) -> Dataset:
     how = "pass --data-dir pointing to a folder with train/<class>/<image> and test/<class>/<image>"
     if data_dir is None:
         raise DatasetNotFoundError(f"imagefolder needs a folder of images; {how}.")
@@ -380,7 +368,8 @@ def _get_image_folder(spec: DatasetSpec, split: str, data_dir: Optional[PathLike
     candidates = [root / "train"] if split == "train" else [root / "test", root / "val"]
     for folder in candidates:
         if folder.is_dir():
-            return _ImageFolder(folder, size, spec, augment)
+            from ._image_folder import ResizedImageFolder  # torchvision, imported when a folder is read
+            return ResizedImageFolder(folder, size, spec, augment)
     raise _not_found(spec, split, candidates, None, how=how)
 
 

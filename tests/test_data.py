@@ -192,6 +192,14 @@ def test_image_folder(tmp_path):
         assert set(labels.tolist()) <= {0, 1}
 
 
+def test_every_spec_names_its_torchvision_class():
+    import torchvision.datasets as tv
+
+    expected = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "svhn": tv.SVHN, "mnist": tv.MNIST,
+                "fashion-mnist": tv.FashionMNIST, "imagefolder": tv.ImageFolder}
+    assert {name: spec.torchvision_cls for name, spec in DATASETS.items()} == expected
+
+
 def test_image_folder_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "train")):
         get_dataset("imagefolder", data_dir=tmp_path)
