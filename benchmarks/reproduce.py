@@ -196,8 +196,9 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
                  "same for every row); the other attacks on the full 10,000-image test set. evaluate()'s sanity "
                  "checks are off: AutoAttack's black-box Square already catches masked gradients.",
-                 "Δ AA vs AT: the row's AutoAttack accuracy minus AT's, paired by seed (same data subset and "
-                 "order), mean ± std over the seeds.")),
+                 "Δ vs AT: the row's accuracy under the table's strongest attack (AutoAttack where measured, "
+                 "else CW∞-30) minus AT's, paired by seed (same data subset and order), mean ± std over the "
+                 "seeds.")),
     Suite(name="fashion-mnist-same-data", dataset="fashion-mnist", results_name="fashion_mnist_same_data", num_classes=10, in_chans=1,
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
@@ -694,6 +695,12 @@ def summarize(records: Sequence[Dict[str, Any]], metrics: Sequence[str]) -> List
     return rows
 
 
+def strongest_metric(rows: List[Dict[str, Any]]) -> str:
+    """The strongest attack any row was measured with: AutoAttack, else CW∞ (30 or 20 steps), else PGD-20."""
+    measured = {m for r in rows for m, values in r.get("per_seed", {}).items() if values}
+    return next((m for m in ("autoattack", "cw30", "cw20", "pgd20") if m in measured), "autoattack")
+
+
 def add_differences(rows: List[Dict[str, Any]], metric: str = "autoattack", base: str = "at") -> None:
     """Give every row ``delta``: its ``metric`` minus the ``base`` method's of the same student, paired by seed
     (the same data subset and order), as per-seed values, mean and std, and the cell ``"mean ± std"``."""
@@ -739,9 +746,9 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
         head.append(f"{HEADERS[m]} (ours)" if published is not None else HEADERS[m])
         if published is not None and m in _P:
             head.append(f"{HEADERS[m]} (paper)")
-    deltas = any("delta" in r for r in rows)
+    deltas = [r["delta"]["metric"] for r in rows if "delta" in r]
     if deltas:
-        head.append("Δ AA vs AT")
+        head.append(f"Δ {'AA' if deltas[0] == 'autoattack' else HEADERS[deltas[0]]} vs AT")
     head += ["Train (s)", "Eval (s)", "Rerun this row"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 4) + [":--"]) + "|"]
     for r in rows:
@@ -948,7 +955,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             describe_teacher()
         rows = summarize(records, metrics)
         if not args.ablation:
-            add_differences(rows)
+            add_differences(rows, strongest_metric(rows))
         if published is not None and not args.ablation:  # every row of the suite appears, run or not
             have = {(r["student"], r["method"]) for r in rows}
             wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)

@@ -331,3 +331,14 @@ def test_rows_survive_a_new_argument_at_its_default(reproduce):
     assert reproduce.same_method(dict(older, w_ce=0.0), reproduce.method_config(settings, "ardir-ce0"), "ardir-ce0")
     assert not reproduce.same_method(dict(current, gone=1), current, "ardir")
     assert not reproduce.same_method({k: v for k, v in current.items() if k != "eps"}, current, "ardir")
+
+
+def test_differences_use_the_strongest_attack_measured(reproduce):
+    """Without AutoAttack (--aa-size 0) the Δ column pairs CW∞-30 by seed, and says so."""
+    rows = [{"student": "s", "method": m, "seeds": [0, 1], "variant": None, "cells": {},
+             "per_seed": {"pgd20": v, "cw30": [x - 1 for x in v]}} for m, v in (("at", [50, 52]), ("ardir", [51, 54]))]
+    assert reproduce.strongest_metric(rows) == "cw30"
+    reproduce.add_differences(rows, reproduce.strongest_metric(rows))
+    assert rows[1]["delta"]["metric"] == "cw30" and rows[1]["delta"]["per_seed"] == [1, 2]
+    rows[0]["per_seed"]["autoattack"] = [40, 41]
+    assert reproduce.strongest_metric(rows) == "autoattack"
