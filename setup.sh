@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CPU set-up in ./.venv: PyTorch 2.14.1 / torchvision 0.29.1 (the pair this project is tested with on CPU),
-# ardir's dependencies, ardir itself (editable, with the test extra), and Fashion-MNIST from Debian when possible.
-# Safe to run again: what is already there is kept. On a GPU machine, bring your own torch and `pip install -e .`.
+# Set-up in ./.venv, for a CPU: PyTorch 2.14.1 / torchvision 0.29.1 (the pair this project is tested with on CPU;
+# PyPI's Linux wheel is the CUDA build, which runs on a CPU too: install the CPU-only wheel into .venv first to keep
+# it, see the README), ardir's dependencies, ardir itself (editable, with the test extra), and Fashion-MNIST from
+# Debian when possible. Safe to run again: what is already there is kept. On a GPU machine, bring your own torch.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -12,8 +13,9 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { gre
 pip install "timm>=0.9" "numpy>=1.22" "scipy>=1.8" "tqdm>=4.60"
 # Tests, docs build, plots, and the official AutoAttack code (the optional engine the tests compare against).
 pip install "pytest>=7" "matplotlib>=3.5" "mkdocs>=1.5" "mkdocstrings[python]>=0.24" "pyautoattack>=0.2"
-# torchattacks pins requests~=2.25.1 (it never imports requests); installing it without its pins keeps a current
-# requests/urllib3/idna in the environment. Its real needs (torch, torchvision, scipy, tqdm, numpy) are above.
+# torchattacks pins requests~=2.25.1 (it never imports requests); installing it without its pins leaves requests as
+# the environment has it (here: not installed, so `pip check` names it, harmlessly) instead of downgrading requests,
+# urllib3 and idna. Its real needs (torch, torchvision, scipy, tqdm, numpy) are above.
 pip install --no-deps "torchattacks==3.5.1"
 pip install --no-deps -e .
 .venv/bin/python -c "import ardir, torchattacks, timm, mkdocs, matplotlib" || { echo "set-up failed: ardir does not import" >&2; exit 1; }
