@@ -153,9 +153,12 @@ def test_bf16_robust_accuracy_within_noise_of_fp32():
 
 @needs_cuda
 def test_no_host_sync_inside_the_attack_loop():
+    """L-inf and L2 (every loss, both random starts): no step of the loop waits for the host."""
     model = TinyNet().cuda().eval()
     x, y = torch.rand(8, 1, 8, 8, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
     attacks = [ardir.PGD(model, eps=0.1, step_size=0.03, steps=3, loss=loss) for loss in ("ce", "kl", "cw")]
+    attacks += [ardir.PGD(model, eps=0.5, step_size=0.2, steps=3, loss=loss, random_start=start, norm="l2")
+                for loss in ("ce", "kl", "cw") for start in ("uniform", "normal")]
     for pgd in attacks:  # warm-up: the first call's pixel-range check (one sync), cuDNN autotuning, allocator
         pgd(x, y)
     torch.cuda.synchronize()
