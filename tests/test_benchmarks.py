@@ -2,6 +2,7 @@
 suite's dry run with resuming, and the results-table writer (mean ± std over seeds)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -342,3 +343,16 @@ def test_differences_use_the_strongest_attack_measured(reproduce):
     assert rows[1]["delta"]["metric"] == "cw30" and rows[1]["delta"]["per_seed"] == [1, 2]
     rows[0]["per_seed"]["autoattack"] = [40, 41]
     assert reproduce.strongest_metric(rows) == "autoattack"
+
+
+def test_train_teacher_trains_the_robust_or_the_natural_teacher(tmp_path):
+    """benchmarks/train_teacher.py: AT with its PGD-3 attack, or natural training without attack flags."""
+    spec = importlib.util.spec_from_file_location("train_teacher", ROOT / "benchmarks" / "train_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(model="cnn_xlarge", steps=3, epochs=4, run_dir=tmp_path, method="at")
+    at = module.training_command(args)
+    assert at[:3] == ["train", "--method", "at"] and "--eps" in at and at[at.index("--steps") + 1] == "3"
+    natural = module.training_command(argparse.Namespace(**{**vars(args), "method": "natural"}))
+    assert natural[:3] == ["train", "--method", "natural"] and "--eps" not in natural and "--steps" not in natural
+    assert natural[natural.index("--val-size") + 1] == "1000"  # the same held-out split chooses its checkpoint
