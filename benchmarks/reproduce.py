@@ -419,9 +419,12 @@ def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader
 
 
 def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int, teacher, data_dir, device,
-            progress: bool, extra: Optional[Dict[str, Any]] = None, validation: bool = False) -> Dict[str, Any]:
+            progress: bool, extra: Optional[Dict[str, Any]] = None, validation: bool = False,
+            weights: Optional[Path] = None) -> Dict[str, Any]:
     """Train one student with one method and seed, evaluate it (on the test set, or with ``validation`` on a split
-    held out of the training set: the ablation's, which chooses the defaults); returns the row's record."""
+    held out of the training set: the ablation's, which chooses the defaults); returns the row's record. With
+    ``weights``, the trained student's state_dict is saved there before it is evaluated, so that an attack added
+    later (AutoAttack) needs no retraining."""
     torch.manual_seed(seed)
     loaders = loaders_for(settings, seed, data_dir, validation)
     student = ardir.models.create(student_name, num_classes=settings["num_classes"],
@@ -435,6 +438,8 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
                             progress=progress, precision=settings.get("precision", "fp32"), **kwargs)
     history = trainer.fit()
     train_s, train_cpu = time.time() - wall, time.process_time() - cpu
+    if weights is not None:
+        atomic_save(student.state_dict(), weights)
     wall, cpu = time.time(), time.process_time()
     result = evaluate_model(student, settings, loaders.val if validation else loaders.test, progress)
     return {"student": student_name, "method": method, "seed": seed, "method_kwargs": _jsonable(kwargs),
@@ -499,7 +504,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "command": "(trained by any row's command when missing; cached)"}
     else:
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
-                      ablation_arguments(variant), validation=variant is not None)
+                      ablation_arguments(variant), validation=variant is not None, weights=path.with_suffix(".pt"))
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant),
                    method_config=method_config(settings, method, ablation_arguments(variant)))
         rec["commit"] = git_commit()
