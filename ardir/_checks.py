@@ -165,3 +165,19 @@ def check_batch(what: str, images: Any, labels: Any, num_classes: int, model: st
     batch_tensors(what, images, labels)
     pixel_range(what, images)
     label_range(what, labels, num_classes, model)
+
+
+_WARNED_STEPS: set = set()
+
+
+def warn_large_step(eps: float, step_size: float, steps: int, norm: str) -> None:
+    """Warn once per setting when a multi-step attack's step exceeds its radius: every step then leaves the ball
+    and is projected back, so the iterations add little (a one-step attack with a step of 1.25 eps, as in fast
+    adversarial training, is a deliberate choice and is not warned about)."""
+    key = (float(eps), float(step_size), int(steps), norm)
+    if steps > 1 and step_size > eps and key not in _WARNED_STEPS:
+        _WARNED_STEPS.add(key)
+        import warnings
+        usual = "eps/4, e.g. 2/255 at eps 8/255" if norm == "linf" else "2.5 * eps / steps"
+        warnings.warn(f"step_size={step_size:.5g} is larger than eps={eps:.5g} for a {steps}-step attack: each step "
+                      f"overshoots the {norm} ball and is projected back; the usual step is {usual}", stacklevel=4)

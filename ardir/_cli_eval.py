@@ -41,7 +41,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     radius = cfg.schema()["eps"]  # > 0 here; <= 1 as well under L-inf, checked once the norm is known
     eval_p.add_argument("--eps", type=_flag_type("float", radius), default=None,
                         help="radius in --norm, e.g. 8/255 under linf or 0.5 under l2 (default: the run's eval_eps, "
-                        "else its training eps; with --weights 8/255 under linf, 0.5 under l2)")
+                        "else its training eps; with --weights the data set's usual L-inf radius -- 8/255, 0.1 on "
+                        "fashion-mnist, 0.3 on mnist -- or 0.5 under l2)")
     eval_p.add_argument("--eps-sweep", type=_flag_type("float", radius), nargs="+", default=None,
                         help="also run --sweep-attack at these radii (robust accuracy against eps; `ardir plot`)")
     eval_p.add_argument("--sweep-attack", default="pgd20", type=attack_name,
@@ -160,15 +161,16 @@ def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[S
     :func:`ardir.models.create` for the dataset's classes and channels, load the weights trained elsewhere
     (:func:`ardir.teachers.load_weights`), evaluate on the dataset's test set and write ``<name>_report.md`` and
     ``.json`` beside the weights file ``<name>.pt`` (or at ``output``). Without a run to take them from, the
-    defaults are the attacks ``natural fgsm pgd20 cw30``, eps 8/255 (0.5 with ``norm="l2"``), the whole test set, batches of 128. Returns
-    the report."""
+    defaults are the attacks ``natural fgsm pgd20 cw30``, the data set's usual L-inf radius (8/255; 0.1 on
+    Fashion-MNIST, 0.3 on MNIST) or 0.5 with ``norm="l2"``, the whole test set, batches of 128. Returns the
+    report."""
     if eps_sweep and not checks:
         raise CLIError("--eps-sweep is one of the sanity checks: drop --no-checks")
     norm = norm or "linf"
-    if eps is None:
-        eps = 8 / 255 if norm == "linf" else 0.5
-    _check_radii(norm, eps, eps_sweep)
     spec = ardir_data.get_spec(dataset)
+    if eps is None:
+        eps = spec.eps if norm == "linf" else 0.5
+    _check_radii(norm, eps, eps_sweep)
     options = cfg.schema()
 
     def test_set():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ._checks import (NORMS, batch_tensors, eps_value, label_range, logits_of, non_negative_int, norm_name, one_of,
                       pixel_range, positive)
-from ._checks import renamed_keywords
+from ._checks import renamed_keywords, warn_large_step
 
 LOSSES = ("ce", "kl", "cw")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adv_images, labels) -> per-sample loss (N,)
@@ -193,6 +193,7 @@ class PGD:
         self.eps = eps_value("eps", eps, self.norm)
         self.step_size = positive("step_size", step_size)
         self.steps = non_negative_int("steps", steps)
+        warn_large_step(self.eps, self.step_size, self.steps, self.norm)
         if callable(loss) and not isinstance(loss, (str, nn.Module)):
             self.loss: Union[str, LossFn] = loss
         elif isinstance(loss, str):

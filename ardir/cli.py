@@ -276,7 +276,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
         if os.path.lexists(last) or list_checkpoints(output_dir / "checkpoints"):
             raise CLIError(f"{output_dir} already holds a run ({'last.pt' if os.path.lexists(last) else 'checkpoints'}"
                            "); continue it with --resume, or choose another --output-dir")
-        config = cfg.resolve(file_values, flags)
+        config = cfg.with_dataset_radius(cfg.resolve(file_values, flags))  # a resumed run keeps what it saved
     config["output_dir"] = str(output_dir)
     config = cfg.absolute_paths(config)  # what last.pt and config.toml record: the run resolves from anywhere
     device, joined = distributed.join(_device(config["device"]))  # under torchrun: one process per device

@@ -218,8 +218,10 @@ def method_keys() -> List[Option]:
                         groups.setdefault(h, []).append(m)
                 help_ = next(iter(groups), "") if len(groups) == 1 else \
                     "; ".join(f"{', '.join(ms)}: {h.rstrip('.')}" for h, ms in groups.items())
+                default = "the data set's usual L-inf radius: 8/255, 0.1 on fashion-mnist, 0.3 on mnist" \
+                    if arg == "eps" else "eps/4 when eps is the data set's" if arg == "step_size" else "the method's own"
                 seen[arg] = Option(arg, kind[0], None, (help_ + " " if help_ else "") +
-                                   f"[{', '.join(users)}; default: the method's own]", "method")
+                                   f"[{', '.join(users)}; default: {default}]", "method")
     return list(seen.values())
 
 
@@ -330,8 +332,20 @@ def parse_toml(text: str, where: str = "the configuration") -> Dict[str, Any]:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where} is not valid TOML: {err}") from None
+        raise ConfigError(f"{where} is not valid TOML: {err}{_fraction_hint(text)}") from None
     return check(raw, where)
+
+
+_UNQUOTED_FRACTION = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*([0-9.]+\s*/\s*[0-9.]+)\s*(#.*)?$", re.M)
+
+
+def _fraction_hint(text: str) -> str:
+    """TOML has no arithmetic: an unquoted ``eps = 8/255`` is the commonest reason a config fails to parse."""
+    found = _UNQUOTED_FRACTION.search(text)
+    if not found:
+        return ""
+    key, value = found.group(1), found.group(2).replace(" ", "")
+    return f" (TOML has no fractions: write {key} = \"{value}\" in quotes, which ardir reads as a fraction)"
 
 
 def load_toml(path: "os.PathLike | str") -> Dict[str, Any]:
@@ -381,6 +395,22 @@ def resolve(*layers: Mapping[str, Any]) -> Dict[str, Any]:
         if option.group == "method" and config[option.name] is not None and option.name not in accepted:
             raise ConfigError(f"{option.name}: method {method!r} does not take this argument; it takes "
                               f"{', '.join(method_arguments(method))}")
+    return config
+
+
+def with_dataset_radius(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """``config`` with the data set's usual L-inf radius when no ``eps`` is set (:attr:`DatasetSpec.eps`: 0.1 on
+    Fashion-MNIST, 0.3 on MNIST), and then a step of a quarter of it unless one is set -- the ratio of CIFAR's
+    8/255 and 2/255. Under L2, or on a data set whose usual radius is 8/255, the method's defaults stand."""
+    from .data import get_spec
+    config = dict(config)
+    if config.get("eps") is not None or (config.get("norm") or "linf") != "linf":
+        return config
+    usual = get_spec(config["dataset"]).eps
+    if usual != 8 / 255:
+        config["eps"] = usual
+        if config.get("step_size") is None:
+            config["step_size"] = usual / 4
     return config
 
 

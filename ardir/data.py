@@ -91,6 +91,8 @@ class DatasetSpec:
     idx_files: bool = False
     system_dirs: Tuple[Path, ...] = ()
     install_hint: str = ""
+    # The L-inf radius robustness papers use on it: what `ardir train` and `ardir eval` take when no eps is given.
+    eps: float = 8 / 255
 
     @property
     def torchvision_cls(self) -> type:
@@ -120,7 +122,7 @@ DATASETS = {
     "mnist": DatasetSpec(
         "mnist", 10, 1, 28, "MNIST",
         (0.1307,), (0.3081,), crop_padding=0, hflip=False,
-        torchvision_subdir="MNIST/raw", idx_files=True),
+        torchvision_subdir="MNIST/raw", idx_files=True, eps=0.3),  # Madry et al.'s and TRADES' MNIST radius
     # Crop + flip: clothes are left-right symmetric classes (a mirrored shoe is still a shoe),
     # and Fashion-MNIST overfits quickly without augmentation; padding 2 keeps 28x28 items in view.
     "fashion-mnist": DatasetSpec(
@@ -128,7 +130,7 @@ DATASETS = {
         (0.2860,), (0.3530,), crop_padding=2, hflip=True,
         torchvision_subdir="FashionMNIST/raw", idx_files=True,
         system_dirs=(FASHION_MNIST_SYSTEM_DIR,),
-        install_hint="apt-get install dataset-fashion-mnist"),
+        install_hint="apt-get install dataset-fashion-mnist", eps=0.1),  # the radius of ardir's suites
     # A folder of natural images: data_dir/{train,test}/<class>/<image>; ImageNet statistics for info.
     "imagefolder": DatasetSpec(
         "imagefolder", None, 3, 32, "ImageFolder",

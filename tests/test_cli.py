@@ -363,3 +363,21 @@ def test_config_of_an_extended_run_repeats_it(tmp_path):
     assert run("train", "--config", first / "config.toml", "--output-dir", again) == 0
     lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (first, again)]
     assert lrs[0] == lrs[1] and len(lrs[0]) == 3
+
+
+def test_a_data_set_brings_its_usual_radius(tmp_path):
+    """Without --eps, `ardir train` takes the data set's usual L-inf radius (0.1 on Fashion-MNIST, with a step
+    of a quarter of it) and records it; a given eps or step, another data set, or L2 keeps what was asked."""
+    base = {"dataset": "fashion-mnist", "eps": None, "step_size": None, "norm": None}
+    assert cfg.with_dataset_radius(base) == dict(base, eps=0.1, step_size=0.025)
+    assert cfg.with_dataset_radius(dict(base, dataset="mnist"))["eps"] == 0.3
+    assert cfg.with_dataset_radius(dict(base, step_size=0.02))["step_size"] == 0.02
+    assert cfg.with_dataset_radius(dict(base, eps=0.2)) == dict(base, eps=0.2)
+    for other in (dict(base, dataset="cifar10"), dict(base, norm="l2")):
+        assert cfg.with_dataset_radius(other) == other
+    flags = [a for a in TINY if a not in ("--eps", "0.1", "--step-size", "0.05")]
+    assert len(flags) == len(TINY) - 4
+    assert run("train", *flags, "--method", "at", "--epochs", 1, "--output-dir", tmp_path / "run") == 0
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert config["eps"] == 0.1 and config["step_size"] == 0.025
+    assert "fashion-mnist" in " ".join(cfg.schema()["eps"].help.split())

@@ -164,3 +164,14 @@ def test_dump_toml_values_and_one_level_tables():
         cfg.dump_toml({"a": {"b": {"c": 1}}})
     with pytest.raises(TypeError, match="cannot write"):
         cfg.dump_toml({"a": object()})
+
+
+def test_an_unquoted_fraction_gets_the_hint_to_quote_it():
+    """TOML has no arithmetic: ``eps = 8/255`` fails to parse, and the message says how to write it."""
+    from ardir.config import ConfigError, parse_toml
+    with pytest.raises(ConfigError, match=r'not valid TOML.*write eps = "8/255" in quotes'):
+        parse_toml('method = "at"\neps = 8/255  # the radius\n')
+    with pytest.raises(ConfigError) as err:
+        parse_toml('method = "at"\neps = [\n')  # another mistake: no fraction hint
+    assert "fractions" not in str(err.value)
+    assert parse_toml('eps = "8/255"\n')["eps"] == pytest.approx(8 / 255)

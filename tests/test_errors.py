@@ -613,3 +613,21 @@ def test_an_unregistered_method_prints():
             self.gamma = gamma
 
     assert repr(Custom()).startswith("Custom(gamma=0.5, eps=0.031373, step_size=0.0078431, steps=10")
+
+
+def test_a_step_larger_than_the_radius_is_warned_about_once():
+    """A multi-step attack whose step exceeds eps overshoots the ball at every step: one warning per setting,
+    naming both values; a one-step attack with a large step (fast AT's 1.25 eps) is a choice, not warned about."""
+    import warnings
+    from ardir import _checks
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    _checks._WARNED_STEPS.clear()
+    with pytest.warns(UserWarning, match=r"step_size=0.05 is larger than eps=0.03 for a 10-step attack"):
+        ardir.PGD(model, eps=0.03, step_size=0.05, steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ardir.PGD(model, eps=0.03, step_size=0.05, steps=10)  # the same setting again: already said
+        ardir.PGD(model, eps=0.03, step_size=0.0375, steps=1)
+        ardir.PGD(model, eps=0.03, step_size=0.0075, steps=10)
+    with pytest.warns(UserWarning, match="2.5 \\* eps / steps"):
+        ardir.PGD(model, eps=0.5, step_size=0.6, steps=3, norm="l2")
