@@ -296,10 +296,61 @@ def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
     return out
 
 
+NOT_IN_ROW_KEY = ("students", "natural_teacher", "aa_size")
+
+
 def row_key(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """The settings a row's JSON must match to be reused. MTARD's natural teacher is not among them: only MTARD's
-    rows use it, and their ``method_config`` records it."""
-    return _jsonable({k: v for k, v in settings.items() if k not in ("students", "natural_teacher")})
+    """The settings a row's JSON must match to be reused. MTARD's natural teacher is not among them (only MTARD's
+    rows use it, and their ``method_config`` records it), nor the AutoAttack subset: a row records the size it was
+    attacked on (``autoattack_size``), and a row without that AutoAttack gains it from its saved weights."""
+    return _jsonable({k: v for k, v in settings.items() if k not in NOT_IN_ROW_KEY})
+
+
+def stored_key(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """A row JSON's settings as ``row_key`` makes them (rows written before it left out the AutoAttack size)."""
+    return {k: v for k, v in rec.get("settings", {}).items() if k not in NOT_IN_ROW_KEY}
+
+
+def autoattack_size(rec: Dict[str, Any]) -> Optional[int]:
+    """The AutoAttack subset size a row was measured on (None: the whole test set; 0: no AutoAttack)."""
+    if "autoattack" not in rec.get("accuracy", {}):
+        return 0
+    return rec["aa_size"] if "aa_size" in rec else rec.get("settings", {}).get("aa_size")
+
+
+def missing_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> bool:
+    """Whether this run asks for an AutoAttack the row was not measured with."""
+    return settings["aa_size"] != 0 and autoattack_size(rec) != settings["aa_size"]
+
+
+def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optional[str]) -> Tuple[str, str]:
+    """What a run does with the row JSON at ``path``: ``"reuse"`` it, add ``"autoattack"`` to it from the weights
+    it saved, or ``"rerun"`` it; and the sentence that says why."""
+    if not path.exists():
+        return "rerun", f"{path.name} not run yet"
+    done = json.loads(path.read_text())
+    if stored_key(done) != row_key(settings):
+        return "rerun", f"{path.name} has other settings; rerunning"
+    config = method_config(settings, method, ablation_arguments(variant))
+    if not same_method(done.get("method_config"), config, method):
+        return "rerun", f"{path.name} has other method settings (this ardir builds the method differently); rerunning"
+    if not missing_autoattack(done, settings):
+        return "reuse", f"done before, reusing {path.name} (--force reruns it)"
+    size = "all" if settings["aa_size"] is None else settings["aa_size"]
+    weights = path.with_suffix(".pt")
+    if weights.exists():
+        return "autoattack", f"{path.name} has no AutoAttack on {size} images; adding it from {weights.name} " \
+                             "(no retraining)"
+    return "rerun", f"{path.name} has no AutoAttack on {size} images and no saved weights to add it from; rerunning"
+
+
+def shown_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The row as this run's table shows it: an AutoAttack on another subset size than this run's is left out
+    (a cell averages one protocol only). A shipped teacher's row keeps what its manifest states."""
+    if rec.get("method") == "teacher" or autoattack_size(rec) in (0, settings["aa_size"]):
+        return rec
+    accuracy = {k: v for k, v in rec["accuracy"].items() if k not in ("autoattack", "natural_aa_subset")}
+    return dict(rec, accuracy=accuracy)
 
 
 def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -393,29 +444,32 @@ EVAL_BATCH = 500
 """Images per evaluation batch (attacks are per sample; larger batches only amortise the per-step overhead)."""
 
 
+def _evaluate(model: torch.nn.Module, settings: Dict[str, Any], loader, progress: bool, attacks, n):
+    return ardir.evaluate(model, loader, attacks=tuple(attacks), n_examples=n, subset="random" if n else "first",
+                          eps=settings["eps"], step_size=settings["eval_step_size"], seed=settings["eval_seed"],
+                          progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"],
+                          batch_size=EVAL_BATCH)
+
+
 def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader, progress: bool) -> Dict[str, Any]:
     """Accuracies (%) under the suite's attacks, AutoAttack on its seeded subset; plus per-part seconds."""
-    common = dict(eps=settings["eps"], step_size=settings["eval_step_size"], seed=settings["eval_seed"],
-                  progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"],
-                  batch_size=EVAL_BATCH)
-    out: Dict[str, Any] = {"accuracy": {}, "seconds": {}, "flags": [], "subsets": {}}
-    n = settings["eval_size"]
-    report = ardir.evaluate(model, test_loader, attacks=tuple(settings["attacks"]), n_examples=n,
-                            subset="random" if n else "first", **common)
-    out["accuracy"].update(report.accuracy)
-    out["seconds"].update(report.seconds)
-    out["flags"] += [f.code for f in report.flags]
-    out["subsets"]["attacks"] = report.subset
-    aa = settings["aa_size"]
-    if aa != 0:
-        report = ardir.evaluate(model, test_loader, attacks=("autoattack",), n_examples=aa,
-                                subset="random" if aa else "first", **common)
-        out["accuracy"]["autoattack"] = report.accuracy["autoattack"]
-        out["accuracy"]["natural_aa_subset"] = report.accuracy["natural"]
-        out["seconds"]["autoattack"] = report.seconds["autoattack"]
-        out["flags"] += [f.code for f in report.flags]
-        out["subsets"]["autoattack"] = report.subset
+    report = _evaluate(model, settings, test_loader, progress, settings["attacks"], settings["eval_size"])
+    out = {"accuracy": dict(report.accuracy), "seconds": dict(report.seconds), "flags": [f.code for f in report.flags],
+           "subsets": {"attacks": report.subset}}
+    if settings["aa_size"] != 0:
+        aa = evaluate_autoattack(model, settings, test_loader, progress)
+        for part in ("accuracy", "seconds", "subsets"):
+            out[part].update(aa[part])
+        out["flags"] += aa["flags"]
     return out
+
+
+def evaluate_autoattack(model: torch.nn.Module, settings: Dict[str, Any], loader, progress: bool) -> Dict[str, Any]:
+    """AutoAttack's accuracy (%) on the seeded subset of ``aa_size`` images, the natural accuracy there, seconds."""
+    report = _evaluate(model, settings, loader, progress, ("autoattack",), settings["aa_size"])
+    return {"accuracy": {"autoattack": report.accuracy["autoattack"], "natural_aa_subset": report.accuracy["natural"]},
+            "seconds": {"autoattack": report.seconds["autoattack"]}, "flags": [f.code for f in report.flags],
+            "subsets": {"autoattack": report.subset}}
 
 
 def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int, teacher, data_dir, device,
@@ -443,12 +497,34 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
     wall, cpu = time.time(), time.process_time()
     result = evaluate_model(student, settings, loaders.val if validation else loaders.test, progress)
     return {"student": student_name, "method": method, "seed": seed, "method_kwargs": _jsonable(kwargs),
+            "aa_size": settings["aa_size"],
             "evaluated_on": f"validation ({VALIDATION_SIZE} training images held out)" if validation else "test",
             "epochs": trainer.epochs, "accuracy": result["accuracy"], "attack_seconds": result["seconds"],
             "subsets": result["subsets"], "flags": result["flags"],
             "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
             "eval_seconds": round(time.time() - wall, 1), "eval_cpu_seconds": round(time.process_time() - cpu, 1),
             "last_epoch": _jsonable(history[-1]) if history else None}
+
+
+def add_autoattack(rec: Dict[str, Any], weights: Path, settings: Dict[str, Any], data_dir, device,
+                   progress: bool) -> Dict[str, Any]:
+    """A finished row with AutoAttack on this run's subset added: its student is loaded from the weights the row
+    saved (no retraining) and attacked on the split the row was scored on; its other numbers are kept."""
+    validation = rec.get("variant") is not None
+    loaders = loaders_for(settings, rec["seed"], data_dir, validation)
+    student = ardir.models.create(rec["student"], num_classes=settings["num_classes"],
+                                  in_chans=settings["in_chans"]).to(device)
+    student.load_state_dict(ardir.checkpoint.load_checkpoint(weights))
+    wall, cpu = time.time(), time.process_time()
+    result = evaluate_autoattack(student, settings, loaders.val if validation else loaders.test, progress)
+    rec = json.loads(json.dumps(rec))
+    for name, part in (("accuracy", "accuracy"), ("attack_seconds", "seconds"), ("subsets", "subsets")):
+        rec.setdefault(name, {}).update(result[part])
+    rec["flags"] = rec.get("flags", []) + [f for f in result["flags"] if f not in rec.get("flags", [])]
+    rec["aa_size"] = settings["aa_size"]
+    rec["eval_seconds"] = round(rec.get("eval_seconds", 0) + time.time() - wall, 1)
+    rec["eval_cpu_seconds"] = round(rec.get("eval_cpu_seconds", 0) + time.process_time() - cpu, 1)
+    return rec
 
 
 def run_dirs(args: argparse.Namespace) -> Tuple[Path, Path]:
@@ -501,7 +577,12 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "train_cpu_seconds": teacher_meta.get("train_cpu_seconds", 0.0),
                "eval_seconds": round(time.time() - wall, 1),
                "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": key,
+               "aa_size": 0 if own else settings["aa_size"],
                "command": "(trained by any row's command when missing; cached)"}
+    elif not args.force and row_status(path, settings, method, variant)[0] == "autoattack":
+        rec = add_autoattack(json.loads(path.read_text()), path.with_suffix(".pt"), settings, args.data_dir, device,
+                             progress)
+        rec["autoattack_commit"] = git_commit()
     else:
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
                       ablation_arguments(variant), validation=variant is not None, weights=path.with_suffix(".pt"))
@@ -687,10 +768,14 @@ def summarize(records: Sequence[Dict[str, Any]], metrics: Sequence[str]) -> List
         rs = sorted(rs, key=lambda r: r["seed"])
         row = {"student": student, "method": method, "variant": variant, "seeds": [r["seed"] for r in rs],
                "cells": {}, "mean": {}, "std": {}, "per_seed": {}}
+        row["metric_seeds"] = {}
         for m in metrics:
             vals = [r["accuracy"][m] for r in rs if m in r["accuracy"]]
             row["per_seed"][m] = vals
+            row["metric_seeds"][m] = [r["seed"] for r in rs if m in r["accuracy"]]
             row["cells"][m] = format_cell(vals)
+            if vals and len(vals) < len(rs):  # say which seeds a cell averages when it is not all of the row's
+                row["cells"][m] += f" (seed{'s' * (len(vals) > 1)} {','.join(map(str, row['metric_seeds'][m]))})"
             if vals:
                 row["mean"][m], row["std"][m] = mean_std(vals)
         row["train_seconds"] = sum(r["train_seconds"] for r in rs)
@@ -700,26 +785,42 @@ def summarize(records: Sequence[Dict[str, Any]], metrics: Sequence[str]) -> List
     return rows
 
 
+STRENGTH = ("autoattack", "cw30", "cw20", "pgd20")
+
+
 def strongest_metric(rows: List[Dict[str, Any]]) -> str:
     """The strongest attack any row was measured with: AutoAttack, else CW∞ (30 or 20 steps), else PGD-20."""
+    return difference_metrics(rows)[0] if difference_metrics(rows) else "autoattack"
+
+
+def difference_metrics(rows: List[Dict[str, Any]]) -> List[str]:
+    """The attacks the Δ columns pair, strongest first: AutoAttack where measured, and the strongest of the
+    others (every row has it, so rows measured without AutoAttack still get a difference)."""
     measured = {m for r in rows for m, values in r.get("per_seed", {}).items() if values}
-    return next((m for m in ("autoattack", "cw30", "cw20", "pgd20") if m in measured), "autoattack")
+    found = [m for m in STRENGTH if m in measured]
+    return found[:1] + [m for m in found[1:2] if found[0] == "autoattack"]
 
 
 def add_differences(rows: List[Dict[str, Any]], metric: str = "autoattack", base: str = "at") -> None:
-    """Give every row ``delta``: its ``metric`` minus the ``base`` method's of the same student, paired by seed
-    (the same data subset and order), as per-seed values, mean and std, and the cell ``"mean ± std"``."""
+    """Give every row ``deltas[metric]``: its ``metric`` minus the ``base`` method's of the same student, paired
+    by seed (the same data subset and order), as per-seed values, mean and std, and the cell ``"mean ± std"``
+    (``cells["delta"]`` and ``delta`` for the first metric paired, ``cells["delta:<metric>"]`` for each)."""
     bases = {r["student"]: r for r in rows if r["method"] == base and r.get("variant") is None}
     for r in rows:
         ref = bases.get(r["student"])
         if ref is None or r["method"] == "teacher" or not r.get("per_seed", {}).get(metric):
             continue
-        theirs = dict(zip(ref["seeds"], ref["per_seed"].get(metric, [])))
-        diffs = [v - theirs[s] for s, v in zip(r["seeds"], r["per_seed"][metric]) if s in theirs]
+        seeds_of = (lambda row: row.get("metric_seeds", {}).get(metric, row["seeds"]))
+        theirs = dict(zip(seeds_of(ref), ref["per_seed"].get(metric, [])))
+        diffs = [v - theirs[s] for s, v in zip(seeds_of(r), r["per_seed"][metric]) if s in theirs]
         if diffs:
             mean, std = mean_std(diffs)
-            r["delta"] = {"metric": metric, "base": base, "per_seed": diffs, "mean": mean, "std": std}
-            r.setdefault("cells", {})["delta"] = f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+            delta = {"metric": metric, "base": base, "per_seed": diffs, "mean": mean, "std": std}
+            cell = f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+            r.setdefault("deltas", {})[metric] = delta
+            r.setdefault("cells", {})[f"delta:{metric}"] = cell
+            if "delta" not in r:
+                r["delta"], r["cells"]["delta"] = delta, cell
 
 
 def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[str, Any]], metrics: Sequence[str],
@@ -751,9 +852,8 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
         head.append(f"{HEADERS[m]} (ours)" if published is not None else HEADERS[m])
         if published is not None and m in _P:
             head.append(f"{HEADERS[m]} (paper)")
-    deltas = [r["delta"]["metric"] for r in rows if "delta" in r]
-    if deltas:
-        head.append(f"Δ {'AA' if deltas[0] == 'autoattack' else HEADERS[deltas[0]]} vs AT")
+    deltas = [m for m in STRENGTH if any(m in r.get("deltas", {}) for r in rows)]
+    head += [f"Δ {'AA' if m == 'autoattack' else HEADERS[m]} vs AT" for m in deltas]
     head += ["Train (s)", "Eval (s)", "Rerun this row"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 4) + [":--"]) + "|"]
     for r in rows:
@@ -764,8 +864,7 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
             if published is not None and m in _P:
                 p = published.get((r["student"], r["method"]), {}).get(m)
                 cells.append("" if p is None else f"{p:.2f}")
-        if deltas:
-            cells.append(r["cells"].get("delta", ""))
+        cells += [r["cells"].get(f"delta:{m}", "") for m in deltas]
         cells += [f"{r.get('train_seconds', 0):.0f}" if r["seeds"] else "",
                   f"{r.get('eval_seconds', 0):.0f}" if r["seeds"] else "",
                   f"`{r['command']}`" if r.get("command") else ""]
@@ -960,7 +1059,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             describe_teacher()
         rows = summarize(records, metrics)
         if not args.ablation:
-            add_differences(rows, strongest_metric(rows))
+            for metric in difference_metrics(rows):
+                add_differences(rows, metric)
         if published is not None and not args.ablation:  # every row of the suite appears, run or not
             have = {(r["student"], r["method"]) for r in rows}
             wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)
@@ -998,21 +1098,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         found = []
         if not args.no_teacher_eval and not args.ablation and teacher_eval.exists():
             rec = json.loads(teacher_eval.read_text())
-            if rec.get("settings") == key:
+            if stored_key(rec) == key:
                 found.append(rec)
         for f in sorted(run_dir.glob("*__seed*.json")):
             rec = json.loads(f.read_text())
             variant = rec.get("variant") if rec.get("variant") in ABLATIONS else None
-            if rec.get("settings") == key and (rec.get("variant") is not None) == args.ablation \
+            if stored_key(rec) == key and (rec.get("variant") is not None) == args.ablation \
                     and rec["student"] in settings["students"] and same_method(rec.get("method_config"), method_config(
                         settings, rec["method"], ablation_arguments(variant)), rec["method"]):
-                found.append(rec)
+                found.append(shown_autoattack(rec, settings))
         return found
 
     pending: List[Tuple[Path, str, str, int, Optional[str]]] = []  # (path, student, method, seed, variant)
     if not args.no_teacher_eval and not args.ablation:
         rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
-        if rec is None or rec.get("settings") != key:
+        shipped = bool(settings["teacher"]) and zoo.is_shipped(settings["teacher"])
+        measures_aa = not (shipped or settings["teacher_attacks"])  # else its row never has this AutoAttack
+        if rec is None or stored_key(rec) != key or (missing_autoattack(rec, settings) and measures_aa):
             pending.append((teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None))
     for student, method, seed, variant in jobs:
         stem = f"{student}__{method}__seed{seed}" if variant is None else \
@@ -1020,14 +1122,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.precision != "fp32":
             stem += f"__{args.precision}"
         path = run_dir / f"{stem}.json"
-        config = method_config(settings, method, ablation_arguments(variant))
         if path.exists() and not args.force:
-            done = json.loads(path.read_text())
-            if done.get("settings") == key and same_method(done.get("method_config"), config, method):
-                log(f"{stem}: done before, reusing {path.name} (--force reruns it)")
+            status, why = row_status(path, settings, method, variant)
+            log(f"{stem}: {why}")
+            if status == "reuse":
                 continue
-            log(f"{stem}: {path.name} has other " + ("settings" if done.get("settings") != key else
-                "method settings (this ardir builds the method differently)") + "; rerunning")
         pending.append((path, student, method, seed, variant))
 
     argv_list = list(sys.argv[1:] if argv is None else argv)

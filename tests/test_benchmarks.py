@@ -356,3 +356,52 @@ def test_train_teacher_trains_the_robust_or_the_natural_teacher(tmp_path):
     natural = module.training_command(argparse.Namespace(**{**vars(args), "method": "natural"}))
     assert natural[:3] == ["train", "--method", "natural"] and "--eps" not in natural and "--steps" not in natural
     assert natural[natural.index("--val-size") + 1] == "1000"  # the same held-out split chooses its checkpoint
+
+
+def test_a_finished_row_gains_autoattack_from_its_saved_weights(reproduce, tmp_path, capsys):
+    """A row run without AutoAttack keeps its student's weights; a later run that asks for AutoAttack adds it to
+    the row from them (no retraining, its other numbers kept), reuses it afterwards, and retrains a row whose
+    weights are gone."""
+    args = ("--seeds", "0", "--methods", "natural")
+    _, runs = _dry_run(reproduce, tmp_path, "fashion-mnist", *args)
+    row, weights = runs / "cnn_small__natural__seed0.json", runs / "cnn_small__natural__seed0.pt"
+    before = json.loads(row.read_text())
+    assert weights.exists() and "autoattack" not in before["accuracy"] and before["aa_size"] == 0
+    capsys.readouterr()
+    out, _ = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "2")
+    log = capsys.readouterr().out
+    assert "has no AutoAttack on 2 images; adding it from cnn_small__natural__seed0.pt (no retraining)" in log
+    after = json.loads(row.read_text())
+    assert after["aa_size"] == 2 and "autoattack" in after["accuracy"]
+    assert after["subsets"]["autoattack"].startswith("random 2 of")
+    assert after["train_seconds"] == before["train_seconds"] and after["commit"] == before["commit"]
+    assert {k: after["accuracy"][k] for k in before["accuracy"]} == before["accuracy"]
+    _, record = _table(out / "fashion_mnist.md")
+    natural = next(r for r in record["rows"] if r["method"] == "natural")
+    assert natural["per_seed"]["autoattack"] == [after["accuracy"]["autoattack"]]
+    _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "2")
+    assert "cnn_small__natural__seed0: done before" in capsys.readouterr().out
+    weights.unlink()
+    _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "3")
+    assert "no saved weights to add it from; rerunning" in capsys.readouterr().out
+    assert json.loads(row.read_text())["aa_size"] == 3 and weights.exists()
+
+
+def test_cells_and_differences_follow_the_seeds_each_attack_has(reproduce):
+    """Rows measured with AutoAttack on some seeds only: the AA cell names its seeds, the AA difference pairs
+    those seeds, and a second Δ column pairs CW∞-30 for every row."""
+    def rec(method, seed, cw, aa=None):
+        return {"student": "s", "method": method, "seed": seed, "train_seconds": 1, "eval_seconds": 1,
+                "accuracy": {"cw30": cw, **({} if aa is None else {"autoattack": aa})}}
+    records = [rec("at", 0, 50, 48), rec("at", 1, 52, 49), rec("at", 2, 51),
+               rec("ardir", 0, 53, 50), rec("ardir", 1, 54), rec("ardir", 2, 52), rec("trades", 0, 49)]
+    rows = {r["method"]: r for r in reproduce.summarize(records, ["cw30", "autoattack"])}
+    assert rows["at"]["cells"]["autoattack"] == "48.50 ± 0.71 (seeds 0,1)"
+    assert rows["ardir"]["cells"]["autoattack"] == "50.00 (seed 0)" and rows["ardir"]["cells"]["cw30"] == "53.00 ± 1.00"
+    metrics = reproduce.difference_metrics(list(rows.values()))
+    assert metrics == ["autoattack", "cw30"]
+    for m in metrics:
+        reproduce.add_differences(list(rows.values()), m)
+    assert rows["ardir"]["deltas"]["autoattack"]["per_seed"] == [2]  # seed 0 only: 50 - 48
+    assert rows["ardir"]["deltas"]["cw30"]["per_seed"] == [3, 2, 1]
+    assert "autoattack" not in rows["trades"].get("deltas", {}) and rows["trades"]["cells"]["delta:cw30"] == "-1.00"
