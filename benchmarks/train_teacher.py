@@ -3,6 +3,7 @@
     python benchmarks/train_teacher.py              # train (resumable), evaluate, write the weights and manifest
     python benchmarks/train_teacher.py --aa-size 200 --threads 1
     python benchmarks/train_teacher.py --method natural --epochs 3     # MTARD's natural teacher, cnn_xlarge-natural
+    python benchmarks/train_teacher.py --autoattack-only --aa-size 200 # AutoAttack added to the shipped manifest
 
 The teacher is trained by ``ardir train`` on all of Fashion-MNIST's training images but a validation split of
 1,000 (seed 0), on which the run keeps its best checkpoint (``best.pt``, PGD-10 accuracy): the test set chooses
@@ -88,6 +89,27 @@ def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
     return result
 
 
+def add_autoattack(args: argparse.Namespace) -> None:
+    """AutoAttack on the seeded random ``--aa-size`` test images (seed 0: a subset of the suite's 1,000) added to
+    the shipped teacher's manifest, its weights untouched (loaded by name, so their hash is checked)."""
+    name = f"fashion-mnist:{args.name}"
+    teacher = zoo.load_shipped(name)
+    loaders = data.get_loaders("fashion-mnist", batch_size=500, val_size=0, seed=0)
+    aa = ardir.evaluate(teacher, loaders.test, attacks=("autoattack",), n_examples=args.aa_size, subset="random",
+                        eps=EPS, step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
+    info = zoo.manifest(name)
+    ev = info["evaluation"]
+    ev["accuracy"].update(autoattack=aa.accuracy["autoattack"], natural_aa_subset=aa.accuracy["natural"])
+    ev["subsets"]["autoattack"] = aa.subset
+    ev["seconds"]["autoattack"] = aa.seconds["autoattack"]
+    ev["seconds_total"] = round(ev["seconds_total"] + aa.seconds["autoattack"], 1)
+    ev["autoattack_made_by"] = {
+        "command": f"python {shlex.join(['benchmarks/train_teacher.py'] + args.argv)}",
+        "commit": git_commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
+    atomic_write_text(json.dumps(info, indent=2) + "\n", zoo.WEIGHTS_DIR / "fashion-mnist" / f"{args.name}.json")
+    print(f"{name}: AutoAttack {aa.accuracy['autoattack']:.2f} on {aa.subset} ({aa.seconds['autoattack']:.0f} s)")
+
+
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
@@ -107,14 +129,21 @@ def main(argv=None) -> None:
     parser.add_argument("--aa-size", type=whole, default=1000,
                         help="test images of AutoAttack (0: skip it; on two CPU cores it takes hours for this network)")
     parser.add_argument("--threads", type=whole, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--autoattack-only", action="store_true",
+                        help="train nothing: add AutoAttack on --aa-size images to the shipped teacher's manifest")
     parser.add_argument("--training-commit", help="the commit the training ran at, when it ran before this one "
                                                   "(a resumed or earlier run); default: this commit")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.name = args.name or f"{args.model}-{args.method}"
     runs = ROOT / "benchmarks" / "runs"
     args.run_dir = args.run_dir or runs / (f"teacher-{args.model}" if args.method == "at" else f"teacher-{args.name}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.autoattack_only:
+        if not args.aa_size:
+            parser.error("--autoattack-only needs --aa-size N (N >= 1)")
+        return add_autoattack(args)
 
     train_seconds = train(args)
     teacher = ardir.teachers.load_teacher(str(args.run_dir / "best.pt"))

@@ -405,3 +405,31 @@ def test_cells_and_differences_follow_the_seeds_each_attack_has(reproduce):
     assert rows["ardir"]["deltas"]["autoattack"]["per_seed"] == [2]  # seed 0 only: 50 - 48
     assert rows["ardir"]["deltas"]["cw30"]["per_seed"] == [3, 2, 1]
     assert "autoattack" not in rows["trades"].get("deltas", {}) and rows["trades"]["cells"]["delta:cw30"] == "-1.00"
+
+
+def test_train_teacher_adds_autoattack_to_the_shipped_manifest(tmp_path, monkeypatch):
+    """--autoattack-only trains nothing and leaves the weights as they are: it loads the shipped teacher by name
+    (hash checked), attacks it on the seeded subset and adds that to its manifest, with the command that did it."""
+    import shutil
+    spec = importlib.util.spec_from_file_location("train_teacher", ROOT / "benchmarks" / "train_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = ROOT / "ardir" / "weights" / "fashion-mnist"
+    (tmp_path / "fashion-mnist").mkdir()
+    for name in ("cnn_xlarge-at.pt", "cnn_xlarge-at.json"):
+        shutil.copy(shipped / name, tmp_path / "fashion-mnist" / name)
+    monkeypatch.setattr(module.zoo, "WEIGHTS_DIR", tmp_path)
+    fake = torch.utils.data.TensorDataset(torch.rand(6, 1, 28, 28), torch.arange(6) % 10)
+    monkeypatch.setattr(module.data, "get_loaders", lambda *a, **k: argparse.Namespace(
+        test=torch.utils.data.DataLoader(fake, batch_size=3)))
+    before = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
+    module.main(["--autoattack-only", "--aa-size", "4", "--threads", "1"])
+    after = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
+    assert after["sha256"] == before["sha256"] == module.zoo.file_sha256(tmp_path / "fashion-mnist" / "cnn_xlarge-at.pt")
+    ev = after["evaluation"]
+    assert 0 <= ev["accuracy"]["autoattack"] <= ev["accuracy"]["natural_aa_subset"] <= 100
+    assert ev["subsets"]["autoattack"].startswith("random 4 of 6")
+    assert ev["accuracy"]["pgd20"] == before["evaluation"]["accuracy"]["pgd20"]  # the rest is kept
+    assert "--autoattack-only --aa-size 4" in ev["autoattack_made_by"]["command"]
+    with pytest.raises(SystemExit):
+        module.main(["--autoattack-only", "--aa-size", "0"])
