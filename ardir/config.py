@@ -115,7 +115,8 @@ RUN_OPTIONS: Tuple[Option, ...] = (
            "run"),
     Option("attacks", "list[str]", ATTACKS_DEFAULT, "attacks `ardir eval` runs on this run's checkpoints "
            "(ardir.evaluate names; add autoattack for a paper's table)", "eval"),
-    Option("eval_eps", "float", None, "L-inf radius of the evaluation (default: the method's eps)", "eval"),
+    Option("eval_eps", "float", None, "radius of the evaluation, in the run's norm (default: the method's eps)",
+           "eval"),
     Option("n_examples", "int", None, "test images evaluated (default: the whole test set)", "eval"),
 )
 """The options of a run that are neither Trainer nor method arguments."""
@@ -268,7 +269,7 @@ def _scalar(key: str, kind: str, value: Any) -> Any:
 # about --train-size, not about a data-loader argument minutes later): (lowest, lowest is allowed, highest).
 LIMITS: Dict[str, Tuple[float, bool, Optional[float]]] = {
     "val_size": (0, True, None), "train_size": (1, True, None), "batch_size": (1, True, None),
-    "num_workers": (0, True, None), "n_examples": (1, True, None), "eval_eps": (0, False, 1.0),
+    "num_workers": (0, True, None), "n_examples": (1, True, None), "eval_eps": (0, False, None),
     "epochs": (0, True, None), "lr": (0, False, None), "momentum": (0, True, None), "weight_decay": (0, True, None),
     "milestones": (1, True, None), "lr_gamma": (0, False, None), "val_attack_steps": (0, True, None),
     "limit_batches": (1, True, None), "checkpoint_every_steps": (1, True, None), "keep_last": (1, True, None),
@@ -276,8 +277,9 @@ LIMITS: Dict[str, Tuple[float, bool, Optional[float]]] = {
     "beta": (0, True, None), "warmup_epochs": (0, True, None), "kl_scale": (0, False, None),
     "layer_weights": (0, True, None), "w_ce": (0, True, None), "w_kl": (0, True, None), "w_ir": (0, True, None),
 }
-"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``. ``eps``'s upper bound depends
-on ``norm`` (1 under L-inf, none under L2), so :func:`resolve` checks it (:func:`check_threat_model`)."""
+"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``. The upper bound of ``eps`` and
+``eval_eps`` depends on ``norm`` (1 under L-inf, none under L2), so :func:`resolve` checks it
+(:func:`check_threat_model`)."""
 
 _CHOICES = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip"),  # the Trainer's own lists
             "norm": ("linf", "l2")}  # the methods' (ardir._checks.NORMS)
@@ -415,12 +417,15 @@ def with_dataset_radius(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def check_threat_model(config: Mapping[str, Any]) -> None:
-    """``eps`` (when set) within its norm's range: at most 1 under L-inf (``norm`` unset or ``"linf"``), any
-    positive radius under L2; else :class:`ConfigError` naming the key and the way to an L2 radius."""
-    eps, norm = config.get("eps"), config.get("norm") or "linf"
-    if eps is not None and norm == "linf" and eps > 1:
-        raise ConfigError(f"eps: {eps!r} must be <= 1 under norm = \"linf\" (an L-inf radius on [0, 1] images: "
-                          "8/255, not 8); for an L2 radius pass --norm l2 (TOML: norm = \"l2\")")
+    """``eps`` and ``eval_eps`` (when set) within their norm's range: at most 1 under L-inf (``norm`` unset or
+    ``"linf"``), any positive radius under L2; else :class:`ConfigError` naming the key and the way to L2."""
+    if (config.get("norm") or "linf") != "linf":
+        return
+    for key in ("eps", "eval_eps"):
+        value = config.get(key)
+        if value is not None and value > 1:
+            raise ConfigError(f"{key}: {value!r} must be <= 1 under norm = \"linf\" (an L-inf radius on [0, 1] "
+                              "images: 8/255, not 8); for an L2 radius pass --norm l2 (TOML: norm = \"l2\")")
 
 
 # ---------------------------------------------------------------------------------------------------- paths

@@ -72,7 +72,7 @@ def test_resume_takes_the_newest_good_checkpoint_of_either_kind(tmp_path, capsys
 
 @pytest.mark.parametrize("flag, value, words", [
     ("--train-size", "0", "--train-size: 0 must be >= 1"), ("--checkpoint-every-steps", "0", "must be >= 1"),
-    ("--eval-eps", "8", "must be > 0 and <= 1 (an L-inf radius on [0, 1] images: 8/255, not 8)"),
+    ("--eval-eps", "0", "--eval-eps: 0.0 must be > 0"),
     ("--keep-last", "0", "must be >= 1"), ("--batch-size", "0", "must be >= 1"), ("--val-size", "-1", ">= 0"),
     ("--lr", "0", "must be > 0"), ("--eps", "0", "must be > 0"), ("--milestones", "0", "--milestones: 0 must be >= 1"),
     ("--limit-batches", "0", ">= 1"), ("--n-examples", "0", ">= 1"), ("--precision", "fp8", "is not one of"),
@@ -98,8 +98,8 @@ def test_eval_flags_are_checked_when_parsed(capsys, flag, value):
 def test_configuration_files_and_the_trainer_check_the_same_ranges():
     with pytest.raises(cfg.ConfigError, match="keep_last: 0 must be >= 1"):
         cfg.resolve({"keep_last": 0})
-    with pytest.raises(cfg.ConfigError, match=r"eval_eps: 8.0 must be > 0 and <= 1"):
-        cfg.parse_toml("eval_eps = 8")
+    with pytest.raises(cfg.ConfigError, match=r'eval_eps: 8.0 must be <= 1 under norm = "linf".*--norm l2'):
+        cfg.resolve(cfg.parse_toml("eval_eps = 8"))
     batches = [(torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,)))]
     with pytest.raises(ValueError, match="checkpoint_every_steps=0 must be a whole number >= 1"):
         ardir.ATTrainer(TinyNet(), batches, checkpoint_every_steps=0, eps=0.1, steps=1)

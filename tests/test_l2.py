@@ -289,6 +289,9 @@ def test_cli_norm_flag_is_checked_and_a_large_linf_eps_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ardir train: error: eps: 8.0 must be <= 1") and "--norm l2" in err
     assert len(err.splitlines()) == 1
+    assert cli.main(["train", "--eval-eps", "8"]) == 2  # the evaluation's radius obeys the same norm
+    assert capsys.readouterr().err.strip().startswith("ardir train: error: eval_eps: 8.0 must be <= 1")
+    assert cfg.resolve({"norm": "l2", "eps": 1.5, "eval_eps": 2.0})["eval_eps"] == 2.0  # an L2 radius may pass 1
 
 
 # ------------------------------------------------------------------------------------------- ardir train
