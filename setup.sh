@@ -11,8 +11,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { gre
 
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
 pip install "timm>=0.9" "numpy>=1.22" "scipy>=1.8" "tqdm>=4.60"
-# Tests, docs build, plots, and the official AutoAttack code (the optional engine the tests compare against).
-pip install "pytest>=7" "matplotlib>=3.5" "mkdocs>=1.5" "mkdocstrings[python]>=0.24" "pyautoattack>=0.2"
+# Tests, docs build, plots, the official AutoAttack code (the optional engine the tests compare against) and
+# TensorBoard (the optional --tensorboard logging, tested for real).
+pip install "pytest>=7" "matplotlib>=3.5" "mkdocs>=1.5" "mkdocstrings[python]>=0.24" "pyautoattack>=0.2" \
+  "tensorboard>=2.10"
 # torchattacks pins requests~=2.25.1 (it never imports requests); installing it without its pins leaves requests as
 # the environment has it (here: not installed, so `pip check` names it, harmlessly) instead of downgrading requests,
 # urllib3 and idna. Its real needs (torch, torchvision, scipy, tqdm, numpy) are above.

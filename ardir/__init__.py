@@ -15,7 +15,7 @@ Public API::
     ardir.gpu_data.GPULoader                 -- a data set kept on the GPU, augmented there
     ardir.distributed                        -- torchrun: init, the loaders' shards, rank 0 writes
 """
-from . import data, distributed, gpu_data, losses, methods, models, teachers, zoo
+from . import data, distributed, gpu_data, losses, methods, models, teachers, tensorboard, zoo
 from .attacks import PGD
 from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
 from .hooks import FeatureHooks, describe_layers
@@ -29,5 +29,5 @@ __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
     "PGD", "FeatureHooks", "describe_layers", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
     "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "models", "methods", "losses",
-    "teachers", "zoo", "gpu_data", "distributed",
+    "teachers", "zoo", "gpu_data", "distributed", "tensorboard",
 ]

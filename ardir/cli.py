@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import config as cfg
 from . import data as ardir_data
 from . import distributed
-from . import models
+from . import models, tensorboard
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
@@ -260,6 +260,11 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         return _train_locked(flags, file_values, output_dir, resume, main_process, say)
 
 
+def _trackers(config: Mapping[str, Any], output_dir: Path) -> list:
+    """The callbacks that send the epoch records elsewhere: TensorBoard with --tensorboard."""
+    return [tensorboard.TensorBoardLogger(output_dir / "tensorboard")] if config.get("tensorboard") else []
+
+
 def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], output_dir: Path, resume: bool,
                   main_process: bool, say) -> Path:
     """:func:`train` once the run directory is locked."""
@@ -278,6 +283,8 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
                            "); continue it with --resume, or choose another --output-dir")
         config = cfg.with_dataset_radius(cfg.resolve(file_values, flags))  # a resumed run keeps what it saved
     config["output_dir"] = str(output_dir)
+    if config.get("tensorboard") and not tensorboard.available():
+        raise CLIError(f"--tensorboard needs the tensorboard package: {tensorboard.INSTALL}")
     config = cfg.absolute_paths(config)  # what last.pt and config.toml record: the run resolves from anywhere
     device, joined = distributed.join(_device(config["device"]))  # under torchrun: one process per device
     _seed_everything(config["seed"])
@@ -308,7 +315,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
         trainer_kwargs["checkpoint_dir"] = output_dir / "checkpoints"  # the Trainer's mid-epoch checkpoints
     trainer = Trainer(student, loaders.train, teacher=teacher, method=config["method"], val_loader=loaders.val,
-                      progress=not config["quiet"], callbacks=[logger], **trainer_kwargs,
+                      progress=not config["quiet"], callbacks=[logger] + _trackers(config, output_dir), **trainer_kwargs,
                       **cfg.method_kwargs(config))
     if resume:
         if mid is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on

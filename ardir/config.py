@@ -113,6 +113,8 @@ RUN_OPTIONS: Tuple[Option, ...] = (
     Option("device", "str", "auto", "auto, cpu, cuda, cuda:1, ...", "run"),
     Option("quiet", "bool", False, "no progress bars (they are off anyway when the output is not a terminal)",
            "run"),
+    Option("tensorboard", "bool", False, "also write every epoch's metrics to OUTPUT_DIR/tensorboard (needs "
+           "pip install 'ardir[tensorboard]')", "run"),
     Option("attacks", "list[str]", ATTACKS_DEFAULT, "attacks `ardir eval` runs on this run's checkpoints "
            "(ardir.evaluate names; add autoattack for a paper's table)", "eval"),
     Option("eval_eps", "float", None, "radius of the evaluation, in the run's norm (default: the method's eps)",
