@@ -58,3 +58,19 @@ def test_the_reproduce_synopsis_lists_every_flag():
     flags = set(re.findall(r'add_argument\("(--[\w-]+)"', source))
     missing = flags - set(re.findall(r"--[\w-]+", synopsis))
     assert flags and not missing, f"docs/reproducing.md's synopsis lacks {sorted(missing)}"
+
+
+def test_sphinx_roles_render_as_code_names_and_unknown_ones_fail_the_build():
+    """docs/hooks/sphinx_roles.py: `:class:`~a.B`` shows `B` (linked when its entry is on the page), `:func:`a.f``
+    shows `a.f`; a role it does not know stops the build instead of reaching a reader raw."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sphinx_roles", ROOT / "docs" / "hooks" / "sphinx_roles.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    html = ('<h2 id="ardir.attacks.PGD">PGD</h2><p>see :class:<code>~ardir.attacks.PGD</code> and '
+            ':func:<code>ardir.evaluate</code>, :meth:<code>~ardir.Trainer.fit()</code></p>')
+    out = hook.render(html)
+    assert '<a href="#ardir.attacks.PGD"><code>PGD</code></a>' in out
+    assert "<code>ardir.evaluate</code>" in out and "<code>fit()</code>" in out and ":func:" not in out
+    with pytest.raises(hook.PluginError, match="unrendered role"):
+        hook.render("<p>:ref:<code>somewhere</code></p>")
