@@ -91,7 +91,7 @@ def report_path(checkpoint: Path) -> Path:
 def _evaluate_and_save(model: torch.nn.Module, test, device: str, eps: float, attacks: Sequence[str],
                        n_examples: Optional[int], batch_size: int, eps_sweep: Optional[Sequence[float]],
                        sweep_attack: str, seed: int, quiet: bool, checks: bool, dataset: str, output: Path,
-                       norm: str = "linf"):
+                       norm: str = "linf", source: Optional[str] = None):
     """Evaluate ``model`` on the ``test`` set (``ardir.evaluate``) and write the report at ``output`` (.md, .json)."""
     from .evaluate import evaluate
 
@@ -106,6 +106,7 @@ def _evaluate_and_save(model: torch.nn.Module, test, device: str, eps: float, at
         main_process = distributed.is_main_process()
         if joined:
             distributed.cleanup()
+    report.source = source
     if main_process:
         report.save(output)
     return report
@@ -148,7 +149,7 @@ def evaluate_checkpoint(checkpoint: str, attacks: Optional[Sequence[str]] = None
     return _evaluate_and_save(model, test, device, eps, attacks or config["attacks"],
                               n_examples if n_examples is not None else config["n_examples"],
                               batch_size or config["batch_size"], eps_sweep, sweep_attack, seed, quiet, checks,
-                              config["dataset"], Path(output) if output else report_path(path), norm)
+                              config["dataset"], Path(output) if output else report_path(path), norm, str(path))
 
 
 def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[Sequence[str]] = None,
@@ -187,7 +188,8 @@ def evaluate_weights(weights: str, model: str, dataset: str, attacks: Optional[S
     test = test if test is not None else test_set()
     return _evaluate_and_save(net, test, device, eps, attacks or options["attacks"].default,
                               n_examples, batch_size or options["batch_size"].default, eps_sweep, sweep_attack, seed,
-                              quiet, checks, spec.name, Path(output) if output else report_path(Path(weights)), norm)
+                              quiet, checks, spec.name, Path(output) if output else report_path(Path(weights)), norm,
+                              str(weights))
 
 
 def run_eval(args: argparse.Namespace):

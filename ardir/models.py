@@ -106,6 +106,7 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[S
             raise ValueError(f"mean={list(mean)}, std={list(std)}: give them in [0, 1] pixel units (std > 0), "
                              "e.g. CIFAR-10's mean (0.4914, 0.4822, 0.4465), not 0-255 values")
         add_normalization(model, mean, std)
+    model.ardir_name = name  # what a report calls it (two names can share a class: cnn_small, cnn_large)
     return model
 
 

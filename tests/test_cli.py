@@ -74,7 +74,13 @@ def test_eval_writes_report_beside_the_checkpoint_and_plot_draws(teacher_run, ca
     assert report["eps_value"] == pytest.approx(0.1)  # the run's training eps, from the checkpoint's config
     assert report["n_examples"] == 32 and set(report["attacks"]) == {"natural", "pgd2"}
     assert report["dataset"] == "fashion-mnist"
-    assert "| Natural |" in (teacher_run / "best_report.md").read_text()
+    # the report names what it measured: the model by its ardir name (cnn_small, not its class), the file
+    assert report["name"] == "cnn_small" and report["source"] == str(teacher_run / "best.pt")
+    md = (teacher_run / "best_report.md").read_text()
+    assert "| Natural |" in md
+    assert md.splitlines()[0] == f"Model cnn_small, data set fashion-mnist, weights {teacher_run / 'best.pt'}."
+    from ardir import Report
+    assert Report.from_dict(report).source == report["source"]
     assert "wrote" in capsys.readouterr().out
 
     assert run("plot", teacher_run) == 0

@@ -50,7 +50,9 @@ class Report:
         flags: the failed sanity checks (:class:`SanityFlag`); :attr:`warnings` gives their messages.
         gradient_check: counts of the gradient check (``checked``, ``zero``, ``nonfinite``).
         sanity: the settings of the sanity checks (``large_eps``, ``eps_sweep``, ``attack``, ``step_size``).
-        model, dataset: the model's class name and an optional dataset name (for the JSON).
+        model, dataset: the model's name (its :func:`ardir.models.create` name, else its class name) and the
+            dataset's, when known; both are in the Markdown caption and the JSON.
+        source: the checkpoint or weights file the model came from, when known (``ardir eval`` sets it).
         total_seconds, versions: wall time of the whole call; versions of ardir, torch, torchattacks.
 
     ``report.worst_case`` is the accuracy (%) of the per-sample AND over every attack
@@ -79,6 +81,7 @@ class Report:
     sanity: Dict[str, Any] = field(default_factory=dict)
     model: str = ""
     dataset: Optional[str] = None
+    source: Optional[str] = None
     total_seconds: float = 0.0
     versions: Dict[str, str] = field(default_factory=dict)
 
@@ -116,7 +119,11 @@ class Report:
         """A Markdown table (attack, accuracy %, settings, seconds) with a caption line and the warnings."""
         eps = self._eps_text(self.threat_model["eps"])
         norm = "L2" if self.threat_model["norm"] == "L2" else "L∞"
-        lines = [f"Robust accuracy, {norm} threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
+        what = ", ".join(part for part in (f"model {self.model}" if self.model else "",
+                                           f"data set {self.dataset}" if self.dataset else "",
+                                           f"weights {self.source}" if self.source else "") if part)
+        lines = ([what[0].upper() + what[1:] + "."] if what else []) + [
+                 f"Robust accuracy, {norm} threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
                  f"seed {self.seed}, {self.device}.", "",
                  "| Attack | Accuracy (%) | Settings | Time (s) |", "|:--|--:|:--|--:|"]
         for key, acc in self.accuracy.items():
@@ -154,7 +161,8 @@ class Report:
         """
         aa = self.accuracy.get("autoattack")
         return {
-            "name": self.model, "dataset": self.dataset, "threat_model": self.threat_model["norm"],
+            "name": self.model, "dataset": self.dataset, "source": self.source,
+            "threat_model": self.threat_model["norm"],
             "eps": self._eps_text(self.threat_model["eps"]),
             "clean_acc": f"{self.accuracy['natural']:.2f}" if "natural" in self.accuracy else None,
             "autoattack_acc": None if aa is None else f"{aa:.2f}",
@@ -195,7 +203,8 @@ class Report:
             sweep={float(e): a for e, a in record["sweep"]["accuracy"].items()},
             sweep_attack=record["sweep"]["attack"], flags=[SanityFlag(**f) for f in record["warnings"]],
             gradient_check=record["gradient_check"], sanity=record["sanity_checks"], model=record["name"],
-            dataset=record["dataset"], total_seconds=record["total_seconds"], versions=record["versions"])
+            dataset=record["dataset"], source=record.get("source"), total_seconds=record["total_seconds"],
+            versions=record["versions"])
 
     @classmethod
     def from_json(cls, text: str) -> "Report":

@@ -365,7 +365,7 @@ class _Evaluation:
             num_classes=self.num_classes, seed=s.seed, device=str(self.device), engine=s.engine,
             subset=subset_label, indices=indices, components=components, sweep=sweep_acc,
             sweep_attack=sweep_key if sweep_acc else None, gradient_check=grad if s.checks else {},
-            model=type(self.model).__name__, dataset=s.dataset,
+            model=getattr(self.model, "ardir_name", type(self.model).__name__), dataset=s.dataset,
             sanity={"large_eps": s.large_eps, "eps_sweep": s.sweep, "attack": sweep_key,
                     "step_size": f"{_fmt_eps(s.step_size)} x eps' / {_fmt_eps(s.eps)}"} if s.checks else {},
             versions=_versions())
