@@ -96,9 +96,18 @@ class Method(nn.Module):
         self.steps = non_negative_int("steps", steps)
         self.random_start = one_of("random_start", random_start or self.default_start, STARTS, "random start")
         self.attack_mode = one_of("attack_mode", attack_mode or self.default_attack_mode, MODES, "model mode")
-        self.epoch = 0  # the running epoch (0-based) and the run's length, kept up to date by the Trainer
+        self.epoch = 0  # until the Trainer calls on_epoch_start: a method used alone is at epoch 0 of its paper's run
         self.run_epochs = self.epochs
-        self.lr_scale = 1.0  # the running lr / the initial lr, kept up to date by the Trainer (MTARD's eta)
+        self.lr_scale = 1.0
+
+    def on_epoch_start(self, epoch: int, epochs: int, lr_scale: float = 1.0) -> None:
+        """Called by the Trainer before every epoch, and once when it is built (``epoch`` 0): the running epoch
+        (0-based), the run's number of epochs and the lr's factor (running lr / initial lr).
+
+        The default keeps them in :attr:`epoch`, :attr:`run_epochs` and :attr:`lr_scale`, which the methods read
+        (IAD's warm-up, MTARD's eta); a subclass overriding it calls ``super().on_epoch_start(...)``.
+        """
+        self.epoch, self.run_epochs, self.lr_scale = epoch, epochs, lr_scale
 
     def check_schedule(self, epochs: int) -> None:
         """Called by the Trainer with the run's number of epochs: warn about settings that cannot work in it."""

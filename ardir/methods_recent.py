@@ -104,10 +104,10 @@ class MTARD(Method):
     ``r_i = (L_i / L0_i) ** beta`` with L0 the two losses of the very first batch (never reset),
     ``w_nat <- w_nat - eta (w_nat - r_nat / (r_nat + r_adv))``, ``w_adv = 1 - w_nat``, starting at 0.5 / 0.5.
     ``eta`` follows the learning rate: it is multiplied by the lr's factor (``lr / initial lr``, which the Trainer
-    keeps in :attr:`lr_scale`), i.e. by 0.1 at each milestone as in the reference. The weights and L0 are buffers
-    (``nat_weight``, ``initial_losses``): saved in checkpoints and restored exactly on resume; the update stays on
-    the device (no host sync); in a process group the two losses are averaged over the processes first, so every
-    process keeps the same weights.
+    passes to :meth:`~ardir.methods.Method.on_epoch_start`), i.e. by 0.1 at each milestone as in the reference.
+    The weights and L0 are buffers (``nat_weight``, ``initial_losses``): saved in checkpoints and restored exactly
+    on resume; the update stays on the device (no host sync); in a process group the two losses are averaged over
+    the processes first, so every process keeps the same weights.
     Schedule: 300 epochs, lr x0.1 at 215, 260 and 285 (as RSLAD); weight decay 2e-4.
 
     Arguments:
