@@ -49,6 +49,7 @@ SCRIPT = "benchmarks/reproduce.py"
 METRICS = ("natural", "fgsm", "pgd20", "cw20", "cw30", "autoattack")
 HEADERS = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "cw20": "CW∞-20", "cw30": "CW∞-30",
            "autoattack": "AutoAttack"}
+L2_HEADERS = {**HEADERS, "fgsm": "FGM", "cw20": "CW₂-20", "cw30": "CW₂-30"}  # the same attacks under L2
 ALL_METHODS = ("natural", "at", "trades", "ard", "iad", "rslad", "ardir")
 RECENT_METHODS = ("adaad", "mtard")  # the baselines recent papers add (MTARD needs a natural teacher too)
 ROW_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -102,6 +103,7 @@ class Suite:
     checks: bool = True  # evaluate()'s gradient-masking sanity checks on every row
     teacher_attacks: Optional[Tuple[str, ...]] = None  # the teacher's row (no AutoAttack); None: as the students'
     natural_teacher: Optional[str] = None  # MTARD's naturally trained teacher (a spec); None: --natural-teacher
+    norm: str = "linf"  # the threat model of training and evaluation ("linf" or "l2"; eps is a radius in it)
     notes: Tuple[str, ...] = ()
 
 
@@ -199,6 +201,24 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "Δ vs AT: the row's accuracy under the table's strongest attack (AutoAttack where measured, "
                  "else CW∞-30) minus AT's, paired by seed (same data subset and order), mean ± std over the "
                  "seeds.")),
+    Suite(name="fashion-mnist-l2", dataset="fashion-mnist", results_name="fashion_mnist_l2", num_classes=10, in_chans=1,
+          norm="l2", eps=1.5, step_size=0.375, steps=10, eval_step_size=0.375,
+          teacher_model="cnn_xlarge", teacher_method="at", teacher_epochs=None,
+          teacher_spec="fashion-mnist:cnn_xlarge-at",
+          students=("cnn_small",), methods=("at", "ardir"), epochs=10, lr=0.05, batch_size=128,
+          train_size=5000, attacks=("natural", "fgsm", "pgd20", "cw30"), eval_size=1000, aa_size=0,
+          seeds=(0,), checks=False,
+          notes=("The L2 threat model, a mini-table: AT and ARDIR, one seed, otherwise the fashion-mnist suite's "
+                 "protocol (the same 5,000 training images, 10 epochs, lr 0.05, the shipped teacher).",
+                 "eps = 1.5 in L2 on 28x28 images in [0, 1]: the MNIST L2 radius of Schott et al. (ICLR 2019, "
+                 "'Towards the first adversarially robust neural network model on MNIST'). For scale, the L-inf "
+                 "suite's 0.1 on every pixel is an L2 length of 2.8. Training PGD-10 with step 2.5·eps/10 = "
+                 "0.375 along the normalised gradient; evaluation FGM, PGD-20 and CW₂-30 (the CW margin loss "
+                 "under L2 PGD) with step eps/4 = 0.375, on a fixed random 1,000 test images (seed 0).",
+                 "The teacher is the shipped L-inf teacher (no L2 teacher is shipped): what it hands down was "
+                 "learnt under another threat model. Its row is measured here, under L2, on the same 1,000 images.",
+                 "No AutoAttack: ardir's engine is L-inf only, and the official L2 AutoAttack (engine='official') "
+                 "costs hours on two CPU cores; the Δ column pairs CW₂-30.")),
     Suite(name="fashion-mnist-same-data", dataset="fashion-mnist", results_name="fashion_mnist_same_data", num_classes=10, in_chans=1,
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
@@ -278,7 +298,7 @@ def resolve(suite: Suite, args: argparse.Namespace) -> Dict[str, Any]:
         "teacher_attacks": list(suite.teacher_attacks) if suite.teacher_attacks else None,
         "method_kwargs": suite.method_kwargs, "precision": args.precision,
         "in_chans": suite.in_chans, "num_classes": suite.num_classes,
-        "natural_teacher": pick(args.natural_teacher, suite.natural_teacher),
+        "natural_teacher": pick(args.natural_teacher, suite.natural_teacher), "norm": suite.norm,
     }
 
 
@@ -306,9 +326,15 @@ def row_key(settings: Dict[str, Any]) -> Dict[str, Any]:
     return _jsonable({k: v for k, v in settings.items() if k not in NOT_IN_ROW_KEY})
 
 
+ADDED_SETTINGS = {"norm": "linf"}
+"""Settings added after rows were recorded, with the value those rows ran with."""
+
+
 def stored_key(rec: Dict[str, Any]) -> Dict[str, Any]:
-    """A row JSON's settings as ``row_key`` makes them (rows written before it left out the AutoAttack size)."""
-    return {k: v for k, v in rec.get("settings", {}).items() if k not in NOT_IN_ROW_KEY}
+    """A row JSON's settings as ``row_key`` makes them (rows written before it left out the AutoAttack size, and
+    lack the settings added since, :data:`ADDED_SETTINGS`)."""
+    stored = {k: v for k, v in rec.get("settings", {}).items() if k not in NOT_IN_ROW_KEY}
+    return {**ADDED_SETTINGS, **stored} if stored else stored
 
 
 def autoattack_size(rec: Dict[str, Any]) -> Optional[int]:
@@ -355,6 +381,8 @@ def shown_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str,
 
 def method_arguments(settings: Dict[str, Any], method: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
+    if settings.get("norm", "linf") != "linf":
+        kwargs["norm"] = settings["norm"]
     method, row_extra = base_method(method)
     if method == "mtard":
         kwargs["natural_teacher"] = settings.get("natural_teacher")
@@ -448,7 +476,7 @@ def _evaluate(model: torch.nn.Module, settings: Dict[str, Any], loader, progress
     return ardir.evaluate(model, loader, attacks=tuple(attacks), n_examples=n, subset="random" if n else "first",
                           eps=settings["eps"], step_size=settings["eval_step_size"], seed=settings["eval_seed"],
                           progress=progress, warn=False, checks=settings["checks"], dataset=settings["dataset"],
-                          batch_size=EVAL_BATCH)
+                          batch_size=EVAL_BATCH, norm=settings.get("norm", "linf"))
 
 
 def evaluate_model(model: torch.nn.Module, settings: Dict[str, Any], test_loader, progress: bool) -> Dict[str, Any]:
@@ -560,7 +588,7 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     if teacher is None and _needs_teacher(job):
         teacher, _ = get_teacher(settings, teacher_dir, args.data_dir, device, False, lambda msg: None)
     key = row_key(settings)
-    if method == "teacher" and settings["teacher"] and zoo.is_shipped(settings["teacher"]):
+    if method == "teacher" and uses_manifest(settings):
         rec = shipped_teacher_row(settings["teacher"], student)
         rec["settings"] = key
     elif method == "teacher":
@@ -592,6 +620,11 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
     rec["torch_threads"] = torch.get_num_threads()
     atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
     return rec
+
+
+def uses_manifest(settings: Dict[str, Any]) -> bool:
+    """Whether the teacher's row is its shipped manifest's (measured once, under L-inf) rather than measured here."""
+    return bool(settings["teacher"]) and zoo.is_shipped(settings["teacher"]) and settings.get("norm", "linf") == "linf"
 
 
 def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
@@ -831,6 +864,7 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     first = {name: i for i, name in enumerate(students)}
     rows = sorted(rows, key=lambda r: (first.get(r["student"], len(first)), r["student"], rank.get(r["method"], 99),
                                        r["variant"] or ""))
+    names = L2_HEADERS if meta.get("settings", {}).get("norm") == "l2" else HEADERS
     lines = [f"# {title}", ""]
     if meta.get("partial"):
         lines += [f"**PARTIAL run** — {len(meta['partial'])} rows of this command have not run yet (the table "
@@ -849,11 +883,11 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     lines.append("")
     head = ["Student", "Variant" if variant_column else "Method", "Seeds"]
     for m in metrics:
-        head.append(f"{HEADERS[m]} (ours)" if published is not None else HEADERS[m])
+        head.append(f"{names[m]} (ours)" if published is not None else names[m])
         if published is not None and m in _P:
-            head.append(f"{HEADERS[m]} (paper)")
+            head.append(f"{names[m]} (paper)")
     deltas = [m for m in STRENGTH if any(m in r.get("deltas", {}) for r in rows)]
-    head += [f"Δ {'AA' if m == 'autoattack' else HEADERS[m]} vs AT" for m in deltas]
+    head += [f"Δ {'AA' if m == 'autoattack' else names[m]} vs AT" for m in deltas]
     head += ["Train (s)", "Eval (s)", "Rerun this row"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 4) + [":--"]) + "|"]
     for r in rows:
@@ -1036,7 +1070,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     published = PUBLISHED.get(suite.name)
     metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
     title = (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
-        f" (L∞, ε = {_fmt_eps(suite.eps)})" + (", scored on a validation split" if args.ablation else "")
+        f" ({'L2' if suite.norm == 'l2' else 'L∞'}, ε = {_fmt_eps(suite.eps)})" + \
+        (", scored on a validation split" if args.ablation else "")
     if args.ablation:
         meta["notes"].insert(0, f"Every variant is trained on {settings['train_size'] or 'all'} training images and "
                                 f"scored on {VALIDATION_SIZE} others held out of the training set (seeded; seed 0 "
@@ -1046,7 +1081,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def describe_teacher():  # read again at every write: a worker may have trained it meanwhile
         if settings["teacher"] and zoo.is_shipped(settings["teacher"]):
-            meta["teacher"] = teacher_summary(settings["teacher"])
+            meta["teacher"] = teacher_summary(settings["teacher"]) + (
+                "" if uses_manifest(settings) else "; those are its manifest's L∞ numbers, its row below is measured "
+                                                   "here under L2")
         elif settings["teacher"]:
             meta["teacher"] = f"{settings['teacher']}"
         else:
@@ -1112,8 +1149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pending: List[Tuple[Path, str, str, int, Optional[str]]] = []  # (path, student, method, seed, variant)
     if not args.no_teacher_eval and not args.ablation:
         rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
-        shipped = bool(settings["teacher"]) and zoo.is_shipped(settings["teacher"])
-        measures_aa = not (shipped or settings["teacher_attacks"])  # else its row never has this AutoAttack
+        measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
         if rec is None or stored_key(rec) != key or (missing_autoattack(rec, settings) and measures_aa):
             pending.append((teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None))
     for student, method, seed, variant in jobs:

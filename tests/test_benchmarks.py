@@ -62,7 +62,8 @@ def test_write_table_markdown_and_json(reproduce, tmp_path):
 
 
 def test_suites_registry_and_departures(reproduce):
-    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist", "fashion-mnist-same-data"}
+    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist", "fashion-mnist-same-data", "fashion-mnist-l2"}
+    assert reproduce.SUITES["fashion-mnist-l2"].norm == "l2" and reproduce.SUITES["fashion-mnist"].norm == "linf"
     fm = reproduce.SUITES["fashion-mnist"]
     assert fm.eps == 0.1 and len(fm.seeds) >= 3 and set(fm.methods) == set(reproduce.ROW_NAMES) - {"ardir-ce0"}
     assert fm.teacher_spec == "fashion-mnist:cnn_xlarge-at"  # the teacher knows more: the shipped one
@@ -433,3 +434,24 @@ def test_train_teacher_adds_autoattack_to_the_shipped_manifest(tmp_path, monkeyp
     assert "--autoattack-only --aa-size 4" in ev["autoattack_made_by"]["command"]
     with pytest.raises(SystemExit):
         module.main(["--autoattack-only", "--aa-size", "0"])
+
+
+def test_the_l2_suite_trains_and_evaluates_under_l2(reproduce, tmp_path):
+    """fashion-mnist-l2: the rows' methods and attacks run under L2 (FGM, L2 PGD, CW₂), the table says so, and
+    the shipped (L-inf) teacher's row is measured under L2 instead of copied from its manifest."""
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-l2", "--methods", "at")
+    md, record = _table(out / "fashion_mnist_l2.md")
+    assert md.startswith("# Robust distillation, fashion-mnist-l2 (L2, ε = 1.5)")
+    assert "| FGM | PGD-20 | CW₂-30 | Δ CW₂-30 vs AT |" in md and "measured here under L2" in md
+    at = json.loads((runs / "cnn_small__at__seed0.json").read_text())
+    assert at["method_kwargs"]["norm"] == "l2" and at["method_config"]["norm"] == "l2"
+    teacher = json.loads((runs / "teacher_eval.json").read_text())
+    assert "command" in teacher and teacher["command"].startswith("(trained")  # evaluated here, not the manifest's
+
+
+def test_rows_recorded_before_a_setting_existed_keep_their_meaning(reproduce):
+    """A row JSON written before the suites had a norm ran under L-inf: it matches an L-inf run's key, not L2's."""
+    linf = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    old = {"settings": {k: v for k, v in reproduce.row_key(linf).items() if k != "norm"}}
+    assert reproduce.stored_key(old) == reproduce.row_key(linf)
+    assert reproduce.stored_key(old) != reproduce.row_key(dict(linf, norm="l2"))
