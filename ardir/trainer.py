@@ -1,11 +1,13 @@
-"""The training loop: one trainer runs every method (AT, TRADES, ARD, IAD, RSLAD, ARDIR, natural)."""
+"""The training loop: one trainer runs every method (AT, TRADES, ARD, IAD, RSLAD, ARDIR, natural).
+
+The Trainer wires its collaborators (:mod:`ardir.train`) and runs the loop: the argument checks and defaults are
+in :mod:`ardir.train.checks`, one optimiser step and the NaN/Inf policy in :mod:`ardir.train.step`, where the run
+stands (counters, random states, every process's share of a checkpoint) in :mod:`ardir.train.state`.
+"""
 from __future__ import annotations
 
-import collections.abc
-import contextlib
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -14,60 +16,23 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import (batch_tensors, check_batch, label_range, logits_of, non_negative, non_negative_int, one_of,
-                      positive, positive_int)
-from .attacks import PGD, compile_for_attack, model_mode
-from .checkpoint import (FORMAT, VERSION, CheckpointError, Checkpointer, PathLike, find_resumable, generator_states,
-                         load_checkpoint, rng_state, set_generator_states, set_rng_state)
-from .methods import Method, create_method
+from ._checks import non_negative_int, one_of, positive_int
+from .attacks import PGD, compile_for_attack
+from .checkpoint import FORMAT, VERSION, PathLike
+from .methods import Method
+from .train import checks
+from .train.checks import NAN_POLICIES, PRECISIONS
+from .train.state import TrainState, check_trainer_state, resume_from
+from .train.step import Stepper, grad_scaler, new_fault
+from .train.validate import accuracies
 
 Callback = Callable[["Trainer", Dict[str, Any]], None]
-PRECISIONS = ("fp32", "bf16", "fp16")
-NAN_POLICIES = ("stop", "skip")
 
 
-def _images_labels(batch: Any, loader: str):
-    """A loader's ``(images, labels)`` batch, or an error saying what the trainer expects."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch
-    what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else \
-        f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-    raise TypeError(f"{loader} must yield (images, labels) batches, got {what}: wrap the dataset so that each item "
-                    "is (image, label)")
-
-
-def _probe(name: str, model: nn.Module, images: torch.Tensor) -> int:
-    """The number of classes ``model`` predicts on a sample batch (see :func:`~ardir._checks.logits_of`)."""
-    with model_mode(model, "eval"):
-        return int(logits_of(name, model, images).shape[1])
-
-
-def _built(argument: str, factory: Any, given: Any, kind: type, example: str) -> Any:
-    """``factory(given)``, refusing an already built object (a common slip) with an example of a factory."""
-    if isinstance(factory, kind) or not callable(factory):
-        raise TypeError(f"{argument} must be a factory, e.g. {example}; got {type(factory).__name__} (the trainer "
-                        "builds it, so that it covers the ARDIR adapters too and can be restored on resume)")
-    return factory(given)
-
-
-def _milestones(milestones: Any, epochs: int) -> List[int]:
-    """Epoch numbers 1 .. epochs, increasing; fractions of the schedule are refused (they would never be reached)."""
-    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, collections.abc.Iterable):
-        raise TypeError(f"milestones={milestones!r} must be a list of epoch numbers, e.g. [100, 150]")
-    values = list(milestones)
-    if any(isinstance(m, float) and 0 < m < 1 for m in values):
-        raise ValueError(f"milestones={values} look like fractions of the schedule; give epoch numbers, e.g. "
-                         f"{[max(1, round(m * epochs)) if isinstance(m, float) and 0 < m < 1 else m for m in values]}")
-    values = [positive_int("milestones", m) for m in values]
-    if epochs and any(m > epochs for m in values):
-        warnings.warn(f"milestones {[m for m in values if m > epochs]} lie after the last epoch ({epochs}); the lr "
-                      "never drops there", stacklevel=3)
-    return sorted(values)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+def _kept(owner: str, name: str, doc: str) -> property:
+    """A Trainer attribute kept by one of its collaborators (``owner``: ``"state"`` or ``"stepper"``)."""
+    return property(lambda self: getattr(getattr(self, owner), name),
+                    lambda self, value: setattr(getattr(self, owner), name, value), doc=doc)
 
 
 class Trainer:
@@ -137,30 +102,12 @@ class Trainer:
                  compile: bool = False, checkpoint_dir: Optional[PathLike] = None,
                  checkpoint_every_steps: Optional[int] = None, keep_last: int = 2, nan_policy: str = "stop",
                  **method_kwargs):
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
-        if teacher is student:
-            raise ValueError("teacher is student: pass the frozen robust teacher and a separate student model")
-        if not any(p.requires_grad for p in student.parameters()):
-            raise ValueError("student has no trainable parameters (requires_grad is False everywhere): pass the "
-                             "model to train, not a frozen one")
-        self.method = self._build_method(method or self.default_method, method_kwargs)
-        if self.preset and self.method.name != self.default_method:
-            raise TypeError(f"{type(self).__name__} always trains {self.default_method!r}; for "
-                            f"{self.method.name!r} use ardir.Trainer(..., method={self.method.name!r})")
-        if self.method.needs_teacher and teacher is None:
-            raise ValueError(f"method {self.method.name!r} distils from a teacher: pass teacher=<a robust model>")
-        if teacher is not None and not self.method.needs_teacher:
-            warnings.warn(f"method {self.method.name!r} uses no teacher; the teacher passed is ignored",
-                          stacklevel=2)
-            teacher = None  # left as it was: not frozen, not converted to channels-last
+        checks.check_student(student, teacher)
+        self.method, teacher = checks.method_and_teacher(type(self), method, method_kwargs, teacher)
         self.student = student
-        self.device = _model_device(student)
-        devices = sorted({str(t.device) for t in (*student.parameters(), *student.buffers())})
-        if len(devices) > 1:
-            raise ValueError(f"student has parameters or buffers on several devices ({', '.join(devices)}): move "
-                             f"it to one device first, e.g. student.to({str(self.device)!r})")
-        self.teacher = self._freeze(teacher) if teacher is not None else None
+        self.device = checks.model_device(student)
+        checks.check_one_device(student, self.device)
+        self.teacher = checks.freeze(teacher, self.device) if teacher is not None else None
         self.precision = one_of("precision", precision, PRECISIONS, "precision")
         self.channels_last = (self.device.type in ("cuda", "cpu") if channels_last is None
                               else bool(channels_last))
@@ -168,7 +115,7 @@ class Trainer:
             for model in (student, self.teacher):
                 if model is not None:
                     model.to(memory_format=torch.channels_last)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        scaler = grad_scaler(self.precision, self.device)
         self.world_size = distributed.world_size()
         self.is_main = distributed.is_main_process()
         if self.world_size > 1:  # a plain DataLoader: each process takes its share of every global batch
@@ -179,27 +126,13 @@ class Trainer:
         self.val_attack_steps = non_negative_int("val_attack_steps", val_attack_steps)
         self.limit_batches = None if limit_batches is None else positive_int("limit_batches", limit_batches)
         self.progress = progress
-        if callable(callbacks) or isinstance(callbacks, (str, bytes)):
-            raise TypeError("callbacks must be a list of functions fn(trainer, record); for one, pass [fn]")
-        self.callbacks = list(callbacks)
-        for callback in self.callbacks:
-            if not callable(callback):
-                raise TypeError(f"callbacks: {callback!r} is not callable; each callback is fn(trainer, record)")
+        self.callbacks = checks.check_callbacks(callbacks)
         self.epochs = self.method.epochs if epochs is None else non_negative_int("epochs", epochs)
-        self.method.run_epochs = self.epochs
+        self.state = TrainState()
+        self.method.on_epoch_start(self.epoch, self.epochs)  # the run's length is known before the first epoch
         self.method.check_schedule(self.epochs)
-        self.epoch = 0
-        self.step = 0
-        self.history: List[Dict[str, Any]] = []
-        self.nan_policy = one_of("nan_policy", nan_policy, NAN_POLICIES, "NaN policy")
-        keep_last = positive_int("keep_last", keep_last)  # checked even without checkpoint_dir: a typo is a typo
-        if checkpoint_every_steps is not None:
-            checkpoint_every_steps = positive_int("checkpoint_every_steps", checkpoint_every_steps)
-            if checkpoint_dir is None:
-                raise ValueError("checkpoint_every_steps needs checkpoint_dir=<a directory> to write the checkpoints "
-                                 "to")
-        self.checkpointer = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, keep_last,
-                                                                               checkpoint_every_steps)
+        nan_policy = one_of("nan_policy", nan_policy, NAN_POLICIES, "NaN policy")
+        self.checkpointer = checks.build_checkpointer(checkpoint_dir, keep_last, checkpoint_every_steps)
         self.last_checkpoint: Optional[Path] = None
         # Rank 0 writes checkpoints, but every process must join in gathering its share of one; so they all follow
         # rank 0's settings (a checkpoint_dir given to rank 0 alone is fine): when mid-epoch checkpoints are due,
@@ -207,15 +140,9 @@ class Trainer:
         every = self.checkpointer.every_steps if self.checkpointer is not None else None
         saves = self.checkpointer is not None or bool(self.callbacks)
         self._every_steps, self._saves_epochs = distributed.all_gather_object((every, saves))[0]
-        self._progress: Optional[Dict[str, Any]] = None  # the running epoch's accumulators, while it runs
-        self._ranks: Optional[List[Dict[str, Any]]] = None  # every process's own state, gathered for a checkpoint
-        self._epoch_rng: Optional[Dict[str, Any]] = None  # random states at the start of the running epoch
-        self._pending: Optional[Dict[str, Any]] = None  # a mid-epoch checkpoint loaded, replayed by train_epoch
-        self._fault = self._new_fault()
-        self._host_checks = self.device.type == "cpu"  # else device-side flags: no host sync per step
 
-        sample = self._sample_batch()
-        self.num_classes = self._check_models(sample)
+        sample = checks.sample_batch(self.train_loader, self.device)
+        self.num_classes = checks.count_classes(student, self.teacher, sample)
         self.method.setup(student, self.teacher, sample)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -227,150 +154,26 @@ class Trainer:
         if compile:
             compile_for_attack(student)
         params = list(student.parameters()) + list(self.method.parameters())
-        self._trained_params = params
-        if optimizer is not None:
-            self.optimizer = _built("optimizer", optimizer, params, torch.optim.Optimizer,
-                                    "lambda params: torch.optim.Adam(params, lr=1e-3)")
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=positive("lr", lr), momentum=non_negative("momentum", momentum),
-                                             weight_decay=non_negative("weight_decay", weight_decay))
-        if scheduler is not None:
-            self.scheduler = _built("scheduler", scheduler, self.optimizer, torch.optim.lr_scheduler.LRScheduler,
-                                    "lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 200)")
-        else:
-            if milestones is None:
-                milestones = sorted({max(1, round(f * self.epochs)) for f in self.method.milestones})
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                self.optimizer, _milestones(milestones, self.epochs), positive("lr_gamma", lr_gamma))
+        built = checks.build_optimizer(optimizer, params, lr, momentum, weight_decay)
+        self.stepper = Stepper(built, params, scaler, self.device, self.precision, nan_policy, self.world_size,
+                               self._last_good)
+        self.scheduler = checks.build_scheduler(scheduler, built, milestones, lr_gamma, self.epochs, self.method)
 
-    # ---------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _build_method(method: Union[str, Method], kwargs: Dict[str, Any]) -> Method:
-        if isinstance(method, Method):
-            if kwargs:
-                raise TypeError(f"method is already built; pass {sorted(kwargs)} to its constructor instead")
-            return method
-        if not isinstance(method, str):
-            raise TypeError(f"method must be a name or an ardir.methods.Method, got {type(method).__name__}")
-        return create_method(method, **kwargs)
+    # Where a run stands lives in ``state`` and the step's settings in ``stepper``; these read and write there.
+    epoch = _kept("state", "epoch", "Epochs finished (the running epoch's 0-based number while it runs).")
+    step = _kept("state", "step", "Optimiser steps taken.")
+    history = _kept("state", "history", "The finished epochs' records.")
+    optimizer = _kept("stepper", "optimizer", "The optimiser (SGD by default, or the ``optimizer`` factory's).")
+    nan_policy = _kept("stepper", "nan_policy", '``"stop"`` or ``"skip"`` (see the class documentation).')
+    scaler = property(lambda self: self.stepper.scaler, doc="The fp16 gradient scaler, None for fp32 and bf16.")
+    _host_checks = _kept("stepper", "host_checks", "True: check each step on the host (the CPU), at no cost.")
+    _fault = _kept("stepper", "fault", "The running epoch's fault record (see ardir.train.step).")
+    _pending = _kept("state", "pending", "A loaded mid-epoch checkpoint, continued by the next epoch.")
+    _new_fault = staticmethod(new_fault)
 
-    def _freeze(self, teacher: nn.Module) -> nn.Module:
-        if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-        if _model_device(teacher) != self.device:
-            raise ValueError(f"teacher is on {_model_device(teacher)} but student on {self.device}: "
-                             f"move both to one device (teacher.to({str(self.device)!r}))")
-        if teacher.training:
-            warnings.warn("teacher was in train mode; switched to eval mode (a teacher's BatchNorm must not move)",
-                          stacklevel=3)
-        teacher.eval()
-        trainable = [p for p in teacher.parameters() if p.requires_grad]
-        if trainable:
-            warnings.warn(f"teacher had {len(trainable)} trainable parameter tensors; froze them "
-                          "(requires_grad=False)", stacklevel=3)
-            for p in trainable:
-                p.requires_grad_(False)
-        return teacher
-
-    def _sample_batch(self) -> torch.Tensor:
-        """A couple of images for shape probing, taken without touching the global RNG (the data order)."""
-        if isinstance(self.train_loader, collections.abc.Iterator):
-            raise TypeError(f"train_loader is a one-shot iterator ({type(self.train_loader).__name__}): the trainer "
-                            "iterates it once per epoch; pass a DataLoader or a list of (images, labels) batches")
-        dataset = getattr(self.train_loader, "dataset", None)
-        try:
-            if len(self.train_loader) == 0:
-                raise ValueError("train_loader is empty: it yields no batch (check the dataset and drop_last)")
-        except TypeError:
-            pass
-        with torch.random.fork_rng(devices=[]):
-            if dataset is not None and len(dataset) > 0:
-                images = torch.stack([torch.as_tensor(_images_labels(dataset[i], "train_loader")[0])
-                                      for i in range(min(2, len(dataset)))])
-            else:
-                first = next(iter(self.train_loader), None)
-                if first is None:
-                    raise ValueError("train_loader is empty: it yields no batch (check the dataset and drop_last)")
-                images = _images_labels(first, "train_loader")[0][:2]
-        return images.to(self.device)
-
-    def _check_models(self, images: torch.Tensor) -> int:
-        batch_tensors("the training images", images)
-        num_classes = _probe("student", self.student, images)
-        if self.teacher is not None:
-            t_classes = _probe("teacher", self.teacher, images)
-            if t_classes != num_classes:
-                raise ValueError(f"teacher predicts {t_classes} classes but student {num_classes}: "
-                                 "distillation needs the same label space")
-        return num_classes
-
-    def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        check_batch("the first training batch", images, labels, self.num_classes, "student")
-
-    def _checked_batch(self, batch: Any, index: int):
-        """Batch ``index`` of the epoch on the device, checked cheaply: tensors of the right dtypes (metadata only,
-        every batch), labels in range (host values on the CPU; on an accelerator a device flag read with the NaN
-        checks, so no host sync per batch) and, for the first batch, the pixel range."""
-        images, labels = _images_labels(batch, "train_loader")
-        what = f"training batch {index + 1} of epoch {self.epoch + 1}"
-        batch_tensors(what, images, labels)
-        on_host = labels.device.type == "cpu"
-        if on_host or self._host_checks:  # host values already: checking costs no device sync
-            label_range(what, labels, self.num_classes, "student")
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if not (on_host or self._host_checks):  # a loader yielding device tensors (ardir.gpu_data)
-            labels = self._flag_bad_labels(labels, index)
-        if self.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if index == 0:
-            self._check_batch(images, labels)
-        return images, labels
-
-    def _flag_bad_labels(self, labels: torch.Tensor, index: int) -> torch.Tensor:
-        """Record on the device the first batch with a label out of range (read by :meth:`_check_faults`) and
-        return the labels with those set to 0, so that the loss kernels stay in bounds until the flag is read."""
-        valid = (labels >= 0) & (labels < self.num_classes)
-        current = torch.as_tensor(self._fault.get("bad_label_batch", -1), device=labels.device)
-        self._fault["bad_label_batch"] = torch.where(~valid.all() & (current < 0), index + 1, current)
-        return labels.masked_fill(~valid, 0)
-
-    def _state_buffers(self) -> List[torch.Tensor]:
-        """Every buffer a forward may write: the student's (BatchNorm statistics, counters) and the method's."""
-        return [b for b in (*self.student.buffers(), *self.method.buffers()) if isinstance(b, torch.Tensor)]
-
-    def _snapshot_buffers(self):
-        """Copies of the buffers before a batch (small next to the activations), for ``nan_policy="skip"``."""
-        return [(b, b.detach().clone()) for b in self._state_buffers()]
-
-    @staticmethod
-    def _restore_buffers(saved, ok) -> None:
-        """Put the buffers back as they were before a skipped batch; on an accelerator ``ok`` is a device flag and
-        the choice is made on the device (no host sync)."""
-        if ok is True:
-            return
-        with torch.no_grad():
-            for buffer, before in saved:
-                buffer.copy_(before if ok is False else torch.where(ok.to(buffer.device), buffer, before))
-
-    def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the first parameter, buffer or optimiser state holding a NaN or an
-        Inf (and the last good checkpoint); called before any checkpoint is written, so none ever holds one."""
-        from ._safety import first_non_finite
-        bad = first_non_finite({"student": self.student.state_dict(), "method": self.method.state_dict(),
-                                "optimizer": self.optimizer.state_dict()})
-        if bad is None:
-            return
-        raise FloatingPointError(
-            f"{bad} holds non-finite values (NaN or Inf) after epoch {self.epoch}, step {self.step}, although every "
-            f"loss and gradient norm was finite (an update overflowed); no checkpoint was written with it; "
-            f"{self._last_good()}. Lower the learning rate or check the loss weights")
-
-    def _last_good(self) -> str:
-        return (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
-                if self.last_checkpoint is not None else
-                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
-                "after every epoch)")
+    def autocast(self):
+        """The context the method runs in: ``torch.autocast`` for ``precision="bf16"``/``"fp16"``, else nothing."""
+        return self.stepper.autocast()
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> List[Dict[str, Any]]:
@@ -384,296 +187,135 @@ class Trainer:
             self.history.append(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_natural", "val_pgd")})
             if self.world_size > 1 and self._saves_epochs:  # what rank 0's checkpoints carry for the others
-                self._ranks = self._rank_states(None)
+                shares = self.state.gather_shares(self.train_loader, self.student, None)
+                self.state.ranks = shares if self.is_main else None
             for callback in self.callbacks if self.is_main else ():  # rank 0 logs and writes files
                 callback(self, record)
             if self.checkpointer is not None and self.is_main:
                 self.save_checkpoint()
         return self.history
 
-    def _rank_states(self, progress: Optional[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
-        """Every process's own share of a checkpoint, gathered (a collective: all processes call it): its random
-        states, BatchNorm statistics and, mid-epoch, its partial sums. A resume hands each process its own."""
-        def cpu(value):
-            if isinstance(value, torch.Tensor):
-                return value.detach().cpu()
-            if isinstance(value, dict):
-                return {k: cpu(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return type(value)(cpu(v) for v in value)
-            return value
-        mine = {"rng": self._rng_state(), "buffers": dict(self.student.named_buffers()), "progress": progress,
-                "epoch_rng": self._epoch_rng if progress is not None else None}
-        shares = distributed.all_gather_object(cpu(mine))
-        return shares if self.is_main else None
-
-    def autocast(self):
-        """The context the method runs in: ``torch.autocast`` for ``precision="bf16"``/``"fp16"``, else nothing."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def train_epoch(self) -> Dict[str, Any]:
         """One pass over ``train_loader``; returns the epoch's record (mean loss terms, lr, time, images/s)."""
-        self.method.epoch, self.method.run_epochs = self.epoch, self.epochs  # epochs may be changed after __init__
-        self.student.train()
+        lr = self._begin_epoch()
+        start = time.perf_counter()
+        total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
+        if self.limit_batches is not None:
+            total = self.limit_batches if total is None else min(total, self.limit_batches)
+        bar = tqdm(self.state.epoch_batches(self.train_loader), desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   total=total, initial=self.state.batches, leave=False, unit="batch",
+                   disable=None if self.progress and self.is_main else True)
+        for batch in bar:
+            if self.limit_batches is not None and self.state.batches >= self.limit_batches:
+                break
+            loss = self._train_batch(batch)
+            self._after_step(total)  # mid-epoch checkpoint when due
+            if self.state.batches % 20 == 1:
+                self._check_faults()
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        if self.state.batches == 0:
+            raise ValueError("train_loader yielded no batch this epoch")
+        if self.world_size > 1:  # the epoch's mean over all processes; one model everywhere
+            distributed.average_buffers(self.student)
+            self.state.all_reduce(self.device, self.stepper.fault)
+        return self._end_epoch(lr, time.perf_counter() - start)
+
+    def _train_batch(self, batch: Any) -> torch.Tensor:
+        """One optimiser step on one batch; returns its loss."""
+        index = self.state.batches
+        images, labels = self._checked_batch(batch, index)
+        saved = self.stepper.snapshot(self.student, self.method)  # under nan_policy="skip": undone if skipped
+        with self.autocast():
+            terms = self.method(self.student, images, labels, self.teacher)
+            loss = sum(terms.values())
+        self.stepper.backward(loss)
+        ok = self._guard_step(loss, terms, index, len(labels))  # gradient norm, NaN/Inf check
+        self.stepper.apply(ok, saved)
+        self.state.add(loss, terms, ok, len(labels))
+        self.step += 1
+        return loss
+
+    def _begin_epoch(self) -> float:
+        """Tell the method, the loader and the state that an epoch starts; returns its lr."""
         lr = self.optimizer.param_groups[0]["lr"]
-        self.method.lr_scale = lr / self.optimizer.param_groups[0].get("initial_lr", lr)  # MTARD's eta follows it
+        # epochs may be changed after __init__; MTARD's eta follows the lr
+        self.method.on_epoch_start(self.epoch, self.epochs, lr / self.optimizer.param_groups[0].get("initial_lr", lr))
+        self.student.train()
         for obj in (self.train_loader, getattr(self.train_loader, "sampler", None)):
             if hasattr(obj, "set_epoch"):  # DistributedSampler, GPULoader: a new shuffle every epoch
                 obj.set_epoch(self.epoch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        sums, seen, batches = self._begin_epoch()  # fresh, or the accumulators of a mid-epoch checkpoint
-        start = time.perf_counter()
-        total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
-        if self.limit_batches is not None:
-            total = self.limit_batches if total is None else min(total, self.limit_batches)
-        bar = tqdm(self._epoch_batches(batches), desc=f"epoch {self.epoch + 1}/{self.epochs}", total=total,
-                   initial=batches, leave=False,
-                   unit="batch", disable=None if self.progress and self.is_main else True)
-        for batch in bar:
-            if self.limit_batches is not None and batches >= self.limit_batches:
-                break
-            images, labels = self._checked_batch(batch, batches)
-            saved = self._snapshot_buffers() if self.nan_policy == "skip" else None
-            with self.autocast():
-                terms = self.method(self.student, images, labels, self.teacher)
-                loss = sum(terms.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            if self.world_size > 1:
-                distributed.all_reduce_gradients(self._trained_params)
-            ok = self._guard_step(loss, terms, batches, len(labels))  # gradient norm, NaN/Inf check
-            if saved is not None:
-                self._restore_buffers(saved, ok)  # a skipped batch leaves no trace: BatchNorm statistics included
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            for name, value in [("loss", loss), *terms.items()]:
-                value = _where_ok(ok, value.detach()) * len(labels)
-                sums[name] = sums[name] + value if name in sums else value
-            seen += len(labels)
-            batches += 1
-            self.step += 1
-            self._after_step(sums, seen, batches, total)  # mid-epoch checkpoint when due
-            if batches % 20 == 1:
-                self._check_faults()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
-        if batches == 0:
-            raise ValueError("train_loader yielded no batch this epoch")
-        if self.world_size > 1:  # the epoch's mean over all processes; one model everywhere
-            distributed.average_buffers(self.student)
-            names = list(sums)
-            counts = [torch.as_tensor(n, device=self.device).float().reshape(())
-                      for n in (seen, self._fault["skipped_images"])]
-            totals = distributed.all_reduce_sum(torch.stack([sums[k].float() for k in names] + counts))
-            sums, seen = dict(zip(names, totals[:-2])), int(totals[-2])
-            self._fault["skipped_images"] = totals[-1]  # skipped images of every process, as seen counts them
-        seconds = time.perf_counter() - start
+        # fresh, or the accumulators and fault record of a mid-epoch checkpoint
+        self.stepper.start_epoch(self.epoch, self.state.begin_epoch(self.train_loader, self.device))
+        return lr
+
+    def _end_epoch(self, lr: float, seconds: float) -> Dict[str, Any]:
+        """Step the schedule, count the epoch and return its record (one host sync)."""
         self.scheduler.step()
         self.epoch += 1
+        seen = self.state.seen
         record = {"epoch": self.epoch, "lr": lr, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         if self.device.type == "cuda":
             record["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        record.update(self._end_epoch(sums, seen))  # mean terms over the batches not skipped, grad_norm
+        self._check_faults()
+        record.update(self.stepper.summary(self.state.sums, seen, self.epoch))  # means over the kept batches
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"mean loss of epoch {self.epoch} is {record['loss']}; terms: " +
-                                     ", ".join(f"{k}={record[k]:.4g}" for k in sums))
+                                     ", ".join(f"{k}={record[k]:.4g}" for k in self.state.sums))
         return record
+
+    def _checked_batch(self, batch: Any, index: int):
+        """Batch ``index`` of the epoch on the device, checked (see :func:`ardir.train.checks.checked_batch`)."""
+        return checks.checked_batch(batch, index, self.epoch, self.device, self.num_classes, self.channels_last,
+                                    None if self._host_checks else self._flag_bad_labels)
+
+    # The loop calls these three through the trainer, so that a test (or a subclass) can wrap one step.
+    def _guard_step(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], batch: int, size: int):
+        """Between backward and the optimiser step: the gradient norm and the NaN/Inf check (see ``nan_policy``
+        and :meth:`ardir.train.step.Stepper.guard`)."""
+        return self.stepper.guard(loss, terms, self.step, self.epoch, batch, size)
+
+    def _after_step(self, total: Optional[int]) -> None:
+        """A mid-epoch checkpoint when one is due; every process takes part in gathering its share."""
+        every = self._every_steps  # rank 0's: every process decides alike
+        if every is None or self.step <= 0 or self.step % every:
+            return
+        if total is not None and self.state.batches >= total:
+            return  # the epoch ends now and its checkpoint follows
+        progress = self.state.progress(self.stepper.fault)
+        ranks = self.state.gather_shares(self.train_loader, self.student, progress) if self.world_size > 1 else None
+        if self.is_main and self.checkpointer is not None:
+            self._save(progress, ranks)
+
+    def _check_faults(self) -> None:
+        """On an accelerator: raise for bad labels or a non-finite step since the epoch began (one host sync)."""
+        self.stepper.check(self.epoch, self.num_classes)
+
+    def _flag_bad_labels(self, labels: torch.Tensor, index: int) -> torch.Tensor:
+        return self.stepper.flag_bad_labels(labels, index, self.num_classes)
 
     def validate(self) -> Dict[str, float]:
         """Natural and PGD accuracy (%) of the student on ``val_loader`` with the method's norm, eps and step."""
         attack = PGD(self.student, eps=self.method.eps, step_size=self.method.step_size, steps=self.val_attack_steps,
                      norm=self.method.norm)
-        checked = False
-        # (natural correct, adversarial correct, seen) counted on the device: no host sync per batch; summed over
-        # the processes of a process group (each evaluates its shard, see ardir.distributed.shard_loader).
-        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
-        with model_mode(self.student, "eval"), self.autocast():
-            for batch in self.val_loader:
-                images, labels = _images_labels(batch, "val_loader")
-                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                if self.channels_last and images.dim() == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if not checked:  # once per validation: a normalised val_loader would give meaningless accuracies
-                    check_batch("the first validation batch", images, labels, self.num_classes, "student")
-                    checked = True
-                with torch.no_grad():
-                    counts[0] += (self.student(images).argmax(1) == labels).sum()
-                adv = attack.forward(images, labels)
-                with torch.no_grad():
-                    counts[1] += (self.student(adv).argmax(1) == labels).sum()
-                counts[2] += len(labels)
-        natural, correct_adv, total = distributed.all_reduce_sum(counts).tolist()
-        if total == 0:
-            raise ValueError("val_loader yielded no batch: give it at least one (images, labels) batch, or pass "
-                             "val_loader=None")
-        return {"val_natural": 100 * natural / total, "val_pgd": 100 * correct_adv / total}
+        return accuracies(self.student, attack, self.val_loader, self.device, self.channels_last, self.num_classes,
+                          self.autocast())
 
-    # ------------------------------------------------------------------------ checkpoints, faults, resume
-    @staticmethod
-    def _new_fault() -> Dict[str, Any]:
-        return {"grad_sum": 0.0, "grad_max": 0.0, "good_steps": 0, "skipped": 0, "skipped_images": 0,
-                "bad_step": -1, "bad_batch": -1, "bad_loss": 0.0, "bad_terms": None, "bad_names": [],
-                "bad_label_batch": -1}
-
-    def _begin_epoch(self):
-        """``(sums, seen, batches)`` the epoch starts from: zeros, or a resumed mid-epoch checkpoint's."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            # Before the loader's iterator exists: what its shuffle (and worker seeds) will be drawn from.
-            self._epoch_rng = {"torch": torch.get_rng_state(), "generators": generator_states(self.train_loader)}
-            self._fault = self._new_fault()
-            self._fault["epoch"] = self.epoch
-            self._replay = None
-            return {}, 0, 0
-        progress = pending["progress"]
-        move = (lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v)
-        self._epoch_rng = pending["epoch_rng"]
-        self._fault = {k: move(v) for k, v in progress["fault"].items()}
-        self._replay = (int(progress["batches"]), pending["rng"])
-        return {k: move(v) for k, v in progress["sums"].items()}, int(progress["seen"]), int(progress["batches"])
-
-    def _epoch_batches(self, done: int):
-        """The epoch's batches. After a mid-epoch resume the loader restarts from the epoch's random states, the
-        ``done`` batches already trained on are loaded and dropped (replaying the order, the augmentation draws
-        and the DataLoader workers' seeds) and every random state is then set as it was at the checkpoint."""
-        replay, self._replay = self._replay, None
-        if replay is not None:
-            torch.set_rng_state(self._epoch_rng["torch"])
-            set_generator_states(self.train_loader, self._epoch_rng["generators"])
-        iterator = iter(self.train_loader)
-        if replay is not None:
-            for i in range(replay[0]):
-                if next(iterator, None) is None:
-                    raise CheckpointError(f"the checkpoint was taken after batch {replay[0]} of epoch "
-                                          f"{self.epoch + 1} but train_loader now yields only {i}: resume with the "
-                                          "same data, batch size and seed as the interrupted run")
-            self._set_rng(replay[1])
-        yield from iterator
-
-    def _guard_step(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], batch: int, size: int):
-        """Between backward and the optimiser step: the gradient norm and the NaN/Inf check (see ``nan_policy``).
-
-        Returns True, False (CPU, step skipped: the gradients are removed so the optimiser leaves every parameter
-        and its momentum alone) or, on an accelerator, a 0-dim bool tensor, so that no host sync is added.
-        """
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # true gradients for the norm; the scaler's step knows
-        grads = [p.grad for p in self._trained_params if p.grad is not None]
-        norm = _total_norm(grads) if grads else torch.zeros((), device=self.device)
-        finite = torch.isfinite(loss.detach())
-        if self.scaler is None:  # with fp16 loss scaling, inf gradients are the scaler's business
-            finite = finite & torch.isfinite(norm)
-        f = self._fault
-        if self._host_checks:  # checking now costs nothing on the CPU
-            if bool(finite):
-                f["grad_sum"] += float(norm)
-                f["grad_max"] = max(f["grad_max"], float(norm))
-                f["good_steps"] += 1
-                return True
-            f["skipped"] += 1
-            f["skipped_images"] += size
-            if self.nan_policy == "stop":
-                raise self._fault_error(self.step + 1, batch + 1, float(loss.detach()),
-                                        {k: float(v.detach()) for k, v in terms.items()}, float(norm))
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
-        good = finite.to(norm.dtype)
-        zero = torch.zeros((), device=norm.device, dtype=norm.dtype)
-        f["grad_sum"] = f["grad_sum"] + torch.where(finite, norm, zero)
-        f["grad_max"] = torch.maximum(torch.as_tensor(f["grad_max"], device=norm.device, dtype=norm.dtype),
-                                      torch.where(finite, norm, zero))
-        f["good_steps"] = f["good_steps"] + good
-        f["skipped"] = f["skipped"] + (1 - good)
-        f["skipped_images"] = f["skipped_images"] + (1 - good) * size
-        first = ~finite & (torch.as_tensor(f["bad_step"], device=norm.device) < 0)
-        f["bad_step"] = torch.where(first, self.step + 1, torch.as_tensor(f["bad_step"], device=norm.device))
-        f["bad_batch"] = torch.where(first, batch + 1, torch.as_tensor(f["bad_batch"], device=norm.device))
-        f["bad_loss"] = torch.where(first, loss.detach().float(), torch.as_tensor(f["bad_loss"], device=norm.device))
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
-        f["bad_terms"] = values if f["bad_terms"] is None else torch.where(first, values, f["bad_terms"])
-        f["bad_names"] = list(terms)
-        if self.nan_policy == "skip":
-            for g in grads:
-                g.masked_fill_(~finite, 0.0)
-        return finite
-
-    def _check_faults(self) -> None:
-        """On an accelerator with ``nan_policy="stop"``: raise if a step since the epoch began was non-finite
-        (one host sync; called at log points, epoch ends and before every checkpoint)."""
-        f = self._fault
-        label_batch = f.get("bad_label_batch", -1)
-        if isinstance(label_batch, torch.Tensor) and int(label_batch) >= 0:
-            raise ValueError(f"training batch {int(label_batch)} of epoch {int(f.get('epoch', self.epoch)) + 1}: "
-                             f"labels outside 0 .. {self.num_classes - 1}, but the student has {self.num_classes} "
-                             "outputs: fix the dataset's labels or build the student with more classes")
-        if self.nan_policy != "stop" or self._host_checks or not isinstance(f["bad_step"], torch.Tensor):
-            return
-        step = int(f["bad_step"])
-        if step >= 0:
-            terms = dict(zip(f["bad_names"], f["bad_terms"].tolist())) if f["bad_terms"] is not None else {}
-            raise self._fault_error(step, int(f["bad_batch"]), float(f["bad_loss"]), terms, None)
-
-    def _fault_error(self, step: int, batch: int, loss: float, terms: Dict[str, float],
-                     grad_norm: Optional[float]) -> FloatingPointError:
-        epoch = int(self._fault.get("epoch", self.epoch)) + 1  # train_epoch may have counted the epoch already
-        where = f"at epoch {epoch}, step {step} (batch {batch} of the epoch)"
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss:.4g})"
-        last = self._last_good()
-        return FloatingPointError(
-            f"{what} {where}; loss terms: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) +
-            f"; {last}. Lower the learning rate, check the data and the loss weights, or pass nan_policy='skip' "
-            "(ardir train: --nan-policy skip) to skip such batches (counted in the record as skipped_batches)")
-
-    def _after_step(self, sums: Dict[str, torch.Tensor], seen: int, batches: int, total: Optional[int]) -> None:
-        every = self._every_steps  # rank 0's: every process decides alike
-        if every is None or self.step <= 0 or self.step % every:
-            return
-        if total is not None and batches >= total:
-            return  # the epoch ends now and its checkpoint follows
-        progress = {"batches": batches, "seen": seen, "sums": dict(sums), "fault": dict(self._fault)}
-        ranks = self._rank_states(progress) if self.world_size > 1 else None  # every process takes part
-        if not self.is_main or self.checkpointer is None:
-            return
-        self._progress, self._ranks = progress, ranks
-        try:
-            self.save_checkpoint()
-        finally:
-            self._progress, self._ranks = None, None
-
-    def _end_epoch(self, sums: Dict[str, torch.Tensor], seen: int) -> Dict[str, Any]:
-        """The record's mean loss terms (over the batches not skipped), ``grad_norm`` (mean of the steps' total
-        gradient L2 norms), ``grad_norm_max`` and ``skipped_batches``; one host sync."""
-        self._check_faults()
-        f = self._fault
-        skipped, good_steps = int(f["skipped"]), int(f["good_steps"])
-        good = seen - int(f["skipped_images"])
-        if good <= 0:
-            raise FloatingPointError(f"every batch of epoch {self.epoch} was non-finite and skipped "
-                                     f"({skipped} batches): lower the learning rate or check the data")
-        record = {k: float(v) / good for k, v in sums.items()}
-        record.update(grad_norm=float(f["grad_sum"]) / max(good_steps, 1), grad_norm_max=float(f["grad_max"]),
-                      skipped_batches=skipped)
-        return record
-
+    # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write :meth:`state_dict` into ``checkpoint_dir`` now (atomically); returns the file's path.
 
         A failed write (e.g. disk full) raises ``OSError`` naming the file; the previous checkpoints are intact.
         """
+        return self._save(None, self.state.ranks)
+
+    def _save(self, progress: Optional[Dict[str, Any]], ranks: Optional[List[Dict[str, Any]]]) -> Path:
         if self.checkpointer is None:
             raise ValueError("save_checkpoint needs the trainer built with checkpoint_dir=<a directory>")
         self._check_faults()  # never save non-finite weights as a good checkpoint
         self.check_finite()  # nor weights an overflowing update made non-finite
-        self.last_checkpoint = self.checkpointer.save(self.state_dict(), self.epoch, self.step)
+        self.last_checkpoint = self.checkpointer.save(self._state_dict(progress, ranks), self.epoch, self.step)
         return self.last_checkpoint
 
     def resume(self, path_or_dir: PathLike, missing_ok: bool = False) -> Optional[Path]:
@@ -684,115 +326,49 @@ class Trainer:
         Raises ``CheckpointError`` (a ``ValueError``) naming the file when it is corrupt, unsafe or does not fit
         this trainer (other model, method or optimiser).
         """
-        path = Path(path_or_dir).expanduser()
-        if path.is_dir():
-            found = find_resumable(path)
-            if found is None:
-                if missing_ok:
-                    return None
-                raise FileNotFoundError(f"no checkpoint to resume from in {path}")
-            path, state = found
-        elif not path.exists() and missing_ok:
-            return None
-        else:
-            state = load_checkpoint(path)
-        try:
-            self.load_state_dict(state)
-        except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise CheckpointError(f"checkpoint {path} does not fit this trainer ({type(error).__name__}: "
-                                  f"{str(error).splitlines()[0]}): resume with the same model, method and "
-                                  "optimiser settings as the run that wrote it") from None
-        self.last_checkpoint = path
+        path = resume_from(path_or_dir, missing_ok, self.load_state_dict)
+        if path is not None:
+            self.last_checkpoint = path
         return path
 
-    def _rng_state(self) -> Dict[str, Any]:
-        state = rng_state()
-        state["generators"] = generator_states(self.train_loader)
-        return state
-
-    def _set_rng(self, state: Dict[str, Any]) -> None:
-        set_rng_state(state)
-        set_generator_states(self.train_loader, state.get("generators", []))
-
-    # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume exactly: student, adapters, optimiser, schedule, gradient scaler, epoch,
         step, history, the random states (torch, CUDA, numpy, Python, the loader's shuffling generators) and,
         when taken mid-epoch, the epoch's progress and its random states at the epoch's start. Tensors and plain
         data only, so that it loads with ``torch.load(weights_only=True)``."""
-        mid_epoch = self._progress is not None
+        return self._state_dict(None, self.state.ranks)
+
+    def _state_dict(self, progress: Optional[Dict[str, Any]], ranks: Optional[List[Dict[str, Any]]]):
         return {"format": FORMAT, "version": VERSION,
                 "student": self.student.state_dict(), "method": self.method.state_dict(),
                 "method_name": self.method.name,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "step": self.step, "history": list(self.history),
-                "rng": self._rng_state(), "progress": self._progress if mid_epoch else None,
-                "epoch_rng": self._epoch_rng if mid_epoch else None,
-                "ranks": self._ranks if self.world_size > 1 else None}
+                **self.state.state_dict(self.train_loader, progress, ranks if self.world_size > 1 else None)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, random states included (the global RNGs are set as they were)."""
-        if not isinstance(state, dict) or "student" not in state:
-            raise CheckpointError("not an ardir trainer state: expected a dict with 'student', 'optimizer', ...")
-        if state.get("format", FORMAT) != FORMAT or int(state.get("version", VERSION)) > VERSION:
-            raise CheckpointError(f"checkpoint format {state.get('format')!r} version {state.get('version')} is "
-                                  f"not supported by this ardir (format {FORMAT!r} version <= {VERSION})")
-        saved = state.get("method_name")  # absent from checkpoints written before it was recorded
-        if saved is not None and saved != self.method.name:
-            raise CheckpointError(f"the checkpoint was written by a {saved!r} run, this trainer runs "
-                                  f"{self.method.name!r}: resume with method={saved!r}, or start a new run")
+        check_trainer_state(state, self.method.name)
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.history = list(state["history"])
-        rng, progress, epoch_rng = state.get("rng"), state.get("progress"), state.get("epoch_rng")
-        ranks, rank = state.get("ranks") or [], distributed.rank()
-        own_share = len(ranks) == self.world_size
-        if own_share and rank > 0:  # this process's own share (rank 0's is the checkpoint itself)
-            mine = ranks[rank]
-            with torch.no_grad():
-                for name, buffer in self.student.named_buffers():
-                    if name in mine["buffers"]:
-                        buffer.copy_(mine["buffers"][name])
-            rng = mine["rng"]
-            if progress is not None:
-                progress, epoch_rng = mine["progress"], mine["epoch_rng"]
-        elif not own_share and (self.world_size > 1 or len(ranks) > 1):
-            warnings.warn(f"the checkpoint was written by {max(len(ranks), 1)} process(es), this run has "
-                          f"{self.world_size}: every process continues from rank 0's random states and statistics, "
-                          "close to but not the same as the uninterrupted run", stacklevel=2)
-        if rng is not None:
-            self._set_rng(rng)
-        if not own_share:  # rank 0's stream, then this process's own, as at the start
-            distributed.own_random_stream()
-        self._pending = None
-        if progress is not None and int(progress["batches"]) > 0:
-            self._pending = {"progress": progress, "epoch_rng": epoch_rng, "rng": rng}
+        self.state.load_state_dict(state, self.train_loader, self.student, self.world_size)
 
+    # --------------------------------------------------------------------------------------------- faults
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first parameter, buffer or optimiser state holding a NaN or an
+        Inf (and the last good checkpoint); called before any checkpoint is written, so none ever holds one."""
+        self.stepper.check_weights({"student": self.student.state_dict(), "method": self.method.state_dict(),
+                                    "optimizer": self.optimizer.state_dict()}, self.epoch, self.step)
 
-def _where_ok(ok, value: torch.Tensor) -> torch.Tensor:
-    """``value`` for a step that counts, 0 for a skipped one (``ok`` a bool or a 0-dim bool tensor)."""
-    if ok is True:
-        return value
-    if ok is False:
-        return torch.zeros_like(value)
-    return torch.where(ok, value, torch.zeros_like(value))
-
-
-def _total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients together (fused per device where torch offers it)."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:
-        return get_total_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).to(grads[0].device)
-                                                 for g in grads]))
+    def _last_good(self) -> str:
+        return (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
+                if self.last_checkpoint is not None else
+                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
+                "after every epoch)")
 
 
 ARDIRTrainer = Trainer
@@ -800,29 +376,24 @@ ARDIRTrainer = Trainer
 
 class ATTrainer(Trainer):
     """:class:`Trainer` running Madry PGD-AT (``method="at"``)."""
-    default_method = "at"
-    preset = True
+    default_method, preset = "at", True
 
 
 class TRADESTrainer(Trainer):
     """:class:`Trainer` running TRADES (``method="trades"``)."""
-    default_method = "trades"
-    preset = True
+    default_method, preset = "trades", True
 
 
 class ARDTrainer(Trainer):
     """:class:`Trainer` running ARD (``method="ard"``)."""
-    default_method = "ard"
-    preset = True
+    default_method, preset = "ard", True
 
 
 class IADTrainer(Trainer):
     """:class:`Trainer` running IAD-I (``method="iad"``)."""
-    default_method = "iad"
-    preset = True
+    default_method, preset = "iad", True
 
 
 class RSLADTrainer(Trainer):
     """:class:`Trainer` running RSLAD (``method="rslad"``)."""
-    default_method = "rslad"
-    preset = True
+    default_method, preset = "rslad", True
