@@ -198,9 +198,8 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
                  "same for every row); the other attacks on the full 10,000-image test set. evaluate()'s sanity "
                  "checks are off: AutoAttack's black-box Square already catches masked gradients.",
-                 "Δ vs AT: the row's accuracy under the table's strongest attack (AutoAttack where measured, "
-                 "else CW∞-30) minus AT's, paired by seed (same data subset and order), mean ± std over the "
-                 "seeds.")),
+                 "Δ vs AT: the row's AutoAttack (where measured) and CW∞-30 accuracy minus AT's, paired by seed "
+                 "(same data subset and order), mean ± std over the seeds.")),
     Suite(name="fashion-mnist-l2", dataset="fashion-mnist", results_name="fashion_mnist_l2", num_classes=10, in_chans=1,
           norm="l2", eps=1.5, step_size=0.375, steps=10, eval_step_size=0.375,
           teacher_model="cnn_xlarge", teacher_method="at", teacher_epochs=None,
@@ -870,6 +869,11 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
         lines += [f"**PARTIAL run** — {len(meta['partial'])} rows of this command have not run yet (the table "
                   "was written with --table-only from the rows that finished; the same command without it runs "
                   "the rest and resumes): " + ", ".join(meta["partial"]), ""]
+    if meta.get("no_autoattack"):
+        lines += [f"**Without AutoAttack** — {len(meta['no_autoattack'])} rows below were measured before AutoAttack "
+                  "was run on them and kept no weights to add it from (their AutoAttack cells are empty; the same "
+                  "command without --table-only retrains and completes them): " + ", ".join(meta["no_autoattack"]),
+                  ""]
     if meta.get("reduced"):
         lines += ["**REDUCED run** — not the suite's protocol; it differs in:", ""]
         lines += [f"- {d}" for d in meta["reduced"]] + [""]
@@ -1167,7 +1171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.table_only:
-        meta["partial"] = [f"{job[0].stem}" for job in pending]
+        shown = {(r["student"], r["method"], r["seed"]) for r in collect() if r["method"] != "teacher"}
+        meta["partial"] = [job[0].stem for job in pending if (job[1], job[2], job[3]) not in shown]
+        meta["no_autoattack"] = [job[0].stem for job in pending if (job[1], job[2], job[3]) in shown]
         pending = []
     pending.sort(key=_cost_rank)
     check_ardir_layers(settings, pending)

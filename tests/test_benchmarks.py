@@ -383,6 +383,9 @@ def test_a_finished_row_gains_autoattack_from_its_saved_weights(reproduce, tmp_p
     _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "2")
     assert "cnn_small__natural__seed0: done before" in capsys.readouterr().out
     weights.unlink()
+    out, _ = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "3", "--table-only")
+    md, _ = _table(out / "fashion_mnist.md")  # the row is shown, and said to lack this AutoAttack, not to be unrun
+    assert "**Without AutoAttack** — 1 rows below" in md and "PARTIAL" not in md and "| natural | 0 |" in md
     _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "3")
     assert "no saved weights to add it from; rerunning" in capsys.readouterr().out
     assert json.loads(row.read_text())["aa_size"] == 3 and weights.exists()
