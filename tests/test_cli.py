@@ -78,7 +78,7 @@ def test_eval_writes_report_beside_the_checkpoint_and_plot_draws(teacher_run, ca
     assert report["name"] == "cnn_small" and report["source"] == str(teacher_run / "best.pt")
     md = (teacher_run / "best_report.md").read_text()
     assert "| Natural |" in md
-    assert md.splitlines()[0] == f"Model cnn_small, data set fashion-mnist, weights {teacher_run / 'best.pt'}."
+    assert md.splitlines()[0].endswith(f". Model cnn_small, data set fashion-mnist, weights {teacher_run / 'best.pt'}.")
     from ardir import Report
     assert Report.from_dict(report).source == report["source"]
     assert "wrote" in capsys.readouterr().out

@@ -122,9 +122,8 @@ class Report:
         what = ", ".join(part for part in (f"model {self.model}" if self.model else "",
                                            f"data set {self.dataset}" if self.dataset else "",
                                            f"weights {self.source}" if self.source else "") if part)
-        lines = ([what[0].upper() + what[1:] + "."] if what else []) + [
-                 f"Robust accuracy, {norm} threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
-                 f"seed {self.seed}, {self.device}.", "",
+        lines = [f"Robust accuracy, {norm} threat model, ε = {eps}, {self.n_examples} examples ({self.subset}), "
+                 f"seed {self.seed}, {self.device}." + (f" {what[0].upper() + what[1:]}." if what else ""), "",
                  "| Attack | Accuracy (%) | Settings | Time (s) |", "|:--|--:|:--|--:|"]
         for key, acc in self.accuracy.items():
             lines.append(f"| {self.names[key]} | {acc:.2f} | {self.descriptions[key]} | {self.seconds[key]:.1f} |")
