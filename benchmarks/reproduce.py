@@ -605,7 +605,8 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "eval_seconds": round(time.time() - wall, 1),
                "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": key,
                "aa_size": 0 if own else settings["aa_size"],
-               "command": "(trained by any row's command when missing; cached)"}
+               "command": "(evaluated by the suite's command; the shipped teacher)" if settings["teacher"] else
+               "(trained by any row's command when missing; cached)"}
     elif not args.force and row_status(path, settings, method, variant)[0] == "autoattack":
         rec = add_autoattack(json.loads(path.read_text()), path.with_suffix(".pt"), settings, args.data_dir, device,
                              progress)

@@ -449,7 +449,7 @@ def test_the_l2_suite_trains_and_evaluates_under_l2(reproduce, tmp_path):
     at = json.loads((runs / "cnn_small__at__seed0.json").read_text())
     assert at["method_kwargs"]["norm"] == "l2" and at["method_config"]["norm"] == "l2"
     teacher = json.loads((runs / "teacher_eval.json").read_text())
-    assert "command" in teacher and teacher["command"].startswith("(trained")  # evaluated here, not the manifest's
+    assert teacher["command"] == "(evaluated by the suite's command; the shipped teacher)"  # not the manifest's
 
 
 def test_rows_recorded_before_a_setting_existed_keep_their_meaning(reproduce):
@@ -458,3 +458,26 @@ def test_rows_recorded_before_a_setting_existed_keep_their_meaning(reproduce):
     old = {"settings": {k: v for k, v in reproduce.row_key(linf).items() if k != "norm"}}
     assert reproduce.stored_key(old) == reproduce.row_key(linf)
     assert reproduce.stored_key(old) != reproduce.row_key(dict(linf, norm="l2"))
+
+
+def test_same_images_takes_the_teachers_autoattack_only_from_the_same_images(tmp_path, monkeypatch):
+    """benchmarks/same_images.py: the teacher's AutoAttack comes from its manifest only when the manifest measured it
+    on the very subset asked for; otherwise it is measured."""
+    spec = importlib.util.spec_from_file_location("same_images", ROOT / "benchmarks" / "same_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def fake_evaluate(model, n, attacks=module.ATTACKS):
+        calls.append(tuple(attacks))
+        return {"accuracy": {a: 50.0 for a in attacks}, "subset": f"random {n} of 10000 (seed 0)", "seconds": 1.0}
+
+    monkeypatch.setattr(module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(module.zoo, "load_shipped", lambda spec: None)
+    manifest = {"evaluation": {"subsets": {"autoattack": "random 100 of 10000 (seed 0)"},
+                               "accuracy": {"autoattack": 57.0}, "seconds": {"autoattack": 600.0}}}
+    monkeypatch.setattr(module.zoo, "manifest", lambda spec: manifest)
+    same = module.evaluate_teacher("fashion-mnist:x", 100)
+    assert same["accuracy"]["autoattack"] == 57.0 and calls == [("natural", "pgd20")]
+    other = module.evaluate_teacher("fashion-mnist:x", 50)
+    assert other["accuracy"]["autoattack"] == 50.0 and calls[-1] == module.ATTACKS
