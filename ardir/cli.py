@@ -260,9 +260,11 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
         return _train_locked(flags, file_values, output_dir, resume, main_process, say)
 
 
-def _trackers(config: Mapping[str, Any], output_dir: Path) -> list:
-    """The callbacks that send the epoch records elsewhere: TensorBoard with --tensorboard."""
-    return [tensorboard.TensorBoardLogger(output_dir / "tensorboard")] if config.get("tensorboard") else []
+def _trackers(config: Mapping[str, Any], output_dir: Path, main_process: bool) -> list:
+    """The callbacks that send the epoch records elsewhere: TensorBoard with --tensorboard (on rank 0 only, the
+    one process that calls callbacks)."""
+    wanted = config.get("tensorboard") and main_process
+    return [tensorboard.TensorBoardLogger(output_dir / "tensorboard")] if wanted else []
 
 
 def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], output_dir: Path, resume: bool,
@@ -315,7 +317,8 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
         trainer_kwargs["checkpoint_dir"] = output_dir / "checkpoints"  # the Trainer's mid-epoch checkpoints
     trainer = Trainer(student, loaders.train, teacher=teacher, method=config["method"], val_loader=loaders.val,
-                      progress=not config["quiet"], callbacks=[logger] + _trackers(config, output_dir), **trainer_kwargs,
+                      progress=not config["quiet"], callbacks=[logger] + _trackers(config, output_dir, main_process),
+                      **trainer_kwargs,
                       **cfg.method_kwargs(config))
     if resume:
         if mid is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on

@@ -363,6 +363,8 @@ def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optio
         return "reuse", f"done before, reusing {path.name} (--force reruns it)"
     size = "all" if settings["aa_size"] is None else settings["aa_size"]
     weights = path.with_suffix(".pt")
+    if weights.exists() and done.get("weights_sha256") not in (None, zoo.file_sha256(weights)):
+        return "rerun", f"{weights.name} is not the student {path.name} recorded (another run wrote it); rerunning"
     if weights.exists():
         return "autoattack", f"{path.name} has no AutoAttack on {size} images; adding it from {weights.name} " \
                              "(no retraining)"
@@ -521,10 +523,11 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
     train_s, train_cpu = time.time() - wall, time.process_time() - cpu
     if weights is not None:
         atomic_save(student.state_dict(), weights)
+        weights_sha = zoo.file_sha256(weights)
     wall, cpu = time.time(), time.process_time()
     result = evaluate_model(student, settings, loaders.val if validation else loaders.test, progress)
     return {"student": student_name, "method": method, "seed": seed, "method_kwargs": _jsonable(kwargs),
-            "aa_size": settings["aa_size"],
+            "aa_size": settings["aa_size"], "weights_sha256": weights_sha if weights is not None else None,
             "evaluated_on": f"validation ({VALIDATION_SIZE} training images held out)" if validation else "test",
             "epochs": trainer.epochs, "accuracy": result["accuracy"], "attack_seconds": result["seconds"],
             "subsets": result["subsets"], "flags": result["flags"],
@@ -871,10 +874,9 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
                   "was written with --table-only from the rows that finished; the same command without it runs "
                   "the rest and resumes): " + ", ".join(meta["partial"]), ""]
     if meta.get("no_autoattack"):
-        lines += [f"**Without AutoAttack** — {len(meta['no_autoattack'])} rows below were measured before AutoAttack "
-                  "was run on them and kept no weights to add it from (their AutoAttack cells are empty; the same "
-                  "command without --table-only retrains and completes them): " + ", ".join(meta["no_autoattack"]),
-                  ""]
+        lines += [f"**Without AutoAttack** — {len(meta['no_autoattack'])} rows below lack this run's AutoAttack (their "
+                  "cells are empty); the same command without --table-only adds it, from the row's saved weights "
+                  "where it kept them, else by retraining the row: " + ", ".join(meta["no_autoattack"]), ""]
     if meta.get("reduced"):
         lines += ["**REDUCED run** — not the suite's protocol; it differs in:", ""]
         lines += [f"- {d}" for d in meta["reduced"]] + [""]
@@ -1039,6 +1041,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if settings["train_size"] is not None and settings["batch_size"] > settings["train_size"]:
         p.error(f"--batch-size {settings['batch_size']} is larger than the {settings['train_size']} training images "
                 "(--train-size): no full batch is left")
+    if settings["norm"] == "l2" and settings["aa_size"] != 0:
+        p.error(f"--aa-size {settings['aa_size']}: suite {args.suite} is L2, and ardir's AutoAttack engine is L-inf "
+                "only (the official L2 AutoAttack takes hours on a CPU); pass --aa-size 0")
     return args
 
 
@@ -1172,9 +1177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.table_only:
-        shown = {(r["student"], r["method"], r["seed"]) for r in collect() if r["method"] != "teacher"}
-        meta["partial"] = [job[0].stem for job in pending if (job[1], job[2], job[3]) not in shown]
-        meta["no_autoattack"] = [job[0].stem for job in pending if (job[1], job[2], job[3]) in shown]
+        shown = {(r["student"], r["method"], r["seed"], r.get("variant")) for r in collect() if r["method"] != "teacher"}
+        meta["partial"] = [job[0].stem for job in pending if tuple(job[1:5]) not in shown]
+        meta["no_autoattack"] = [job[0].stem for job in pending if tuple(job[1:5]) in shown]
         pending = []
     pending.sort(key=_cost_rank)
     check_ardir_layers(settings, pending)

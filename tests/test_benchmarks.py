@@ -225,6 +225,11 @@ def test_fashion_mnist_ablation_dry_run(reproduce, tmp_path):
     at = json.loads((runs / "cnn_small__reference--at--no-teacher__seed0.json").read_text())
     assert at["method"] == "at" and at["evaluated_on"] == block3["evaluated_on"]
     assert "never on the test set" in md
+    # a variant not run yet is listed as such, even where another variant of the same student and seed ran
+    _dry_run(reproduce, tmp_path, "fashion-mnist", "--seeds", "0", "--ablation", "--table-only",
+             "--variants", *variants, "w_ir 3")
+    md, _ = _table(out / "ablation_fashion_mnist.md")
+    assert "**PARTIAL run** — 1 rows" in md and "cnn_small__w-ir-3__seed0" in md and "Without AutoAttack" not in md
 
 
 @pytest.mark.slow
@@ -314,6 +319,12 @@ def test_bad_flags_stop_before_any_work(reproduce, capsys, flags, words):
     assert info.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_an_l2_suite_refuses_autoattack_before_any_work(reproduce, capsys):
+    with pytest.raises(SystemExit) as info:
+        reproduce.parse_args(["fashion-mnist-l2", "--aa-size", "100"])
+    assert info.value.code == 2 and "ardir's AutoAttack engine is L-inf only" in capsys.readouterr().err
+
+
 def test_ardir_layers_are_checked_before_the_teacher_trains(reproduce, tmp_path):
     settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
     job = lambda student, variant=None: (tmp_path / "x.json", student, "ardir", 0, variant)  # noqa: E731
@@ -389,6 +400,12 @@ def test_a_finished_row_gains_autoattack_from_its_saved_weights(reproduce, tmp_p
     _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "3")
     assert "no saved weights to add it from; rerunning" in capsys.readouterr().out
     assert json.loads(row.read_text())["aa_size"] == 3 and weights.exists()
+    # weights another run wrote over the row's (another setting, same file name) are never attacked for it
+    state = torch.load(weights, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "4")
+    assert "is not the student cnn_small__natural__seed0.json recorded (another run wrote it); rerunning" in \
+        capsys.readouterr().out
 
 
 def test_cells_and_differences_follow_the_seeds_each_attack_has(reproduce):
