@@ -81,33 +81,35 @@ def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
               "seconds": dict(attacked.seconds),
               "settings": {"eps": EPS, "step_size": EVAL_STEP, "autoattack": "standard, ardir engine"}}
     if args.aa_size:  # hours on two CPU cores for this network (Square's 5,000 queries): --aa-size 0 skips it
-        aa = ardir.evaluate(teacher, loaders.test, attacks=("autoattack",), n_examples=args.aa_size,
-                            subset="random", **common)
-        result["accuracy"].update(autoattack=aa.accuracy["autoattack"], natural_aa_subset=aa.accuracy["natural"])
-        result["subsets"]["autoattack"] = aa.subset
-        result["seconds"]["autoattack"] = aa.seconds["autoattack"]
+        record_autoattack(result, teacher, loaders.test, args.aa_size)
     return result
+
+
+def record_autoattack(evaluation: dict, teacher: torch.nn.Module, test_loader, n: int) -> float:
+    """AutoAttack on the seeded random ``n`` test images (seed 0: nested in the suite's 1,000), written into a
+    manifest's ``evaluation``; returns its seconds."""
+    aa = ardir.evaluate(teacher, test_loader, attacks=("autoattack",), n_examples=n, subset="random", eps=EPS,
+                        step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
+    evaluation["accuracy"].update(autoattack=aa.accuracy["autoattack"], natural_aa_subset=aa.accuracy["natural"])
+    evaluation["subsets"]["autoattack"] = aa.subset
+    evaluation["seconds"]["autoattack"] = aa.seconds["autoattack"]
+    return aa.seconds["autoattack"]
 
 
 def add_autoattack(args: argparse.Namespace) -> None:
     """AutoAttack on the seeded random ``--aa-size`` test images (seed 0: a subset of the suite's 1,000) added to
     the shipped teacher's manifest, its weights untouched (loaded by name, so their hash is checked)."""
     name = f"fashion-mnist:{args.name}"
-    teacher = zoo.load_shipped(name)
     loaders = data.get_loaders("fashion-mnist", batch_size=500, val_size=0, seed=0)
-    aa = ardir.evaluate(teacher, loaders.test, attacks=("autoattack",), n_examples=args.aa_size, subset="random",
-                        eps=EPS, step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
     info = zoo.manifest(name)
     ev = info["evaluation"]
-    ev["accuracy"].update(autoattack=aa.accuracy["autoattack"], natural_aa_subset=aa.accuracy["natural"])
-    ev["subsets"]["autoattack"] = aa.subset
-    ev["seconds"]["autoattack"] = aa.seconds["autoattack"]
-    ev["seconds_total"] = round(ev["seconds_total"] + aa.seconds["autoattack"], 1)
+    seconds = record_autoattack(ev, zoo.load_shipped(name), loaders.test, args.aa_size)
+    ev["seconds_total"] = round(ev["seconds_total"] + seconds, 1)
     ev["autoattack_made_by"] = {
         "command": f"python {shlex.join(['benchmarks/train_teacher.py'] + args.argv)}",
         "commit": git_commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
     atomic_write_text(json.dumps(info, indent=2) + "\n", zoo.WEIGHTS_DIR / "fashion-mnist" / f"{args.name}.json")
-    print(f"{name}: AutoAttack {aa.accuracy['autoattack']:.2f} on {aa.subset} ({aa.seconds['autoattack']:.0f} s)")
+    print(f"{name}: AutoAttack {ev['accuracy']['autoattack']:.2f} on {ev['subsets']['autoattack']} ({seconds:.0f} s)")
 
 
 def git_commit() -> str:
