@@ -5,6 +5,7 @@ import difflib
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, Iterable
 
 
@@ -177,7 +178,6 @@ def warn_large_step(eps: float, step_size: float, steps: int, norm: str) -> None
     key = (float(eps), float(step_size), int(steps), norm)
     if steps > 1 and step_size > eps and key not in _WARNED_STEPS:
         _WARNED_STEPS.add(key)
-        import warnings
         usual = "eps/4, e.g. 2/255 at eps 8/255" if norm == "linf" else "2.5 * eps / steps"
         warnings.warn(f"step_size={step_size:.5g} is larger than eps={eps:.5g} for a {steps}-step attack: each step "
                       f"overshoots the {norm} ball and is projected back; the usual step is {usual}", stacklevel=4)

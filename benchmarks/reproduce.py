@@ -402,6 +402,11 @@ VALIDATION_SIZE = 1000
 held-out split, which it never trained on). Its rows train on ``train_size`` of the rest and are scored there."""
 
 
+def suite_model(settings: Dict[str, Any], name: str) -> torch.nn.Module:
+    """The architecture ``name`` for the suite's data (its classes and input channels)."""
+    return ardir.models.create(name, num_classes=settings["num_classes"], in_chans=settings["in_chans"])
+
+
 def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str], validation: bool = False):
     return data.get_loaders(settings["dataset"], data_dir=data_dir, batch_size=settings["batch_size"],
                             val_size=VALIDATION_SIZE if validation else 0, fake_data=settings["fake_data"],
@@ -439,16 +444,14 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     meta_path = run_dir / "teacher.json"
     meta = cached_teacher(settings, run_dir)
     if meta is not None:
-        teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
-                                      in_chans=settings["in_chans"]).to(device)
+        teacher = suite_model(settings, settings["teacher_model"]).to(device)
         teacher.load_state_dict(ardir.checkpoint.load_checkpoint(path))  # the one safe loader
         log(f"teacher: reusing {path}")
         return teacher.eval().requires_grad_(False), meta
     if path.exists():
         log(f"teacher: {path} was trained with other settings; training a new one")
     torch.manual_seed(0)  # the shared teacher: seed 0
-    teacher = ardir.models.create(settings["teacher_model"], num_classes=settings["num_classes"],
-                                  in_chans=settings["in_chans"]).to(device)
+    teacher = suite_model(settings, settings["teacher_model"]).to(device)
     loaders = loaders_for(settings, 0, data_dir)
     kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
     extra = dict(settings["teacher_kwargs"])
@@ -510,8 +513,7 @@ def run_row(settings: Dict[str, Any], student_name: str, method: str, seed: int,
     later (AutoAttack) needs no retraining."""
     torch.manual_seed(seed)
     loaders = loaders_for(settings, seed, data_dir, validation)
-    student = ardir.models.create(student_name, num_classes=settings["num_classes"],
-                                  in_chans=settings["in_chans"]).to(device)
+    student = suite_model(settings, student_name).to(device)
     kwargs = method_arguments(settings, method, extra)
     needs_teacher = ardir.methods.METHODS[base_method(method)[0]].needs_teacher
     wall, cpu = time.time(), time.process_time()
@@ -542,8 +544,7 @@ def add_autoattack(rec: Dict[str, Any], weights: Path, settings: Dict[str, Any],
     saved (no retraining) and attacked on the split the row was scored on; its other numbers are kept."""
     validation = rec.get("variant") is not None
     loaders = loaders_for(settings, rec["seed"], data_dir, validation)
-    student = ardir.models.create(rec["student"], num_classes=settings["num_classes"],
-                                  in_chans=settings["in_chans"]).to(device)
+    student = suite_model(settings, rec["student"]).to(device)
     student.load_state_dict(ardir.checkpoint.load_checkpoint(weights))
     wall, cpu = time.time(), time.process_time()
     result = evaluate_autoattack(student, settings, loaders.val if validation else loaders.test, progress)
@@ -731,7 +732,7 @@ def check_ardir_layers(settings: Dict[str, Any], jobs: Sequence[Tuple[Path, str,
     pairs = {(student, variant) for _, student, method, _, variant in jobs if method == "ardir"}
     if not pairs:
         return
-    build = (lambda name: ardir.models.create(name, num_classes=settings["num_classes"], in_chans=settings["in_chans"]))
+    build = (lambda name: suite_model(settings, name))
     teacher = build(settings["teacher_model"])
     spec = data.DATASETS[settings["dataset"]]
     sample = torch.rand(2, settings["in_chans"], spec.image_size, spec.image_size)
@@ -826,7 +827,7 @@ STRENGTH = ("autoattack", "cw30", "cw20", "pgd20")
 
 def strongest_metric(rows: List[Dict[str, Any]]) -> str:
     """The strongest attack any row was measured with: AutoAttack, else CW∞ (30 or 20 steps), else PGD-20."""
-    return difference_metrics(rows)[0] if difference_metrics(rows) else "autoattack"
+    return (difference_metrics(rows) or ["autoattack"])[0]
 
 
 def difference_metrics(rows: List[Dict[str, Any]]) -> List[str]:
