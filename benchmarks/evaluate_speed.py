@@ -9,6 +9,8 @@ output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official secon
 components).
 
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
+    python benchmarks/evaluate_speed.py --checkpoint benchmarks/runs/fashion-mnist/cnn_small__at__seed0.pt \
+        --model cnn_small --threads 1        # a suite row's student (its weights-only file)
 
 The points: a seeded random subset of the dataset's test split (seed 0, sorted, as ``evaluate(...,
 subset="random")``), Fashion-MNIST by default.
@@ -101,6 +103,7 @@ def write(path: Path, rows: List[str], speedup: float) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an ardir run checkpoint (or any load_teacher spec)")
+    parser.add_argument("--model", help="the architecture of a weights-only file (e.g. a suite row's .pt)")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--n-examples", type=cli.count, default=1000)
@@ -116,7 +119,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     from ardir.teachers import load_teacher
     spec = get_spec(args.dataset)
     device = torch.device(args.device)
-    model = load_teacher(args.checkpoint, num_classes=spec.num_classes, in_chans=spec.in_chans, device=device)
+    model = load_teacher(args.checkpoint, num_classes=spec.num_classes, in_chans=spec.in_chans, device=device,
+                         model_name=args.model)
     images, labels = points(args.dataset, args.n_examples, args.seed)
     images, labels = images.to(device), labels.to(device)
     command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
