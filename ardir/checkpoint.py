@@ -7,10 +7,12 @@
   strings) only. A file carrying a pickled callable or any other object is refused with :class:`CheckpointError`
   ("refused: it would run code when loaded"), never executed. A truncated or corrupt file, and one holding NaN or
   Inf tensors, also raise :class:`CheckpointError`, naming the file (and the first non-finite tensor).
-- No checkpoint is written with non-finite state: :meth:`Checkpointer.save` refuses it (``FloatingPointError``).
+- No checkpoint is written with non-finite state: :func:`save_finite`, the way every ardir checkpoint is written
+  (:meth:`Checkpointer.save`, ``ardir train``'s ``last.pt`` and ``best.pt``), refuses it (``FloatingPointError``).
 - :class:`Checkpointer` writes numbered checkpoints ``epoch-EEEE-step-SSSSSSSSS.pt`` (``EEEE`` = epochs completed,
   ``SSSSSSSSS`` = optimiser steps done), keeps the newest ``keep_last`` of them and points ``last.pt`` at the
   newest. :func:`newest_good` finds the newest one that loads, skipping corrupt ones with a warning.
+- The random states a checkpoint holds are captured and restored by :mod:`ardir.rng_state` (re-exported here).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from ._safety import first_non_finite, path_problem, refused_objects
+from .rng_state import generator_states, loader_generators, rng_state, set_generator_states, set_rng_state
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,8 +42,8 @@ LAST = "last.pt"
 _NUMBERED = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
 _STALE = re.compile(r"^\.(epoch-\d+-step-\d+\.pt|last\.pt|best\.pt|config\.toml|metrics\.jsonl)\..+\.(tmp|link)$")
 
-__all__ = ["CheckpointError", "Checkpointer", "atomic_save", "atomic_write_bytes", "atomic_write_text", "rng_state",
-           "set_rng_state", "loader_generators", "generator_states", "set_generator_states",
+__all__ = ["CheckpointError", "Checkpointer", "atomic_save", "save_finite", "atomic_write_bytes", "atomic_write_text",
+           "rng_state", "set_rng_state", "loader_generators", "generator_states", "set_generator_states",
            "checkpoint_name", "find_resumable", "list_checkpoints", "load_checkpoint", "newest_good",
            "remove_stale_temporaries", "first_non_finite"]
 
@@ -130,6 +133,20 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj, path)`` atomically. On any error (e.g. ``OSError`` ENOSPC, disk full) the temporary
     file is deleted, an existing ``path`` is left untouched and the error names ``path``."""
     return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_finite(state: Dict[str, Any], path: PathLike, when: str = "") -> Path:
+    """:func:`atomic_save` of a checkpoint that holds no NaN or Inf: the one way ardir writes a checkpoint (the
+    :class:`Checkpointer`'s files, ``ardir train``'s ``last.pt`` and ``best.pt``).
+
+    Raises ``FloatingPointError`` naming the first tensor holding a NaN or an Inf (and ``when``, e.g. ``"after
+    12 steps"``), writing nothing: a checkpoint is always a state worth resuming from, and ``path`` stays as it
+    was."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise FloatingPointError(f"{bad} holds non-finite values (NaN or Inf){' ' + when if when else ''}: no "
+                                 f"checkpoint was written with it ({Path(path).name} is as it was)")
+    return atomic_save(state, path)
 
 
 def load_checkpoint(path: PathLike, allow_non_finite: bool = False) -> Dict[str, Any]:
@@ -295,13 +312,9 @@ class Checkpointer:
     def save(self, state: Dict[str, Any], epoch: int, step: int) -> Path:
         """Write ``state`` as the checkpoint after ``epoch`` epochs and ``step`` steps; returns its path.
 
-        Raises ``FloatingPointError`` naming the first tensor holding a NaN or an Inf, writing nothing: a
-        checkpoint is always a state worth resuming from."""
-        bad = first_non_finite(state)
-        if bad is not None:
-            raise FloatingPointError(f"{bad} holds non-finite values (NaN or Inf) after {step} steps: no checkpoint "
-                                     "was written with it")
-        path = atomic_save(state, self.directory / checkpoint_name(epoch, step))
+        Raises ``FloatingPointError`` naming the first tensor holding a NaN or an Inf, writing nothing
+        (:func:`save_finite`): a checkpoint is always a state worth resuming from."""
+        path = save_finite(state, self.directory / checkpoint_name(epoch, step), f"after {step} steps")
         self._point_last_at(path)
         for old in list_checkpoints(self.directory)[self.keep_last:]:
             try:
@@ -334,66 +347,3 @@ def _copy_into(path: Path, f: io.BufferedWriter) -> None:
     with open(path, "rb") as src:
         shutil.copyfileobj(src, f)
 
-
-# ------------------------------------------------------------------------------------------- random states
-# Kept as tensors and plain numbers so that weights_only=True loads them.
-
-def rng_state() -> Dict[str, Any]:
-    """The global random states: torch (CPU), CUDA (when initialised), numpy and Python's ``random``."""
-    import random
-
-    import numpy as np
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`rng_state`; CUDA states only when CUDA is initialised with as many devices."""
-    import random
-
-    import numpy as np
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
-    if "python" in state:
-        s = state["python"]
-        random.setstate((s["version"], tuple(int(v) for v in s["internal"].tolist()), s["gauss_next"]))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def loader_generators(loader: Any) -> List[torch.Generator]:
-    """The ``torch.Generator`` objects a data loader shuffles with (its own, its sampler's), without repeats."""
-    found: List[torch.Generator] = []
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for obj in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        generator = getattr(obj, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
-
-
-def generator_states(loader: Any) -> List[torch.Tensor]:
-    """The states of :func:`loader_generators`."""
-    return [g.get_state() for g in loader_generators(loader)]
-
-
-def set_generator_states(loader: Any, states: List[torch.Tensor]) -> None:
-    """Restore :func:`generator_states` (ignored when the loader's generators do not match in number)."""
-    generators = loader_generators(loader)
-    if len(generators) == len(states):
-        for generator, s in zip(generators, states):
-            generator.set_state(s)

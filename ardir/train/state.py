@@ -17,21 +17,8 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..checkpoint import (FORMAT, VERSION, CheckpointError, PathLike, find_resumable, generator_states,
-                          load_checkpoint, rng_state, set_generator_states, set_rng_state)
-
-
-def capture_rng(loader: Iterable) -> Dict[str, Any]:
-    """Every random state a run draws from: torch, CUDA, numpy, Python and ``loader``'s shuffling generators."""
-    state = rng_state()
-    state["generators"] = generator_states(loader)
-    return state
-
-
-def restore_rng(loader: Iterable, state: Dict[str, Any]) -> None:
-    """Set the random states :func:`capture_rng` took."""
-    set_rng_state(state)
-    set_generator_states(loader, state.get("generators", []))
+from ..checkpoint import FORMAT, VERSION, CheckpointError, PathLike, find_resumable, load_checkpoint
+from ..rng_state import capture_rng, generator_states, restore_rng, set_generator_states
 
 
 def read_checkpoint(path_or_dir: PathLike, missing_ok: bool) -> Optional[Tuple[Path, Dict[str, Any]]]:
