@@ -6,7 +6,6 @@ C classes, p(z) = softmax(z), KL(P || Q) = sum_c P_c (log P_c - log Q_c).
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import warnings
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -19,49 +18,45 @@ from ._checks import eps_value, non_negative, non_negative_int, norm_name, numbe
 from .attacks import PGD, STARTS, MODES, LossFn, kl_to, model_mode
 from .hooks import FeatureHooks, check_layers
 from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
+from .registry import Registry
 
 Terms = Dict[str, torch.Tensor]
-METHODS: Dict[str, Type["Method"]] = {}
 
 
-def register_method(cls):
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    METHODS[cls.name] = cls
-    return cls
+def _method_parameters(cls: Type["Method"]) -> List[inspect.Parameter]:
+    """A method's own ``__init__`` parameters and, when that takes ``**attack``, those of :class:`Method`
+    (where every method sends them). An intermediate class's are not inherited: ARDIR builds on ARD but fixes
+    ARD's ``alpha``, so ``alpha`` is not an ARDIR argument."""
+    found: Dict[str, inspect.Parameter] = {}
+    for init in (cls.__init__, Method.__init__):
+        params = [p for p in inspect.signature(init).parameters.values() if p.name != "self"]
+        found.update((p.name, p) for p in params if p.kind != p.VAR_KEYWORD and p.name not in found)
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(found.values())
 
 
-def list_methods() -> List[str]:
-    """Names accepted by :func:`create_method`."""
-    return sorted(METHODS)
+METHODS = Registry("method", argument="method", normalize=str.lower, signature=_method_parameters)
+"""The training methods by name (a :class:`~ardir.registry.Registry`; ``METHODS["ard"]`` is the class)."""
+register_method = METHODS.register
+"""Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+list_methods = METHODS.list
+"""Names accepted by :func:`create_method`."""
 
 
 def create_method(name: str, **kwargs) -> "Method":
     """Build a method by name (``"at"``, ``"trades"``, ``"ard"``, ``"iad"``, ``"rslad"``, ``"ardir"``,
-    ``"adaad"``, ``"mtard"``, ``"natural"``; any case) with its keyword arguments; unknown arguments are refused, naming the valid ones."""
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a name ({', '.join(list_methods())}), got {type(name).__name__}")
-    name = one_of("method", name.lower(), list_methods(), "method")
-    valid = method_arguments(name)
-    unknown = [k for k in kwargs if k not in valid]
-    if unknown:
-        close = {k: difflib.get_close_matches(k, valid, n=3, cutoff=0.6) for k in unknown}
-        hint = "".join(f"did you mean {' or '.join(map(repr, c))} for {k!r}? " for k, c in close.items() if c)
-        raise TypeError(f"unknown argument(s) {unknown} for method {name!r}; {hint}it accepts: {', '.join(valid)}")
-    return METHODS[name](**kwargs)
+    ``"adaad"``, ``"mtard"``, ``"natural"``; any case) with its keyword arguments; unknown arguments are refused,
+    naming the valid ones."""
+    return METHODS.create(name, **kwargs)
 
 
 def method_arguments(name: Union[str, Type["Method"]]) -> List[str]:
     """The keyword arguments a method (a registered name, or a class) accepts: its own ``__init__``'s and, when
-    that takes ``**attack``, the attack settings of :class:`~ardir.methods.Method` (where every method sends them).
-    An intermediate class's arguments are not inherited: ARDIR builds on ARD but fixes ARD's ``alpha``, so
-    ``alpha`` is not an ARDIR argument."""
-    names = []
-    for init in ((METHODS[name] if isinstance(name, str) else name).__init__, Method.__init__):
-        params = list(inspect.signature(init).parameters.values())
-        names += [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
+    that takes ``**attack``, the attack settings of :class:`~ardir.methods.Method` (see :data:`METHODS`)."""
+    if isinstance(name, str):
+        return list(METHODS.arguments(name))
+    return [p.name for p in _method_parameters(name) if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 class Method(nn.Module):
