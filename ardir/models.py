@@ -8,28 +8,23 @@ ARDIR matches, and exposes ``default_ir_layers``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import one_of
+from .registry import Registry
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    """Decorator adding a model constructor ``fn(num_classes, in_chans, **kwargs)`` to the registry."""
-    def add(fn):
-        _REGISTRY[name] = fn
-        return fn
-    return add
-
-
-def list_models() -> List[str]:
-    """Names accepted by :func:`create` (plus any ``"timm/<name>"``)."""
-    return sorted(_REGISTRY)
+MODELS = Registry("model")
+"""The bundled model constructors ``fn(num_classes, in_chans, **kwargs)`` by name (a :class:`~ardir.registry.Registry`);
+``timm/<name>`` is resolved by :func:`create` outside it."""
+_REGISTRY = MODELS  # the name older code and tests use
+register_model = MODELS.register
+"""Decorator adding a model constructor ``fn(num_classes, in_chans, **kwargs)``: ``@register_model("name")``."""
+list_models = MODELS.list
+"""Names accepted by :func:`create` (plus any ``"timm/<name>"``)."""
 
 
 class Normalize(nn.Module):
@@ -64,7 +59,7 @@ def check_name(name: str) -> str:
         import timm
         one_of("name", name[len("timm/"):], timm.list_models(), "timm model")
     else:
-        one_of("name", name, list_models(), "model")
+        MODELS.match(name)
     return name
 
 
@@ -95,7 +90,7 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, mean: Optional[S
         model = timm.create_model(name[len("timm/"):], pretrained=False, num_classes=num_classes, in_chans=in_chans,
                                   **kwargs)
     else:
-        model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = MODELS.create(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (normalisation inside the model) or neither")
     if mean is not None:
