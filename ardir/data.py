@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ._checks import non_negative_int, one_of
+from .registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -101,43 +102,6 @@ class DatasetSpec:
         return getattr(datasets, self.torchvision_name)
 
 
-DATASETS = {
-    # Random crop + flip: the standard CIFAR recipe of every robust-distillation paper
-    # (ARD, RSLAD, IAD, AdaAD ...).
-    "cifar10": DatasetSpec(
-        "cifar10", 10, 3, 32, "CIFAR10",
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, hflip=True,
-        torchvision_subdir="cifar-10-batches-py"),
-    "cifar100": DatasetSpec(
-        "cifar100", 100, 3, 32, "CIFAR100",
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, hflip=True,
-        torchvision_subdir="cifar-100-python"),
-    # No flip: a mirrored digit is a different (or no) digit.
-    "svhn": DatasetSpec(
-        "svhn", 10, 3, 32, "SVHN",
-        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, hflip=False,
-        split_arg="split"),
-    # No augmentation, as in Madry et al.'s and TRADES' MNIST setups: digits are centred and
-    # small shifts add nothing but training time.
-    "mnist": DatasetSpec(
-        "mnist", 10, 1, 28, "MNIST",
-        (0.1307,), (0.3081,), crop_padding=0, hflip=False,
-        torchvision_subdir="MNIST/raw", idx_files=True, eps=0.3),  # Madry et al.'s and TRADES' MNIST radius
-    # Crop + flip: clothes are left-right symmetric classes (a mirrored shoe is still a shoe),
-    # and Fashion-MNIST overfits quickly without augmentation; padding 2 keeps 28x28 items in view.
-    "fashion-mnist": DatasetSpec(
-        "fashion-mnist", 10, 1, 28, "FashionMNIST",
-        (0.2860,), (0.3530,), crop_padding=2, hflip=True,
-        torchvision_subdir="FashionMNIST/raw", idx_files=True,
-        system_dirs=(FASHION_MNIST_SYSTEM_DIR,),
-        install_hint="apt-get install dataset-fashion-mnist", eps=0.1),  # the radius of ardir's suites
-    # A folder of natural images: data_dir/{train,test}/<class>/<image>; ImageNet statistics for info.
-    "imagefolder": DatasetSpec(
-        "imagefolder", None, 3, 32, "ImageFolder",
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_padding=4, hflip=True),
-}
-"""Registry of supported datasets: canonical name -> :class:`DatasetSpec`."""
-
 ALIASES = {
     "cifar-10": "cifar10",
     "cifar-100": "cifar100",
@@ -145,6 +109,46 @@ ALIASES = {
     "fashionmnist": "fashion-mnist",
     "image-folder": "imagefolder",
 }
+"""Other spellings of the dataset names (also registered in :data:`DATASETS`)."""
+
+DATASETS = Registry("dataset", normalize=lambda name: name.strip().lower().replace("_", "-"))
+"""The supported datasets, canonical name -> :class:`DatasetSpec` (a :class:`~ardir.registry.Registry`)."""
+for _spec in (
+    # Random crop + flip: the standard CIFAR recipe of every robust-distillation paper
+    # (ARD, RSLAD, IAD, AdaAD ...).
+    DatasetSpec(
+        "cifar10", 10, 3, 32, "CIFAR10",
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, hflip=True,
+        torchvision_subdir="cifar-10-batches-py"),
+    DatasetSpec(
+        "cifar100", 100, 3, 32, "CIFAR100",
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, hflip=True,
+        torchvision_subdir="cifar-100-python"),
+    # No flip: a mirrored digit is a different (or no) digit.
+    DatasetSpec(
+        "svhn", 10, 3, 32, "SVHN",
+        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, hflip=False,
+        split_arg="split"),
+    # No augmentation, as in Madry et al.'s and TRADES' MNIST setups: digits are centred and
+    # small shifts add nothing but training time.
+    DatasetSpec(
+        "mnist", 10, 1, 28, "MNIST",
+        (0.1307,), (0.3081,), crop_padding=0, hflip=False,
+        torchvision_subdir="MNIST/raw", idx_files=True, eps=0.3),  # Madry et al.'s and TRADES' MNIST radius
+    # Crop + flip: clothes are left-right symmetric classes (a mirrored shoe is still a shoe),
+    # and Fashion-MNIST overfits quickly without augmentation; padding 2 keeps 28x28 items in view.
+    DatasetSpec(
+        "fashion-mnist", 10, 1, 28, "FashionMNIST",
+        (0.2860,), (0.3530,), crop_padding=2, hflip=True,
+        torchvision_subdir="FashionMNIST/raw", idx_files=True,
+        system_dirs=(FASHION_MNIST_SYSTEM_DIR,),
+        install_hint="apt-get install dataset-fashion-mnist", eps=0.1),  # the radius of ardir's suites
+    # A folder of natural images: data_dir/{train,test}/<class>/<image>; ImageNet statistics for info.
+    DatasetSpec(
+        "imagefolder", None, 3, 32, "ImageFolder",
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_padding=4, hflip=True),
+):
+    DATASETS.register(_spec, aliases=[alias for alias, name in ALIASES.items() if name == _spec.name])
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -152,12 +156,7 @@ def get_spec(name: str) -> DatasetSpec:
 
     Raises ``ValueError`` naming the argument and the closest known names for an unknown ``name``.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name={name!r} must be a dataset name string, got {type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
-    key = ALIASES.get(key, key)
-    one_of("name", key, [*DATASETS, *ALIASES], what="dataset")
-    return DATASETS[key]
+    return DATASETS.get(name)
 
 
 def read_idx(path: PathLike) -> np.ndarray:
