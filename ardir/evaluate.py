@@ -5,8 +5,8 @@ checks and the call itself, one module each); this module keeps ``from ardir.eva
 EvaluationWarning, list_attacks, parse_attack`` working. ``ardir.evaluate`` as an attribute of ``ardir`` is the
 function :func:`ardir.evaluation.run.evaluate`; ``importlib.import_module("ardir.evaluate")`` gives this module.
 """
-from .evaluation import (DEFAULT_ATTACKS, MASKING_CODES, AttackSpec, Context, EvaluationWarning, Report, Runner,
-                         SanityFlag, evaluate, list_attacks, parse_attack, register_attack)
+from .evaluation import (ATTACKS, DEFAULT_ATTACKS, MASKING_CODES, AttackSpec, Context, EvaluationWarning, Report,
+                         Runner, SanityFlag, evaluate, list_attacks, parse_attack, register_attack)
 
 __all__ = ["evaluate", "Report", "SanityFlag", "EvaluationWarning", "list_attacks", "parse_attack",
-           "register_attack", "AttackSpec", "Context", "Runner", "DEFAULT_ATTACKS", "MASKING_CODES"]
+           "register_attack", "ATTACKS", "AttackSpec", "Context", "Runner", "DEFAULT_ATTACKS", "MASKING_CODES"]

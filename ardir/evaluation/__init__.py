@@ -35,9 +35,9 @@ with :func:`~ardir.evaluation.attacks.register_attack`), :mod:`~ardir.evaluation
 :mod:`~ardir.evaluation.checks` (one function per sanity rule) and :mod:`~ardir.evaluation.run` (the call).
 ``ardir.evaluate`` (the module) re-exports the public names.
 """
-from .attacks import AttackSpec, Context, Runner, list_attacks, parse_attack, register_attack
+from .attacks import ATTACKS, AttackSpec, Context, Runner, list_attacks, parse_attack, register_attack
 from .report import MASKING_CODES, EvaluationWarning, Report, SanityFlag
 from .run import DEFAULT_ATTACKS, evaluate
 
 __all__ = ["evaluate", "Report", "SanityFlag", "EvaluationWarning", "list_attacks", "parse_attack",
-           "register_attack", "AttackSpec", "Context", "Runner", "DEFAULT_ATTACKS", "MASKING_CODES"]
+           "register_attack", "ATTACKS", "AttackSpec", "Context", "Runner", "DEFAULT_ATTACKS", "MASKING_CODES"]

@@ -1,7 +1,9 @@
 """The attack grammar of :func:`ardir.evaluate`: attack names, the rules that build them, and the runners.
 
-An attack is one rule, ``register_attack(pattern, examples, summary)`` on a function ``build(match, context)``
-that returns a :class:`Runner`; adding an attack takes one file (see ``docs/evaluation.md``)::
+An attack is one rule of :data:`ATTACKS` (a :class:`~ardir.registry.Registry`, the idiom of methods, models and
+data sets too), added by ``register_attack(pattern, examples, summary, name=None)`` on a function
+``build(match, context)`` that returns a :class:`Runner`; adding an attack takes one file (see
+``docs/evaluation.md``)::
 
     import torch
     from ardir.evaluation.attacks import Runner, register_attack
@@ -23,23 +25,24 @@ that returns a :class:`Runner`; adding an attack takes one file (see ``docs/eval
     def build_noise(match, ctx):
         return Noise(ctx)
 
-The built-in rules: ``natural``, ``fgsm``, ``pgdN``, ``cwN``, ``autoattack`` and the AutoAttack components alone.
+The built-in rules: ``natural``, ``fgsm``, ``pgd`` (``pgdN``), ``cw`` (``cwN``), ``autoattack`` and each AutoAttack
+component alone (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab-t``, ``square``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .._checks import one_of
 from ..attacks import PGD
 from ..autoattack import COMPONENTS, STANDARD, AutoAttack, still_correct
+from ..registry import Registry
 from ._helpers import _fmt_eps
 
-__all__ = ["Context", "Runner", "AttackSpec", "register_attack", "list_attacks", "parse_attack"]
+__all__ = ["Context", "Runner", "AttackSpec", "ATTACKS", "register_attack", "list_attacks", "parse_attack"]
 
 
 @dataclass
@@ -144,19 +147,29 @@ class _AutoAttackRunner(Runner):
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One rule of the attack grammar: names matching ``pattern`` (a regex, matched in full on the lower-cased
-    name) are built by ``build(match, context)``; ``examples`` are shown in errors and :func:`list_attacks`."""
+    """One rule of the attack grammar, the entry :data:`ATTACKS` keeps under ``name``: names matching ``pattern``
+    (a regex, matched in full on the lower-cased name) are built by ``build(match, context)``; ``examples`` are
+    shown in errors and :func:`list_attacks`."""
     pattern: str
     examples: Tuple[str, ...]
     summary: str
     build: Callable[[re.Match, Context], Runner]
+    name: str = ""
+
+    def __call__(self, match: re.Match, ctx: Context) -> Runner:
+        """The runner of the matched name in ``ctx``."""
+        return self.build(match, ctx)
 
 
-_SPECS: List[AttackSpec] = []
+ATTACKS = Registry("attack", argument="attacks", normalize=lambda name: name.strip().lower().replace("_", "-"),
+                   hint=" (pgdN and cwN take any N >= 1)")
+"""The attack grammar: :class:`AttackSpec` rules by name (``pgd``, ``cw``, ``autoattack``, ...), each answering to
+the names its pattern matches (a :class:`~ardir.registry.Registry`; ``ATTACKS.create("pgd20", ctx)`` builds)."""
 
 
-def register_attack(pattern: str, examples: Sequence[str], summary: str):
-    """Decorator adding a rule ``build(match, context) -> runner`` to the attack grammar.
+def register_attack(pattern: str, examples: Sequence[str], summary: str, name: Optional[str] = None):
+    """Decorator adding a rule ``build(match, context) -> runner`` to :data:`ATTACKS`, under ``name`` (default:
+    the first example).
 
     ``pattern`` is a regex matched in full on the lower-cased name (``_`` read as ``-``); its groups reach
     ``build`` through ``match`` (``r"pgd-?(\\d+)"``: ``match[1]`` is the number of steps). ``context`` is a
@@ -165,33 +178,26 @@ def register_attack(pattern: str, examples: Sequence[str], summary: str):
     tried in the order they were added, the built-in ones first.
     """
     def add(build):
-        _SPECS.append(AttackSpec(pattern, tuple(examples), summary, build))
+        spec = AttackSpec(pattern, tuple(examples), summary, build, name or examples[0])
+        ATTACKS.register(spec.name, spec, pattern=pattern, examples=spec.examples)
         return build
     return add
 
 
 def list_attacks() -> List[str]:
     """Example names the grammar accepts (``pgdN`` and ``cwN`` take any number of steps N >= 1)."""
-    return [example for spec in _SPECS for example in spec.examples]
+    return [example for spec in ATTACKS.values() for example in spec.examples]
 
 
 def parse_attack(name: str) -> Tuple[AttackSpec, re.Match]:
     """The rule and regex match of an attack name; ``ValueError`` with the closest valid names otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"attack names are strings such as 'pgd20', got {name!r}")
-    normal = name.strip().lower().replace("_", "-")
-    for spec in _SPECS:
-        match = re.fullmatch(spec.pattern, normal)
-        if match:
-            return spec, match
-    one_of("attacks", name, list_attacks(), "attack (pgdN and cwN take any N >= 1)")
-    raise AssertionError("unreachable")
+    rule, match = ATTACKS.match(name)
+    return ATTACKS[rule], match
 
 
 def _build(name: str, ctx: Context) -> Runner:
     """The runner of an attack name (parsed by :func:`parse_attack`) in ``ctx``."""
-    spec, match = parse_attack(name)
-    return spec.build(match, ctx)
+    return ATTACKS.create(name, ctx)
 
 
 def _steps(match: re.Match, name: str) -> int:
@@ -201,19 +207,20 @@ def _steps(match: re.Match, name: str) -> int:
     return steps
 
 
-@register_attack(r"natural|clean", ("natural",), "no attack")
+@register_attack(r"natural|clean", ("natural",), "no attack", name="natural")
 def _build_natural(match, ctx):
     return _Natural(ctx.model)
 
 
 @register_attack(r"fgsm", ("fgsm",), "one step of size eps on the cross-entropy (Goodfellow et al. 2015); "
-                 "under L2 FGM, one step of length eps along the normalised gradient")
+                 "under L2 FGM, one step of length eps along the normalised gradient", name="fgsm")
 def _build_fgsm(match, ctx):
     return _PGDRunner("fgsm", "FGSM" if ctx.norm == "linf" else "FGM", ctx, steps=1, loss="ce", step_size=ctx.eps, random_start="none", rank=1,
                       family="fgsm")
 
 
-@register_attack(r"pgd-?(\d+)", ("pgd20", "pgd100"), "PGD on the cross-entropy, N steps (Madry et al. 2018)")
+@register_attack(r"pgd-?(\d+)", ("pgd20", "pgd100"), "PGD on the cross-entropy, N steps (Madry et al. 2018)",
+                 name="pgd")
 def _build_pgd(match, ctx):
     steps = _steps(match, "pgd")
     return _PGDRunner(f"pgd{steps}", f"PGD-{steps}", ctx, steps=steps, loss="ce", step_size=ctx.step_size,
@@ -221,14 +228,15 @@ def _build_pgd(match, ctx):
 
 
 @register_attack(r"cw-?(\d+)", ("cw30",), "CW-inf (CW2 under L2): PGD on the CW margin loss in the eps-ball, N steps "
-                 "(Carlini & Wagner 2017)")
+                 "(Carlini & Wagner 2017)", name="cw")
 def _build_cw(match, ctx):
     steps = _steps(match, "cw")
     return _PGDRunner(f"cw{steps}", f"CW∞-{steps}" if ctx.norm == "linf" else f"CW2-{steps}", ctx, steps=steps, loss="cw", step_size=ctx.step_size,
                       random_start="uniform", rank=2, family="cw")
 
 
-@register_attack(r"autoattack|aa", ("autoattack",), "AutoAttack, standard version (Croce & Hein 2020)")
+@register_attack(r"autoattack|aa", ("autoattack",), "AutoAttack, standard version (Croce & Hein 2020)",
+                 name="autoattack")
 def _build_autoattack(match, ctx):
     return _AutoAttackRunner("autoattack", "AutoAttack", ctx, STANDARD)
 
@@ -237,6 +245,9 @@ _COMPONENT_NAMES = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APG
                     "square": "Square"}
 
 
-@register_attack(r"(apgd-ce|apgd-dlr|apgd-t|fab-t|square)", COMPONENTS, "one AutoAttack component alone")
 def _build_component(match, ctx):
-    return _AutoAttackRunner(match[1], _COMPONENT_NAMES[match[1]], ctx, [match[1]])
+    return _AutoAttackRunner(match[0], _COMPONENT_NAMES[match[0]], ctx, [match[0]])
+
+
+for _component in COMPONENTS:  # one rule each, so each is a name of ATTACKS
+    register_attack(_component, (_component,), "one AutoAttack component alone", name=_component)(_build_component)
