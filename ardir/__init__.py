@@ -10,6 +10,8 @@ Public API::
     ardir.describe_layers                    -- every named module, its type and output shape on a sample
     ardir.models.create                      -- model zoo (CIFAR ResNets, WRN, MobileNetV2, CNNs, timm)
     ardir.methods                            -- the methods: inner maximisation + outer loss
+    ardir.Registry                           -- the idiom of everything built by name: methods.METHODS,
+                                                models.MODELS, data.DATASETS, evaluation.attacks.ATTACKS
     ardir.teachers.load_teacher              -- a frozen teacher from a checkpoint, a name, robustbench:NAME or a
                                                 shipped one (ardir.zoo: fashion-mnist:cnn_xlarge-at)
     ardir.gpu_data.GPULoader                 -- a data set kept on the GPU, augmented there
@@ -21,6 +23,7 @@ from .evaluate import EvaluationWarning, Report, evaluate, list_attacks
 from .hooks import FeatureHooks, describe_layers
 from .methods import (ARD, ARDIR, AT, IAD, MTARD, RSLAD, TRADES, AdaAD, Method, Natural, create_method,
                       list_methods)
+from .registry import Registry
 from .trainer import ARDIRTrainer, ARDTrainer, ATTrainer, IADTrainer, RSLADTrainer, TRADESTrainer, Trainer
 
 __version__ = "0.1.0"
@@ -28,6 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer", "ARDIRTrainer", "ATTrainer", "TRADESTrainer", "ARDTrainer", "IADTrainer", "RSLADTrainer",
     "PGD", "FeatureHooks", "describe_layers", "evaluate", "Report", "EvaluationWarning", "list_attacks", "data", "Method", "Natural",
-    "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "models", "methods", "losses",
+    "AT", "TRADES", "ARD", "IAD", "RSLAD", "ARDIR", "AdaAD", "MTARD", "create_method", "list_methods", "Registry", "models", "methods", "losses",
     "teachers", "zoo", "gpu_data", "distributed", "tensorboard",
 ]
