@@ -1,6 +1,14 @@
-"""What ``ardir train --resume`` continues from: the run's ``last.pt`` or, when further on, the Trainer's newest good
-mid-epoch checkpoint; the run's recorded paths, checked before any work; and ``metrics.jsonl`` made to end at the
-epoch resumed."""
+"""A run's ``last.pt``, written and read, and what ``ardir train --resume`` continues from: that ``last.pt`` or, when
+further on, the Trainer's newest good mid-epoch checkpoint; the run's recorded paths, checked before any work; and
+``metrics.jsonl`` made to end at the epoch resumed.
+
+``last.pt`` (format :data:`RUN_FORMAT`) wraps the Trainer's :meth:`~ardir.Trainer.state_dict` (``trainer``: the
+format of the Trainer's own checkpoints, random states included, as :mod:`ardir.rng_state` captures them) with what
+the run adds: its configuration, the architecture record and the weights that ``ardir eval`` and a teacher load
+read (``config``, ``model_info``, ``model``), the best epoch so far (``best``) and the epoch's log line
+(``record``). It is written through :func:`ardir.checkpoint.save_finite`: atomically, and never with a NaN or an
+Inf. Version 1 (ardir 0.1.0) also held ``rng``, the run's own copy of the random states that ``trainer`` holds
+too; it is not read (the trainer's are restored), so a run written by 0.1.0 resumes as it would have there."""
 from __future__ import annotations
 
 import json
@@ -11,10 +19,30 @@ from typing import Any, Dict, Mapping, Optional
 
 from . import config as cfg
 from ._cli_base import CLIError
-from .checkpoint import CheckpointError, atomic_write_text, find_resumable, list_checkpoints, load_checkpoint
+from .checkpoint import (CheckpointError, atomic_write_text, find_resumable, list_checkpoints, load_checkpoint,
+                         save_finite)
 
 RUN_FORMAT = "ardir-run"
 """The ``format`` of a run's ``last.pt``."""
+RUN_VERSION = 2
+"""The ``version`` of the ``last.pt`` written now; one from a newer version is refused on ``--resume``."""
+
+
+def run_state(trainer, config: Mapping[str, Any], model_info: Mapping[str, Any], best: Mapping[str, Any],
+              record: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The content of a run's ``last.pt`` after ``trainer``'s latest epoch (``record``: that epoch's log line)."""
+    state = {"format": RUN_FORMAT, "version": RUN_VERSION, "config": dict(config), "model_info": dict(model_info),
+             "model": trainer.student.state_dict(), "trainer": trainer.state_dict(), "best": dict(best),
+             "epoch": trainer.epoch, "step": trainer.step}
+    if record is not None:
+        state["record"] = dict(record)
+    return state
+
+
+def save_last(output_dir: Path, state: Mapping[str, Any]) -> Path:
+    """Write :func:`run_state`'s ``state`` as ``output_dir / "last.pt"``, atomically; ``FloatingPointError`` naming
+    the tensor, and nothing written, when it holds a NaN or an Inf."""
+    return save_finite(dict(state), Path(output_dir) / "last.pt", f"after {state['step']} steps")
 
 
 def _sync_metrics(path: Path, epoch: int, record: Optional[Mapping[str, Any]] = None) -> None:
@@ -46,6 +74,9 @@ def _load_last(last: Path):
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format "
                        f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    if int(state.get("version", 1)) > RUN_VERSION:
+        raise CLIError(f"--resume: {last} was written by a newer ardir (run format version {state['version']}, this "
+                       f"one reads up to {RUN_VERSION}); resume it with that version of ardir")
     return state, None
 
 

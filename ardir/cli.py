@@ -55,9 +55,9 @@ from . import models, tensorboard
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
-from ._cli_resume import RUN_FORMAT, _best_so_far, _check_saved_paths, _resume_point, _sync_metrics
+from ._cli_resume import _best_so_far, _check_saved_paths, _resume_point, _sync_metrics, run_state, save_last
 from ._run_lock import run_lock
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, list_checkpoints, remove_stale_temporaries
+from .checkpoint import CheckpointError, atomic_write_text, list_checkpoints, remove_stale_temporaries, save_finite
 from .teachers import TeacherNotFoundError, load_teacher
 
 __all__ = ["main", "build_parser", "train", "evaluate_checkpoint", "evaluate_weights", "RunLogger", "CLIError",
@@ -117,33 +117,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(loader: Any) -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        state["loader"] = generator.get_state()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator = getattr(loader, "generator", None)
-    if generator is not None and "loader" in state:
-        generator.set_state(state["loader"])
-
-
 def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The configuration without unset keys (what checkpoints and config.toml store)."""
     return {k: v for k, v in config.items() if v is not None}
@@ -160,15 +133,16 @@ def _format_record(record: Mapping[str, Any], epochs: int) -> str:
 
 
 class RunLogger:
-    """The Trainer callback of a run: after every epoch it appends to ``metrics.jsonl``, rewrites ``last.pt``,
-    updates ``best.pt`` when the validation PGD accuracy improved, and prints one log line."""
+    """The Trainer callback of a run: after every epoch it updates ``best.pt`` when the validation PGD accuracy
+    improved, rewrites ``last.pt`` (:func:`ardir._cli_resume.save_last`), appends to ``metrics.jsonl`` and prints one
+    log line. ``loader`` is not used (the trainer's state holds every random state, its loader's included); it is
+    kept for callers of ardir 0.1.0."""
 
-    def __init__(self, output_dir: Path, config: Mapping[str, Any], model_info: Mapping[str, Any], loader: Any,
+    def __init__(self, output_dir: Path, config: Mapping[str, Any], model_info: Mapping[str, Any], loader: Any = None,
                  best: Optional[Mapping[str, Any]] = None, log=None):
         self.output_dir = Path(output_dir)
         self.config = _plain(config)
         self.model_info = dict(model_info)
-        self.loader = loader
         self.best = dict(best or {})
         self.log = log or (lambda line: tqdm.write(line))
 
@@ -195,10 +169,10 @@ class RunLogger:
         if improved:
             self.best = {"epoch": record["epoch"], "val_pgd": record["val_pgd"],
                          "val_natural": record["val_natural"]}
-            atomic_save({"format": MODEL_FORMAT, "config": self.config, "model_info": self.model_info,
+            save_finite({"format": MODEL_FORMAT, "config": self.config, "model_info": self.model_info,
                          "model": trainer.student.state_dict(), **self.best}, self.output_dir / "best.pt")
-        atomic_save({**self.last_state(trainer), "record": record}, self.output_dir / "last.pt")
-        trainer.last_checkpoint = self.output_dir / "last.pt"  # what a numerical fault's message points to
+        trainer.last_checkpoint = save_last(self.output_dir, run_state(trainer, self.config, self.model_info,
+                                                                       self.best, record))
         self._append(json.dumps(record) + "\n")
         self.log(_format_record(record, trainer.epochs) + ("  *best*" if improved else ""))
 
@@ -216,10 +190,8 @@ class RunLogger:
             os.fsync(f.fileno())
 
     def last_state(self, trainer) -> Dict[str, Any]:
-        """The content of ``last.pt``."""
-        return {"format": RUN_FORMAT, "version": 1, "config": self.config, "model_info": self.model_info,
-                "model": trainer.student.state_dict(), "trainer": trainer.state_dict(),
-                "rng": _rng_state(self.loader), "best": self.best, "epoch": trainer.epoch, "step": trainer.step}
+        """The content of ``last.pt`` (:func:`ardir._cli_resume.run_state`), without the epoch's log line."""
+        return run_state(trainer, self.config, self.model_info, self.best)
 
 
 def _prepare_run_directory(output_dir: Path, metrics: Path, resume: bool) -> None:
@@ -312,7 +284,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
         output_dir.mkdir(parents=True, exist_ok=True)
         _prepare_run_directory(output_dir, output_dir / "metrics.jsonl", resume)
     best = state.get("best") if state else _best_so_far(output_dir, int(mid[1]["epoch"])) if mid else None
-    logger = RunLogger(output_dir, config, info, loaders.train, best=best, log=say)
+    logger = RunLogger(output_dir, config, info, best=best, log=say)
     trainer_kwargs = cfg.trainer_kwargs(config)
     if trainer_kwargs.get("checkpoint_every_steps") and "checkpoint_dir" in inspect.signature(Trainer).parameters:
         trainer_kwargs["checkpoint_dir"] = output_dir / "checkpoints"  # the Trainer's mid-epoch checkpoints
@@ -334,8 +306,6 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
                                f"{str(err).splitlines()[0]}); resume with the run's own settings (drop the flags "
                                "that change the model, method or optimiser) or start a new --output-dir") from None
             trainer.last_checkpoint = last
-            if trainer.world_size == 1:  # in a process group each process has its own, from the trainer's state
-                _set_rng_state(state["rng"], loaders.train)
         if main_process:
             _sync_metrics(logger.metrics_path, trainer.epoch, (state or {}).get("record"))
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")

@@ -54,10 +54,12 @@ def test_train_writes_last_best_metrics_and_config(teacher_run):
     assert cfg.check(config) == config  # the resolved file is itself a valid configuration
 
     last = load_checkpoint(out / "last.pt")
-    assert last["format"] == "ardir-run" and last["epoch"] == 2 and last["step"] == 2
-    assert {"model", "trainer", "rng", "config", "model_info", "best"} <= set(last)
-    assert {"optimizer", "scheduler", "method", "student"} <= set(last["trainer"])
-    assert {"torch", "python", "numpy", "loader"} <= set(last["rng"])
+    assert last["format"] == "ardir-run" and last["version"] == 2 and last["epoch"] == 2 and last["step"] == 2
+    assert {"model", "trainer", "config", "model_info", "best", "record"} <= set(last)
+    assert {"optimizer", "scheduler", "method", "student", "rng"} <= set(last["trainer"])
+    assert "rng" not in last  # one capture of the random states: the trainer's, the loader's generator included
+    assert {"torch", "python", "numpy", "generators"} <= set(last["trainer"]["rng"])
+    assert len(last["trainer"]["rng"]["generators"]) == 1
     assert last["model_info"] == {"name": "cnn_small", "num_classes": 10, "in_chans": 1, "image_size": 28,
                                   "dataset": "fashion-mnist"}
 
