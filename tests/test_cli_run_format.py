@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from ardir import checkpoint as ck
 from ardir import cli
+from ardir._cli_resume import save_last
 from ardir.trainer import Trainer
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-0.1.0"
@@ -37,3 +39,25 @@ def test_a_run_written_by_0_1_0_resumes_from_its_random_states_and_finishes(tmp_
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == first_line and [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert ck.load_checkpoint(out / "best.pt")["epoch"] == last["best"]["epoch"]
+
+
+def test_a_last_pt_of_a_newer_version_is_refused_naming_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(OLD_RUN, out)
+    state = ck.load_checkpoint(out / "last.pt")
+    torch.save({**state, "version": 99}, out / "last.pt")
+    assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'last.pt'} was written by a newer ardir (run format version 99" in err and err.count("\n") == 1
+
+
+def test_a_non_finite_last_pt_is_never_written_and_the_previous_one_stays(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(OLD_RUN, out)
+    before = (out / "last.pt").read_bytes()
+    state = ck.load_checkpoint(out / "last.pt")
+    state["model"]["fc.weight"][0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"model\.fc\.weight holds non-finite values \(NaN or Inf\) after 2 "
+                                                 r"steps: no checkpoint was written with it \(last.pt is as it was\)"):
+        save_last(out, state)
+    assert (out / "last.pt").read_bytes() == before and not list(out.glob(".*.tmp"))
