@@ -274,12 +274,15 @@ class Checkpointer:
         directory: created if missing; it must be writable (checked now, not after the first epoch).
         keep_last: numbered checkpoints kept (>= 1); older ones are deleted after a newer one is written.
         every_steps: also checkpoint every this many optimiser steps (mid-epoch); ``None``: only at epoch ends.
+        point_last: keep ``last.pt`` the newest checkpoint; ``False`` where another file is the run's ``last.pt``
+            (``ardir train``'s ``DIR/last.pt``, beside the numbered ``DIR/checkpoints/``), so a run has one.
 
     Each save writes ``epoch-EEEE-step-SSSSSSSSS.pt`` and then makes ``last.pt`` the same file (a hard link,
     or a copy where links are not supported), both atomically.
     """
 
-    def __init__(self, directory: PathLike, keep_last: int = 2, every_steps: Optional[int] = None):
+    def __init__(self, directory: PathLike, keep_last: int = 2, every_steps: Optional[int] = None,
+                 point_last: bool = True):
         from ._checks import non_negative_int
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r} must be a whole number >= 1 (checkpoints kept)")
@@ -288,6 +291,7 @@ class Checkpointer:
         self.directory = Path(directory).expanduser()
         self.keep_last = keep_last
         self.every_steps = every_steps
+        self.point_last = point_last
         self._check_writable()
         remove_stale_temporaries(self.directory)
 
@@ -315,7 +319,8 @@ class Checkpointer:
         Raises ``FloatingPointError`` naming the first tensor holding a NaN or an Inf, writing nothing
         (:func:`save_finite`): a checkpoint is always a state worth resuming from."""
         path = save_finite(state, self.directory / checkpoint_name(epoch, step), f"after {step} steps")
-        self._point_last_at(path)
+        if self.point_last:
+            self._point_last_at(path)
         for old in list_checkpoints(self.directory)[self.keep_last:]:
             try:
                 old.unlink()

@@ -292,6 +292,8 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
                       progress=not config["quiet"], callbacks=[logger] + _trackers(config, output_dir, main_process),
                       **trainer_kwargs,
                       **cfg.method_kwargs(config))
+    if trainer.checkpointer is not None:  # the run's one last.pt is DIR/last.pt; checkpoints/ holds numbered ones
+        trainer.checkpointer.point_last = False
     if resume:
         if mid is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
             try:

@@ -134,3 +134,10 @@ def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_a_checkpointer_that_does_not_point_last_writes_only_numbered_checkpoints(tmp_path):
+    saver = ck.Checkpointer(tmp_path, keep_last=1, point_last=False)
+    saver.save({"w": torch.ones(2)}, 0, 1)
+    newest = saver.save({"w": torch.zeros(2)}, 1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [newest.name] and ck.newest_good(tmp_path) == newest

@@ -62,6 +62,7 @@ def test_a_kill_in_the_first_epoch_resumes_exactly_from_the_mid_epoch_checkpoint
 def test_resume_takes_the_newest_good_checkpoint_of_either_kind(tmp_path, capsys):
     out = tmp_path / "run"
     assert run("train", *SMALL, "--epochs", "1", "--output-dir", out) == 0
+    assert not (out / "checkpoints" / "last.pt").exists()  # one last.pt: the run's, beside the numbered ones
     (out / "last.pt").write_bytes(b"damaged")  # last.pt unusable: the Trainer's epoch-end checkpoint carries on
     with pytest.warns(UserWarning, match="last.pt is truncated or corrupt.*continuing from .*epoch-0001-step-000000006.pt"):
         assert run("train", "--output-dir", out, "--resume", "--epochs", "2", "--quiet") == 0
