@@ -109,6 +109,24 @@ def _resume_point(output_dir: Path):
     return None, mid, cfg.load_toml(saved)
 
 
+def restore_trainer(trainer, state: Optional[Mapping[str, Any]], mid, last: Path) -> None:
+    """Put ``trainer`` where the run stopped (:func:`_resume_point`): at the Trainer's mid-epoch checkpoint ``mid``
+    when it is further on, else at ``last.pt``'s trainer state, its random states included."""
+    if mid is not None:
+        try:
+            trainer.resume(mid[0])
+        except CheckpointError as err:
+            raise CLIError(f"--resume: {err}") from None
+        return
+    try:
+        trainer.load_state_dict(state["trainer"])
+    except (CheckpointError, KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise CLIError(f"--resume: {last} does not fit this run ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0]}); resume with the run's own settings (drop the flags "
+                       "that change the model, method or optimiser) or start a new --output-dir") from None
+    trainer.last_checkpoint = last
+
+
 def _check_saved_paths(config: Mapping[str, Any], given: Mapping[str, Any], output_dir: Path) -> None:
     """On ``--resume``: a path the run recorded, not given again now, that this run reads and that no longer exists
     is a :class:`CLIError` naming ``DIR/config.toml`` and the flag that overrides it."""

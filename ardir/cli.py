@@ -55,7 +55,8 @@ from . import models, tensorboard
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
-from ._cli_resume import _best_so_far, _check_saved_paths, _resume_point, _sync_metrics, run_state, save_last
+from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, restore_trainer, run_state,
+                          save_last)
 from ._run_lock import run_lock
 from .checkpoint import CheckpointError, atomic_write_text, list_checkpoints, remove_stale_temporaries, save_finite
 from .teachers import TeacherNotFoundError, load_teacher
@@ -242,7 +243,6 @@ def _trackers(config: Mapping[str, Any], output_dir: Path, main_process: bool) -
 def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], output_dir: Path, resume: bool,
                   main_process: bool, say) -> Path:
     """:func:`train` once the run directory is locked."""
-    from .methods import METHODS
     from .trainer import Trainer
 
     last = output_dir / "last.pt"
@@ -270,15 +270,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     info = _model_info(config, loaders)
     student = models.create(info["name"], num_classes=info["num_classes"], in_chans=info["in_chans"],
                             mean=info.get("mean"), std=info.get("std")).to(device)
-    teacher = None
-    if METHODS[config["method"]].needs_teacher:
-        if not config["teacher"]:
-            raise CLIError(f"method {config['method']!r} distils from a teacher: pass --teacher PATH|MODEL|"
-                           "robustbench:NAME, or train one first with `ardir train --method trades --output-dir DIR`")
-        teacher = load_teacher(config["teacher"], info["num_classes"], info["in_chans"], device,
-                               model_name=config["teacher_model"], model_dir=config["robustbench_dir"])
-    elif config["teacher"]:
-        say(f"note: method {config['method']!r} uses no teacher; --teacher is ignored")
+    teacher = _teacher(config, info, device, say)
 
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -295,30 +287,13 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     if trainer.checkpointer is not None:  # the run's one last.pt is DIR/last.pt; checkpoints/ holds numbered ones
         trainer.checkpointer.point_last = False
     if resume:
-        if mid is not None:  # the Trainer's own mid-epoch checkpoint (--checkpoint-every-steps) is further on
-            try:
-                trainer.resume(mid[0])
-            except CheckpointError as err:
-                raise CLIError(f"--resume: {err}") from None
-        else:
-            try:
-                trainer.load_state_dict(state["trainer"])
-            except (CheckpointError, KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
-                raise CLIError(f"--resume: {last} does not fit this run ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0]}); resume with the run's own settings (drop the flags "
-                               "that change the model, method or optimiser) or start a new --output-dir") from None
-            trainer.last_checkpoint = last
+        restore_trainer(trainer, state, mid, last)
         if main_process:
             _sync_metrics(logger.metrics_path, trainer.epoch, (state or {}).get("record"))
         say(f"resuming {output_dir} at epoch {trainer.epoch}/{trainer.epochs} (step {trainer.step})")
     elif main_process and logger.metrics_path.exists():
         logger.metrics_path.unlink()  # a stale log without last.pt: the run starts over
-    # the schedule actually run (a resumed run keeps its checkpoint's milestones, whatever --epochs says now), and
-    # IAD's resolved warm-up: `ardir train --config DIR/config.toml` repeats this run, resumed and extended ones too
-    if "milestones" in config and hasattr(trainer.scheduler, "milestones"):
-        config["milestones"] = sorted(trainer.scheduler.milestones.elements())
-    if config.get("warmup_epochs", 0) is None and hasattr(trainer.method, "warmup"):
-        config["warmup_epochs"] = trainer.method.warmup
+    _record_schedule(config, trainer)
     if main_process:
         atomic_write_text(cfg.dump_config(config), output_dir / "config.toml")
     if loaders.val is None:
@@ -332,13 +307,42 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     finally:
         if joined:
             distributed.cleanup()
+    say(_summary(output_dir, logger))
+    return output_dir
+
+
+def _teacher(config: Mapping[str, Any], info: Mapping[str, Any], device: torch.device, say):
+    """The run's teacher, or None for a method that distils from none (a ``--teacher`` given anyway is noted)."""
+    from .methods import METHODS
+    if METHODS[config["method"]].needs_teacher:
+        if not config["teacher"]:
+            raise CLIError(f"method {config['method']!r} distils from a teacher: pass --teacher PATH|MODEL|"
+                           "robustbench:NAME, or train one first with `ardir train --method trades --output-dir DIR`")
+        return load_teacher(config["teacher"], info["num_classes"], info["in_chans"], device,
+                            model_name=config["teacher_model"], model_dir=config["robustbench_dir"])
+    if config["teacher"]:
+        say(f"note: method {config['method']!r} uses no teacher; --teacher is ignored")
+    return None
+
+
+def _record_schedule(config: Dict[str, Any], trainer) -> None:
+    """Put the schedule actually run into ``config`` (a resumed run keeps its checkpoint's milestones, whatever
+    --epochs says now) and IAD's resolved warm-up, so that ``ardir train --config DIR/config.toml`` repeats this run,
+    resumed and extended ones too."""
+    if "milestones" in config and hasattr(trainer.scheduler, "milestones"):
+        config["milestones"] = sorted(trainer.scheduler.milestones.elements())
+    if config.get("warmup_epochs", 0) is None and hasattr(trainer.method, "warmup"):
+        config["warmup_epochs"] = trainer.method.warmup
+
+
+def _summary(output_dir: Path, logger: RunLogger) -> str:
+    """The line a finished run ends with: where last.pt is, the best epoch, how to evaluate."""
     best = logger.best
     summary = f"done: {output_dir}/last.pt"
     if best:
         which = "natural" if logger.selection_metric == "val_natural" else "PGD"
         summary += f"; best.pt from epoch {best['epoch']} (val {which} {best[logger.selection_metric]:.2f}%)"
-    say(summary + f"; evaluate with `ardir eval --checkpoint {output_dir}/{'best' if best else 'last'}.pt`")
-    return output_dir
+    return summary + f"; evaluate with `ardir eval --checkpoint {output_dir}/{'best' if best else 'last'}.pt`"
 
 
 # -------------------------------------------------------------------------------------------------- main
