@@ -15,7 +15,9 @@
 A training run writes into ``--output-dir``:
 
 * ``last.pt`` -- everything needed to continue: model, adapters, optimiser, schedule, epoch, step, RNG states
-  (global and data order), the configuration; rewritten atomically after every epoch;
+  (global and data order), the configuration; rewritten atomically after every epoch, never with a NaN or an Inf
+  (its format: :mod:`ardir._cli_resume`; with ``--checkpoint-every-steps`` the numbered mid-epoch checkpoints go to
+  ``checkpoints/``);
 * ``best.pt`` -- the model with the best PGD accuracy on the validation split (held out of the *training* set,
   ``--val-size``), never chosen on the test set;
 * ``metrics.jsonl`` -- one JSON line per epoch: every loss term, ``val_natural``, ``val_pgd``, ``lr``,
