@@ -351,4 +351,3 @@ class Checkpointer:
 def _copy_into(path: Path, f: io.BufferedWriter) -> None:
     with open(path, "rb") as src:
         shutil.copyfileobj(src, f)
-
