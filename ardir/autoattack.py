@@ -19,7 +19,8 @@ of 10 iterations (not 100), FAB-T with 10 and lets Square rescale its schedule, 
 AutoAttack number. ``engine="ardir"`` runs ardir's own components with the official settings
 (:mod:`ardir.apgd`, :mod:`ardir.fab`, :mod:`ardir.square`): the official algorithms and random draws, but a
 point leaves the batch as soon as its verdict is settled (APGD: misclassified once; FAB-T: an adversarial
-point within eps), the model runs channels-last on the CPU and without autograd where no gradient is needed.
+point within eps), the model runs with each BatchNorm folded into the layer before it, channels-last on the
+CPU, and without autograd where no gradient is needed.
 Every step of these attacks is per sample, so none of this changes a verdict (beyond float rounding).
 ``engine="official"`` runs the authors' own code: the PyPI package ``pyautoattack`` (import name
 ``pyautoattack``) or, failing that, the ``autoattack`` package installed from GitHub.
@@ -38,6 +39,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.fx.experimental.optimization import fuse
 import torch.nn as nn
 
 from ._checks import eps_value, norm_name, one_of
@@ -108,11 +110,20 @@ def _ardir_component(name: str, model: nn.Module, eps: float, num_classes: int,
 
 
 def fast_model(model: nn.Module) -> nn.Module:
-    """The model as the ardir engine runs it: on the CPU, a channels-last copy when it has 4-d (conv) weights
-    (about 3x faster forward passes for small CNNs, the same function up to float rounding); else ``model``."""
+    """The model as the ardir engine attacks it (``model`` in eval mode): a copy with every BatchNorm folded into
+    the convolution or linear layer before it (:func:`torch.fx.experimental.optimization.fuse`: in eval mode the
+    same affine map, so the same function up to float rounding), channels-last on the CPU when it has 4-d (conv)
+    weights. On a small CNN on one core the two together make a forward and input-gradient pass about 2x faster.
+    A model in training mode, or one fx cannot trace, is only copied (and made channels-last)."""
+    fast = None
+    if not model.training:
+        try:
+            fast = fuse(model)
+        except Exception:  # noqa: BLE001 - data-dependent control flow etc.: folding is an optimisation only
+            fast = None
     if _device(model).type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return fast if fast is not None else model
+    return (fast if fast is not None else copy.deepcopy(model)).to(memory_format=torch.channels_last)
 
 
 def _torchattacks_component(name: str, model: nn.Module, eps: float, num_classes: int,

@@ -143,6 +143,39 @@ def test_ardir_components_use_the_official_settings(tiny):
     assert "ardir" in aa.AutoAttack(model, num_classes=10).settings["engine"]
 
 
+def test_fast_model_folds_batchnorm_in_eval_mode_only():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    fast = aa.fast_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is left alone
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in aa.fast_model(model.train()).modules())
+
+
+def test_fast_model_copies_a_model_fx_cannot_trace():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            return out.flatten(1) if out.sum() > 0 else -out.flatten(1)  # data-dependent: fx cannot trace it
+
+    model = Branchy().eval()
+    fast = aa.fast_model(model)
+    assert fast is not model and isinstance(fast, Branchy)
+    x = torch.rand(3, 1, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-6)
+
+
 def test_fast_model_is_a_channels_last_copy(tiny):
     model = tiny(num_classes=4).eval()
     fast = aa.fast_model(model)
