@@ -414,9 +414,14 @@ def loaders_for(settings: Dict[str, Any], seed: int, data_dir: Optional[str], va
 
 
 def _teacher_key(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """What a cached teacher was trained with; the threat model only when it is not L-inf, so that the teachers
+    cached before suites had a norm keep matching."""
     keys = ("dataset", "eps", "step_size", "steps", "teacher_model", "teacher_method", "teacher_epochs",
             "teacher_kwargs", "batch_size", "train_size", "limit_batches", "fake_data")
-    return json.loads(json.dumps({k: settings[k] for k in keys}))
+    key = {k: settings[k] for k in keys}
+    if settings.get("norm", "linf") != "linf":
+        key["norm"] = settings["norm"]
+    return json.loads(json.dumps(key))
 
 
 def cached_teacher(settings: Dict[str, Any], run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -453,7 +458,8 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
     torch.manual_seed(0)  # the shared teacher: seed 0
     teacher = suite_model(settings, settings["teacher_model"]).to(device)
     loaders = loaders_for(settings, 0, data_dir)
-    kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"])
+    kwargs = dict(eps=settings["eps"], step_size=settings["step_size"], steps=settings["steps"],
+                  norm=settings.get("norm", "linf"))
     extra = dict(settings["teacher_kwargs"])
     lr = extra.pop("lr", 0.1)
     wall, cpu = time.time(), time.process_time()

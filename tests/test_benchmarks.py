@@ -477,6 +477,28 @@ def test_rows_recorded_before_a_setting_existed_keep_their_meaning(reproduce):
     assert reproduce.stored_key(old) != reproduce.row_key(dict(linf, norm="l2"))
 
 
+def test_a_suite_trains_its_own_teacher_under_its_threat_model(reproduce, tmp_path, monkeypatch):
+    """A teacher a suite trains itself is trained under the suite's norm, and its cache key names an L2 norm (an
+    L-inf key is as before, so teachers cached then still match)."""
+    linf = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    l2 = reproduce.resolve(reproduce.SUITES["fashion-mnist-l2"], reproduce.parse_args(["fashion-mnist-l2"]))
+    assert "norm" not in reproduce._teacher_key(linf) and reproduce._teacher_key(l2)["norm"] == "l2"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(model, loader, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(reproduce.ardir, "Trainer", fake_trainer)
+    monkeypatch.setattr(reproduce, "loaders_for", lambda *args: argparse.Namespace(train=None))
+    with pytest.raises(Stop):
+        reproduce.get_teacher(dict(l2, teacher=None), tmp_path, None, torch.device("cpu"), False, lambda line: None)
+    assert seen["norm"] == "l2" and seen["eps"] == 1.5
+
+
 def test_same_images_takes_the_teachers_autoattack_only_from_the_same_images(tmp_path, monkeypatch):
     """benchmarks/same_images.py: the teacher's AutoAttack comes from its manifest only when the manifest measured it
     on the very subset asked for; otherwise it is measured."""
