@@ -158,6 +158,24 @@ def test_fast_model_folds_batchnorm_in_eval_mode_only():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in aa.fast_model(model.train()).modules())
 
 
+@pytest.mark.parametrize("name", ["cnn_small", "resnet18", "preact_resnet18", "mobilenet_v2"])
+def test_fast_model_of_zoo_networks_computes_the_same_function(name):
+    from ardir import models
+    in_chans, size = (1, 28) if name.startswith("cnn") else (3, 32)
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=10, in_chans=in_chans).eval()
+    for module in model.modules():  # statistics away from (0, 1), so a wrong fold would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    fast = aa.fast_model(model)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) < \
+        sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.rand(3, in_chans, size, size)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
 def test_fast_model_copies_a_model_fx_cannot_trace():
     class Branchy(torch.nn.Module):
         def __init__(self):
