@@ -113,6 +113,22 @@ def test_fab_projection_and_run_match_the_official_code(setup):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("share", [0.0, 1 / 3, float("inf")])
+def test_fab_in_either_order_takes_the_official_steps(setup, monkeypatch, share):
+    """Testing first (official order) or taking the gradient first and recomputing it for the points pulled
+    back: the same iterates as the official code, whichever the share of pulled-back points chooses."""
+    module = _official()
+    model, x, y = setup
+    ref = module.fab_pt.FABAttack_PT(model, norm="Linf", n_restarts=1, n_iter=30, eps=0.05, seed=0, targeted=True,
+                                     device="cpu", n_target_classes=3)
+    theirs = ref.perturb(x.clone(), y.clone())
+    monkeypatch.setattr(fab, "TEST_FIRST_ABOVE", share)
+    ours = fab.fab_targeted(model, x, y, 0.05, n_target_classes=3, n_iter=30, drop=False)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    dropped = fab.fab_targeted(model, x, y, 0.05, n_target_classes=3, n_iter=30, drop=True)
+    assert torch.equal(~aa.still_correct(model, x, dropped, y, 0.05), ~aa.still_correct(model, x, theirs, y, 0.05))
+
+
 def test_square_matches_the_official_code_per_sample(setup):
     """Square's draws do not depend on the batch, so the random streams agree: the same points."""
     module = _official()
