@@ -107,6 +107,17 @@ def uniform_l2_ball(like: torch.Tensor, eps: float) -> torch.Tensor:
     return z / _sample_norms(z).clamp(min=L2_NORM_FLOOR) * radius
 
 
+def model_device(model: nn.Module, default: Optional[torch.device] = None) -> torch.device:
+    """Where ``model`` lives: its first parameter's device, else its first buffer's, else ``default`` (the CPU
+    when ``None``)."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    if tensor is not None:
+        return tensor.device
+    return torch.device("cpu") if default is None else torch.device(default)
+
+
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Put ``model`` in ``mode`` ("eval", "train" or "keep") and restore every module's own flag on exit."""
@@ -228,10 +239,10 @@ class PGD:
         """Raise a ``TypeError``/``ValueError`` naming the problem: images a floating-point tensor (N, ...) on the
         model's device, labels int64 (N,), target_probs (N, K); with ``check_range`` also images in [0, 1]."""
         batch_tensors("PGD", images, labels)
-        param = next(self.model.parameters(), None)
-        if param is not None and (images.device != param.device or labels.device != param.device):
+        device = model_device(self.model, images.device)
+        if images.device != device or labels.device != device:
             raise ValueError(f"images ({images.device}) and labels ({labels.device}) must be on the model's device "
-                             f"({param.device})")
+                             f"({device})")
         if target_probs is not None and (not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 2
                                          or len(target_probs) != len(images)):
             got = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__

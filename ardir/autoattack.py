@@ -43,7 +43,7 @@ from torch.fx.experimental.optimization import fuse
 import torch.nn as nn
 
 from ._checks import eps_value, norm_name, one_of
-from .attacks import model_mode
+from .attacks import model_device, model_mode
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 """Components of AutoAttack's standard version, in the order they run."""
@@ -121,7 +121,7 @@ def fast_model(model: nn.Module) -> nn.Module:
             fast = fuse(model)
         except Exception:  # noqa: BLE001 - data-dependent control flow etc.: folding is an optimisation only
             fast = None
-    if _device(model).type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
+    if model_device(model).type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
         return fast if fast is not None else model
     return (fast if fast is not None else copy.deepcopy(model)).to(memory_format=torch.channels_last)
 
@@ -206,7 +206,7 @@ def _official_component(name: str, model: nn.Module, eps: float, num_classes: in
     """One component run through the official driver (``run_standard_evaluation``) with standard settings,
     in the official norm ``"Linf"`` or ``"L2"`` (``norm`` is ardir's ``"linf"`` or ``"l2"``)."""
     module = official_module()
-    device = _device(model)
+    device = model_device(model)
     official_norm = {"linf": "Linf", "l2": "L2"}[norm]
     if module.__name__ == "pyautoattack":
         adversary = module.AutoAttack(model, eps=eps, norm=official_norm, version="standard", seed=seed,
@@ -233,14 +233,6 @@ def _official_component(name: str, model: nn.Module, eps: float, num_classes: in
 
 
 # ------------------------------------------------------------------------------------------- AutoAttack
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    if param is None:
-        buffer = next(model.buffers(), None)
-        return buffer.device if buffer is not None else torch.device("cpu")
-    return param.device
-
-
 @torch.no_grad()
 def still_correct(model: nn.Module, images: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
                   eps: float, norm: str = "linf") -> torch.Tensor:

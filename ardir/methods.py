@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import eps_value, non_negative, non_negative_int, norm_name, number, one_of, positive
-from .attacks import PGD, STARTS, MODES, LossFn, kl_to, model_mode
+from .attacks import PGD, STARTS, MODES, LossFn, kl_to, model_device, model_mode
 from .hooks import FeatureHooks, check_layers
 from .losses import DISTANCES, KL_REDUCTIONS, FeatureAdapter, feature_distance, kl_div
 from .registry import Registry
@@ -429,8 +429,7 @@ class ARDIR(ARD):
                 adapters.append(FeatureAdapter(s_shape, t_shape))
             except ValueError as err:
                 raise ValueError(f"layers ({t_name!r}, {s_name!r}): {err}") from None
-        param = next(student.parameters(), None)
-        self.adapters = nn.ModuleList(adapters).to(param.device if param is not None else images.device)
+        self.adapters = nn.ModuleList(adapters).to(model_device(student, images.device))
 
     def forward(self, student, images, labels, teacher=None) -> Terms:
         if self.layers is None or len(self.adapters) != len(self.layers):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from ._checks import non_negative, number, one_of, positive
-from .attacks import attack_module, kl_to, model_mode
+from .attacks import attack_module, kl_to, model_device, model_mode
 from .losses import KL_REDUCTIONS, kl_div
 from .methods import RSLAD, Method, Terms, register_method, teacher_logits
 
@@ -165,8 +165,7 @@ class MTARD(Method):
 
     def setup(self, student, teacher, images) -> None:
         """Resolve and freeze the natural teacher, on the student's device; check its classes."""
-        param = next(student.parameters(), None)
-        device = param.device if param is not None else images.device
+        device = model_device(student, images.device)
         sample = images[:2].to(device)
         with torch.no_grad(), model_mode(student, "eval"):
             num_classes = int(student(sample).shape[1])
@@ -180,9 +179,8 @@ class MTARD(Method):
         model = self.natural_model
         if model is student:
             raise ValueError("natural_teacher is the student: pass a separate, naturally trained model")
-        t_param = next(model.parameters(), None)
-        if t_param is not None and t_param.device != device:
-            raise ValueError(f"natural_teacher is on {t_param.device} but the student on {device}: move it there "
+        if model_device(model, device) != device:
+            raise ValueError(f"natural_teacher is on {model_device(model)} but the student on {device}: move it there "
                              f"(natural_teacher.to({str(device)!r}))")
         model.eval().requires_grad_(False)
         if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()

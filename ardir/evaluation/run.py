@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .._checks import (batch_tensors, check_batch, eps_value, label_range, logits_of, norm_name, one_of, pixel_range,
                        positive)
-from ..attacks import model_mode
-from ..autoattack import L2_ENGINE_ERROR, _device
+from ..attacks import model_device, model_mode
+from ..autoattack import L2_ENGINE_ERROR
 from ._helpers import _derive_seed, _fmt_eps, _forked_rng, _frozen, _percent, _unbits
 from .attacks import (Context, Runner, _AutoAttackRunner, _build, _build_autoattack, _build_component, _Natural,
                       parse_attack)
@@ -234,7 +234,7 @@ class _Evaluation:
 
     def __init__(self, model: nn.Module, settings: _Settings):
         self.model, self.s = model, settings
-        self.device = _device(model)
+        self.device = model_device(model)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_classes, self.randomized = 0, False
         self.plan: Optional[_Plan] = None

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import batch_tensors, check_batch, label_range, logits_of, non_negative, positive, positive_int
-from ..attacks import model_mode
+from ..attacks import model_device, model_mode  # noqa: F401 (model_device: the trainer's)
 from ..checkpoint import Checkpointer, PathLike
 from ..methods import Method, create_method
 
@@ -59,12 +59,6 @@ def checked_batch(batch: Any, index: int, epoch: int, device: torch.device, num_
     if index == 0:
         check_batch("the first training batch", images, labels, num_classes, "student")
     return images, labels
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (the CPU for a model without any)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def check_student(student: Any, teacher: Any) -> None:
