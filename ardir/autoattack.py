@@ -39,7 +39,6 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.fx.experimental.optimization import fuse
 import torch.nn as nn
 
 from ._checks import eps_value, norm_name, one_of
@@ -109,21 +108,46 @@ def _ardir_component(name: str, model: nn.Module, eps: float, num_classes: int,
     return functools.partial(square.square, model, eps=eps, seed=seed, n_queries=5000, p_init=0.8)
 
 
-def fast_model(model: nn.Module) -> nn.Module:
-    """The model as the ardir engine attacks it (``model`` in eval mode): a copy with every BatchNorm folded into
-    the convolution or linear layer before it (:func:`torch.fx.experimental.optimization.fuse`: in eval mode the
-    same affine map, so the same function up to float rounding), channels-last on the CPU when it has 4-d (conv)
-    weights. On a small CNN on one core the two together make a forward and input-gradient pass about 2x faster.
-    A model in training mode, or one fx cannot trace, is only copied (and made channels-last)."""
-    fast = None
-    if not model.training:
-        try:
-            fast = fuse(model)
-        except Exception:  # noqa: BLE001 - data-dependent control flow etc.: folding is an optimisation only
-            fast = None
+def fast_model(model: nn.Module, sample: Optional[torch.Tensor] = None) -> nn.Module:
+    """The model as the ardir engine attacks it: a copy with every BatchNorm folded into the convolution or linear
+    layer before it (:func:`torch.fx.experimental.optimization.fuse`; in eval mode the same affine map, so the
+    same function up to float rounding), channels-last on the CPU when it has 4-d (conv) weights. On a small CNN
+    on one core the two together make a forward and input-gradient pass about 2x faster.
+
+    Nothing is folded for a model in training mode, one fx cannot trace, one with hooks (a traced copy would
+    lose them, e.g. the input normalisation of ``models.create(..., mean=, std=)``), one that calls a module at
+    two places, or one whose folded copy's logits on ``sample`` (a few inputs) differ from the model's: such a
+    model is attacked as it is (a channels-last copy on the CPU)."""
+    fast = _folded(model, sample)
     if model_device(model).type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
         return fast if fast is not None else model
     return (fast if fast is not None else copy.deepcopy(model)).to(memory_format=torch.channels_last)
+
+
+def _folded(model: nn.Module, sample: Optional[torch.Tensor]) -> Optional[nn.Module]:
+    """``model`` with its BatchNorms folded, or ``None`` where folding might change the function."""
+    from torch import fx
+    from torch.fx.experimental.optimization import fuse
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
+                 getattr(m, "_backward_pre_hooks", None) for m in model.modules())
+    if model.training or hooked:
+        return None
+    try:
+        traced = fx.symbolic_trace(model)
+        called = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+        if len(called) != len(set(called)):  # a shared module would be folded once per call site
+            return None
+        folded = fuse(traced, no_trace=True)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: folding is an optimisation only
+        return None
+    if sample is not None:
+        with torch.no_grad():
+            want, got = model(sample), folded(sample)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4,
+                                                         atol=1e-4 * max(1.0, float(want.abs().max()))):
+            return None
+    return folded
 
 
 def _torchattacks_component(name: str, model: nn.Module, eps: float, num_classes: int,
@@ -324,7 +348,7 @@ class AutoAttack:
         with model_mode(self.model, "eval"):
             with torch.no_grad():
                 robust = self.model(images).argmax(1) == labels
-            model = fast_model(self.model) if self.engine == "ardir" else self.model
+            model = fast_model(self.model, images[:8]) if self.engine == "ardir" else self.model
             for name in self.attacks:  # the official driver gives every component the same seed
                 if name in done:
                     robust &= done[name].to(robust.device)

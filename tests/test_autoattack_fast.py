@@ -192,6 +192,38 @@ def test_fast_model_of_zoo_networks_computes_the_same_function(name):
         assert torch.allclose(fast(x), model(x), atol=1e-5)
 
 
+def test_fast_model_keeps_the_input_normalisation_hook():
+    """models.create(..., mean=, std=) normalises in a forward pre-hook, which a traced copy would lose."""
+    from ardir import models
+    model = models.create("cnn_small", num_classes=10, in_chans=1, mean=[0.5], std=[0.1]).eval()
+    fast = aa.fast_model(model, torch.rand(4, 1, 28, 28))
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+def test_fast_model_does_not_fold_a_module_called_twice():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 1)
+            self.bn1, self.bn2 = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn2(self.conv(self.bn1(self.conv(x)))).flatten(1)
+
+    torch.manual_seed(0)
+    model = Shared()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.rand(3, 2, 4, 4)
+    for sample in (None, x):
+        with torch.no_grad():
+            assert torch.allclose(aa.fast_model(model, sample)(x), model(x), atol=1e-5)
+
+
 def test_fast_model_copies_a_model_fx_cannot_trace():
     class Branchy(torch.nn.Module):
         def __init__(self):
