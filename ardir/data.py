@@ -156,7 +156,7 @@ def get_spec(name: str) -> DatasetSpec:
 
     Raises ``ValueError`` naming the argument and the closest known names for an unknown ``name``.
     """
-    return DATASETS.get(name)
+    return DATASETS.lookup(name)
 
 
 def read_idx(path: PathLike) -> np.ndarray:

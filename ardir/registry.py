@@ -8,13 +8,15 @@ constructor or a plain object)::
     class Mine(Method):
         name = "mine"
 
-    METHODS.list(); METHODS.arguments("mine"); METHODS.create("mine", eps=4 / 255); METHODS.get("MINE")
+    METHODS.list(); METHODS.arguments("mine"); METHODS.create("mine", eps=4 / 255); METHODS.lookup("MINE")
 
 An entry registered with a ``pattern`` answers to every name the regex matches in full (the attack grammar's
 ``register("pgd", spec, pattern=r"pgd-?(\\d+)")``), and :meth:`Registry.create` calls it with the match first.
 An unknown name is an :class:`UnknownName` (a ``ValueError`` and a ``KeyError``) listing the known names and the
-closest. ``register`` refuses a taken name unless ``override=True`` (two plugins claiming one name is a bug to
-report, not to resolve silently); item assignment, ``REGISTRY[name] = entry``, replaces as for a dict.
+closest (:meth:`Registry.lookup`; :meth:`Registry.get` returns a default instead, as ``dict.get``). ``register``
+refuses a taken name unless ``override=True`` or the entry is the same definition again (same module and
+qualified name: a re-run notebook cell): two plugins claiming one name is a bug to report, not to resolve
+silently. Item assignment, ``REGISTRY[name] = entry``, replaces as for a dict.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 class UnknownName(ValueError, KeyError):
     """A name no registry entry answers to; the message lists the closest known names."""
     __str__ = ValueError.__str__  # KeyError's would print the message in quotes
+
+
+def _redefinition(old: Any, new: Any) -> bool:
+    """``new`` is ``old`` defined again (a re-run notebook cell, a reloaded module): the same module and qualified
+    name. It replaces the old entry rather than being refused as a second claim on the name."""
+    qualname = getattr(new, "__qualname__", None)
+    return qualname is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == \
+        (getattr(new, "__module__", None), qualname)
 
 
 class Registry(MutableMapping):
@@ -55,7 +65,8 @@ class Registry(MutableMapping):
             return lambda e: self.register(name, e, pattern=pattern, examples=examples, aliases=aliases,
                                            override=override)
         name = name or (entry.name if isinstance(getattr(entry, "name", None), str) else entry.__name__)
-        taken = [n for n in (name, *aliases) if n in self._entries or n in self._aliases]
+        taken = [n for n in (name, *aliases) if (n in self._entries or n in self._aliases)
+                 and not _redefinition(self._entries.get(self._aliases.get(n, n)), entry)]
         if taken and not override:
             raise ValueError(f"{self.kind} {taken[0]!r} is already registered; pass override=True to replace it")
         self._entries[name] = entry
@@ -81,14 +92,22 @@ class Registry(MutableMapping):
                 return name, found
         raise self._unknown(text)
 
-    def get(self, name: str, *default):
-        """The entry ``name`` stands for (see :meth:`match`); ``default`` instead of the error, when given."""
+    def lookup(self, name: str):
+        """The entry ``name`` stands for (see :meth:`match`): :class:`UnknownName` (or ``TypeError`` for a
+        non-string) naming the closest known names when none does."""
+        return self._entries[self.match(name)[0]]
+
+    def get(self, name: Any, default: Any = None):
+        """As :meth:`lookup`, but ``default`` instead of an error (``dict.get``'s contract, which the registries
+        kept when they were plain dicts)."""
         try:
-            return self._entries[self.match(name)[0]]
-        except UnknownName:
-            if not default:
-                raise
-            return default[0]
+            return self.lookup(name)
+        except (UnknownName, TypeError):
+            return default
+
+    def copy(self) -> Dict[str, Any]:
+        """The entries as a plain dict, by registered name."""
+        return dict(self._entries)
 
     def create(self, name: str, *args, **kwargs):
         """Call the entry ``name`` stands for (a pattern's entry gets the regex match first); a keyword the entry

@@ -45,13 +45,14 @@ def test_register_create_list_get_and_arguments(shapes):
 def test_unknown_name_lists_the_known_ones_and_suggests_the_closest(shapes):
     with pytest.raises(UnknownName, match=r"name='sqare' is not a known shape; did you mean 'square'\? "
                                           r"valid: 'square', 'disc', '5-gon', 'dot', 'point'"):
-        shapes.get("sqare")
+        shapes.lookup("sqare")
     with pytest.raises(ValueError, match="did you mean 'disc'"):  # a ValueError and a KeyError
         shapes.create("dsic")
     with pytest.raises(KeyError):
         shapes["polygons"]
     with pytest.raises(TypeError, match=r"name=3 must be a shape name \(square, disc, 5-gon, dot, point\)"):
-        shapes.get(3)
+        shapes.lookup(3)
+    assert shapes.get("sqare") is None and shapes.get(3, "d") == "d"  # dict.get's contract
 
 
 def test_unknown_keyword_names_the_valid_ones(shapes):
@@ -67,6 +68,13 @@ def test_duplicate_names_are_refused_unless_overridden(shapes):
         shapes.register("star", print, aliases=("point",))
     shapes.register("disc", print, override=True)
     assert shapes["disc"] is print
+    first = type("Again", (), {"__module__": "cell"})
+    again = type("Again", (), {"__module__": "cell"})  # the same class defined again (a re-run notebook cell)
+    shapes.register("again", first)
+    shapes.register("again", again)
+    assert shapes["again"] is again
+    with pytest.raises(ValueError, match="already registered"):
+        shapes.register("again", type("Other", (), {}))
     shapes["dot"] = "replaced"  # item assignment replaces, as for a dict (monkeypatch.setitem)
     del shapes["polygon"]
     assert shapes.get("dot") == "replaced" and "polygon" not in shapes and shapes.get("5-gon", None) is None
@@ -104,3 +112,8 @@ def test_registered_extensions_are_reachable_through_the_old_names():
     finally:
         methods.METHODS.pop("_plain_test", None)
         models.MODELS.pop("_tiny_test", None)
+
+
+def test_an_attack_rule_without_examples_is_refused_naming_them():
+    with pytest.raises(ValueError, match="examples must name at least one attack"):
+        attacks.register_attack(r"noise", (), "uniform noise")

@@ -177,6 +177,10 @@ def register_attack(pattern: str, examples: Sequence[str], summary: str, name: O
     ``examples`` are names :func:`list_attacks` lists and errors suggest; ``summary`` is one line. Rules are
     tried in the order they were added, the built-in ones first.
     """
+    if not examples:
+        raise ValueError(f"register_attack({pattern!r}): examples must name at least one attack the pattern "
+                         "matches (list_attacks shows them)")
+
     def add(build):
         spec = AttackSpec(pattern, tuple(examples), summary, build, name or examples[0])
         ATTACKS.register(spec.name, spec, pattern=pattern, examples=spec.examples)
