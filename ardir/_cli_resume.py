@@ -74,8 +74,12 @@ def _load_last(last: Path):
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise CLIError(f"--resume: {last} is not the last.pt of an ardir run (format "
                        f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-    if int(state.get("version", 1)) > RUN_VERSION:
-        raise CLIError(f"--resume: {last} was written by a newer ardir (run format version {state['version']}, this "
+    version = state.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CLIError(f"--resume: {last} records run format version {version!r}, not a whole number: it was not "
+                       "written by ardir; start a new run or restore the file")
+    if version > RUN_VERSION:
+        raise CLIError(f"--resume: {last} was written by a newer ardir (run format version {version}, this "
                        f"one reads up to {RUN_VERSION}); resume it with that version of ardir")
     return state, None
 

@@ -41,14 +41,16 @@ def test_a_run_written_by_0_1_0_resumes_from_its_random_states_and_finishes(tmp_
     assert ck.load_checkpoint(out / "best.pt")["epoch"] == last["best"]["epoch"]
 
 
-def test_a_last_pt_of_a_newer_version_is_refused_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("version, words", [(99, "was written by a newer ardir (run format version 99"),
+                                             (None, "records run format version None, not a whole number")])
+def test_a_last_pt_of_a_newer_or_unknown_version_is_refused_naming_it(tmp_path, capsys, version, words):
     out = tmp_path / "run"
     shutil.copytree(OLD_RUN, out)
     state = ck.load_checkpoint(out / "last.pt")
-    torch.save({**state, "version": 99}, out / "last.pt")
+    torch.save({**state, "version": version}, out / "last.pt")
     assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert f"{out / 'last.pt'} was written by a newer ardir (run format version 99" in err and err.count("\n") == 1
+    assert f"{out / 'last.pt'} {words}" in err and err.count("\n") == 1
 
 
 def test_a_non_finite_last_pt_is_never_written_and_the_previous_one_stays(tmp_path):
