@@ -2,13 +2,13 @@
 
 The Trainer wires its collaborators (:mod:`ardir.train`) and runs the loop: the argument checks and defaults are
 in :mod:`ardir.train.checks`, one optimiser step and the NaN/Inf policy in :mod:`ardir.train.step`, where the run
-stands (counters, random states, every process's share of a checkpoint) in :mod:`ardir.train.state`.
+stands (counters, random states, every process's share of a checkpoint) in :mod:`ardir.train.state`, and
+what a checkpoint holds, writing one and resuming in :mod:`ardir.train.checkpoints` (a base class of the Trainer).
 """
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._checks import non_negative_int, one_of, positive_int
 from .attacks import PGD, compile_for_attack
-from .checkpoint import FORMAT, VERSION, PathLike
+from .checkpoint import PathLike
 from .methods import Method
 from .train import checks
 from .train.checks import NAN_POLICIES, PRECISIONS
-from .train.state import TrainState, check_trainer_state, resume_from
+from .train.checkpoints import Checkpoints
+from .train.state import TrainState
 from .train.step import Stepper, grad_scaler, new_fault
 from .train.validate import accuracies
 
@@ -35,7 +36,7 @@ def _kept(owner: str, name: str, doc: str) -> property:
                     lambda self, value: setattr(getattr(self, owner), name, value), doc=doc)
 
 
-class Trainer:
+class Trainer(Checkpoints):
     """Trains a student with any method; by default ARDIR (``ardir.Trainer is ardir.ARDIRTrainer``).
 
     The trainer owns the loop, the optimiser and the schedule; the method owns the attack and the loss.
@@ -109,20 +110,11 @@ class Trainer:
         checks.check_one_device(student, self.device)
         self.teacher = checks.freeze(teacher, self.device) if teacher is not None else None
         self.precision = one_of("precision", precision, PRECISIONS, "precision")
-        self.channels_last = (self.device.type in ("cuda", "cpu") if channels_last is None
-                              else bool(channels_last))
-        if self.channels_last:
-            for model in (student, self.teacher):
-                if model is not None:
-                    model.to(memory_format=torch.channels_last)
+        self.channels_last = checks.memory_format(channels_last, self.device, student, self.teacher)
         scaler = grad_scaler(self.precision, self.device)
         self.world_size = distributed.world_size()
         self.is_main = distributed.is_main_process()
-        if self.world_size > 1:  # a plain DataLoader: each process takes its share of every global batch
-            train_loader = distributed.shard_loader(train_loader, training=True, keep_global_batch=True)
-            val_loader = None if val_loader is None else distributed.shard_loader(val_loader, training=False)
-        self.train_loader = train_loader
-        self.val_loader = val_loader
+        self.train_loader, self.val_loader = checks.shard_loaders(train_loader, val_loader, self.world_size)
         self.val_attack_steps = non_negative_int("val_attack_steps", val_attack_steps)
         self.limit_batches = None if limit_batches is None else positive_int("limit_batches", limit_batches)
         self.progress = progress
@@ -132,25 +124,14 @@ class Trainer:
         self.method.on_epoch_start(self.epoch, self.epochs)  # the run's length is known before the first epoch
         self.method.check_schedule(self.epochs)
         nan_policy = one_of("nan_policy", nan_policy, NAN_POLICIES, "NaN policy")
-        self.checkpointer = checks.build_checkpointer(checkpoint_dir, keep_last, checkpoint_every_steps)
-        self.last_checkpoint: Optional[Path] = None
-        # Rank 0 writes checkpoints, but every process must join in gathering its share of one; so they all follow
-        # rank 0's settings (a checkpoint_dir given to rank 0 alone is fine): when mid-epoch checkpoints are due,
-        # and whether epoch ends are saved (rank 0's checkpointer or callbacks).
-        every = self.checkpointer.every_steps if self.checkpointer is not None else None
-        saves = self.checkpointer is not None or bool(self.callbacks)
-        self._every_steps, self._saves_epochs = distributed.all_gather_object((every, saves))[0]
+        self._setup_checkpoints(checkpoint_dir, keep_last, checkpoint_every_steps)
 
         sample = checks.sample_batch(self.train_loader, self.device)
         self.num_classes = checks.count_classes(student, self.teacher, sample)
         self.method.setup(student, self.teacher, sample)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        if self.world_size > 1:  # every process starts from rank 0's weights
-            for module in (student, self.teacher, self.method):
-                if module is not None:
-                    distributed.broadcast_module(module)
-            distributed.own_random_stream()  # but draws its own random starts
+        checks.start_together(self.world_size, student, self.teacher, self.method)
         if compile:
             compile_for_attack(student)
         params = list(student.parameters()) + list(self.method.parameters())
@@ -276,18 +257,6 @@ class Trainer:
         and :meth:`ardir.train.step.Stepper.guard`)."""
         return self.stepper.guard(loss, terms, self.step, self.epoch, batch, size)
 
-    def _after_step(self, total: Optional[int]) -> None:
-        """A mid-epoch checkpoint when one is due; every process takes part in gathering its share."""
-        every = self._every_steps  # rank 0's: every process decides alike
-        if every is None or self.step <= 0 or self.step % every:
-            return
-        if total is not None and self.state.batches >= total:
-            return  # the epoch ends now and its checkpoint follows
-        progress = self.state.progress(self.stepper.fault)
-        ranks = self.state.gather_shares(self.train_loader, self.student, progress) if self.world_size > 1 else None
-        if self.is_main and self.checkpointer is not None:
-            self._save(progress, ranks)
-
     def _check_faults(self) -> None:
         """On an accelerator: raise for bad labels or a non-finite step since the epoch began (one host sync)."""
         self.stepper.check(self.epoch, self.num_classes)
@@ -301,74 +270,6 @@ class Trainer:
                      norm=self.method.norm)
         return accuracies(self.student, attack, self.val_loader, self.device, self.channels_last, self.num_classes,
                           self.autocast())
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write :meth:`state_dict` into ``checkpoint_dir`` now (atomically); returns the file's path.
-
-        A failed write (e.g. disk full) raises ``OSError`` naming the file; the previous checkpoints are intact.
-        """
-        return self._save(None, self.state.ranks)
-
-    def _save(self, progress: Optional[Dict[str, Any]], ranks: Optional[List[Dict[str, Any]]]) -> Path:
-        if self.checkpointer is None:
-            raise ValueError("save_checkpoint needs the trainer built with checkpoint_dir=<a directory>")
-        self._check_faults()  # never save non-finite weights as a good checkpoint
-        self.check_finite()  # nor weights an overflowing update made non-finite
-        self.last_checkpoint = self.checkpointer.save(self._state_dict(progress, ranks), self.epoch, self.step)
-        return self.last_checkpoint
-
-    def resume(self, path_or_dir: PathLike, missing_ok: bool = False) -> Optional[Path]:
-        """Continue from a checkpoint file, or from the newest good checkpoint in a directory (corrupt ones are
-        skipped with a warning); then :meth:`fit` carries on, mid-epoch included, bit for bit on CPU.
-
-        Returns the checkpoint's path, or None when ``missing_ok`` and the directory holds no checkpoint.
-        Raises ``CheckpointError`` (a ``ValueError``) naming the file when it is corrupt, unsafe or does not fit
-        this trainer (other model, method or optimiser).
-        """
-        path = resume_from(path_or_dir, missing_ok, self.load_state_dict)
-        if path is not None:
-            self.last_checkpoint = path
-        return path
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume exactly: student, adapters, optimiser, schedule, gradient scaler, epoch,
-        step, history, the random states (torch, CUDA, numpy, Python, the loader's shuffling generators) and,
-        when taken mid-epoch, the epoch's progress and its random states at the epoch's start. Tensors and plain
-        data only, so that it loads with ``torch.load(weights_only=True)``."""
-        return self._state_dict(None, self.state.ranks)
-
-    def _state_dict(self, progress: Optional[Dict[str, Any]], ranks: Optional[List[Dict[str, Any]]]):
-        return {"format": FORMAT, "version": VERSION,
-                "student": self.student.state_dict(), "method": self.method.state_dict(),
-                "method_name": self.method.name,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                **self.state.state_dict(self.train_loader, progress, ranks if self.world_size > 1 else None)}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`, random states included (the global RNGs are set as they were)."""
-        check_trainer_state(state, self.method.name)
-        self.student.load_state_dict(state["student"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.state.load_state_dict(state, self.train_loader, self.student, self.world_size)
-
-    # --------------------------------------------------------------------------------------------- faults
-    def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the first parameter, buffer or optimiser state holding a NaN or an
-        Inf (and the last good checkpoint); called before any checkpoint is written, so none ever holds one."""
-        self.stepper.check_weights({"student": self.student.state_dict(), "method": self.method.state_dict(),
-                                    "optimizer": self.optimizer.state_dict()}, self.epoch, self.step)
-
-    def _last_good(self) -> str:
-        return (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
-                if self.last_checkpoint is not None else
-                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
-                "after every epoch)")
 
 
 ARDIRTrainer = Trainer

@@ -7,6 +7,8 @@
 - :mod:`ardir.train.state`: where a run stands (counters, the running epoch's accumulators, random states,
   every process's share) and its part of a checkpoint.
 - :mod:`ardir.train.validate`: natural and adversarial accuracy on the validation loader.
+- :mod:`ardir.train.checkpoints`: what a checkpoint holds, when one is written, and resuming (the Trainer's
+  ``state_dict``, ``load_state_dict``, ``save_checkpoint``, ``resume``; a base class of the Trainer).
 
 None of them imports the trainer: the trainer wires them together.
 """

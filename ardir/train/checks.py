@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, U
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from .._checks import batch_tensors, check_batch, label_range, logits_of, non_negative, positive, positive_int
 from ..attacks import model_device, model_mode  # noqa: F401 (model_device: the trainer's)
 from ..checkpoint import Checkpointer, PathLike
@@ -236,3 +237,30 @@ def _milestones(milestones: Any, epochs: int) -> List[int]:
         warnings.warn(f"milestones {[m for m in values if m > epochs]} lie after the last epoch ({epochs}); the lr "
                       "never drops there", stacklevel=4)
     return sorted(values)
+
+
+def memory_format(channels_last: Optional[bool], device: torch.device, *models: Optional[nn.Module]) -> bool:
+    """Whether the run is channels-last (default: on CUDA and CPU); when it is, ``models`` are converted in place."""
+    channels_last = device.type in ("cuda", "cpu") if channels_last is None else bool(channels_last)
+    if channels_last:
+        for model in models:
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    return channels_last
+
+
+def shard_loaders(train_loader: Iterable, val_loader: Optional[Iterable], world_size: int):
+    """In a process group, each process's share of every global batch of the (plain DataLoader) loaders."""
+    if world_size > 1:
+        train_loader = distributed.shard_loader(train_loader, training=True, keep_global_batch=True)
+        val_loader = None if val_loader is None else distributed.shard_loader(val_loader, training=False)
+    return train_loader, val_loader
+
+
+def start_together(world_size: int, *modules: Optional[nn.Module]) -> None:
+    """In a process group, every process starts from rank 0's weights but draws its own random starts."""
+    if world_size > 1:
+        for module in modules:
+            if module is not None:
+                distributed.broadcast_module(module)
+        distributed.own_random_stream()
