@@ -29,61 +29,22 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import inspect
-import math
 import os
 import re
 import typing
-from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.9/3.10
-    try:
-        import tomli as tomllib  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        tomllib = None  # type: ignore[assignment]
+# The values' kinds and checks, the paths and the TOML text live in their own modules; re-exported here.
+from ._config_paths import PATH_KEYS, absolute_paths, looks_like_path  # noqa: F401
+from ._config_toml import dump_toml, read_toml  # noqa: F401
+from ._config_values import (KINDS, LIMITS, SCALARS, ConfigError, Option, _float, check_range,  # noqa: F401
+                             check_value)
 
 __all__ = ["ConfigError", "Option", "RUN_OPTIONS", "LIMITS", "schema", "load_toml", "parse_toml", "check",
            "check_value", "check_range", "check_threat_model",
            "resolve", "dump_toml", "dump_config", "method_keys", "trainer_keys", "method_kwargs", "trainer_kwargs",
            "layer_specs", "PATH_KEYS", "looks_like_path", "absolute_paths"]
-
-SCALARS = ("str", "int", "float", "bool")
-KINDS = SCALARS + ("list[str]", "list[int]", "list[float]")
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, has a wrong type or an invalid value; the message names the key."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One configuration key.
-
-    Attributes:
-        name: the TOML key (``snake_case``); the flag is ``--name-with-dashes``.
-        kind: ``"str"``, ``"int"``, ``"float"``, ``"bool"``, ``"list[str]"``, ``"list[int]"`` or ``"list[float]"``.
-        default: the value when the key is not given; ``None`` means "not set" (the library's default applies).
-        help: one line for ``--help`` and the docs.
-        group: ``"run"``, ``"trainer"``, ``"method"`` or ``"eval"``.
-        choices: the allowed values of a ``str`` option, if restricted.
-    """
-
-    name: str
-    kind: str
-    default: Any
-    help: str
-    group: str
-    choices: Optional[Tuple[str, ...]] = None
-
-    @property
-    def flag(self) -> str:
-        """The command-line flag, ``--name-with-dashes``."""
-        return "--" + self.name.replace("_", "-")
-
 
 ATTACKS_DEFAULT = ["natural", "fgsm", "pgd20", "cw30"]
 
@@ -236,93 +197,6 @@ def schema() -> Dict[str, Option]:
     return options
 
 
-# ---------------------------------------------------------------------------------------------------- values
-def _float(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a float, got bool {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(Fraction(value.strip())) if "/" in value else float(value)
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(f"{key}: expected a float (or a fraction like \"8/255\"), got {type(value).__name__} "
-                      f"{value!r}")
-
-
-def _scalar(key: str, kind: str, value: Any) -> Any:
-    if kind == "float":
-        return _float(key, value)
-    if kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected a bool (true or false), got {type(value).__name__} {value!r}")
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{key}: expected a str, got {type(value).__name__} {value!r}")
-
-
-# The range of every numeric key, checked when a flag is parsed or a file read (so `--train-size 0` is an error
-# about --train-size, not about a data-loader argument minutes later): (lowest, lowest is allowed, highest).
-LIMITS: Dict[str, Tuple[float, bool, Optional[float]]] = {
-    "val_size": (0, True, None), "train_size": (1, True, None), "batch_size": (1, True, None),
-    "num_workers": (0, True, None), "n_examples": (1, True, None), "eval_eps": (0, False, None),
-    "epochs": (0, True, None), "lr": (0, False, None), "momentum": (0, True, None), "weight_decay": (0, True, None),
-    "milestones": (1, True, None), "lr_gamma": (0, False, None), "val_attack_steps": (0, True, None),
-    "limit_batches": (1, True, None), "checkpoint_every_steps": (1, True, None), "keep_last": (1, True, None),
-    "eps": (0, False, None), "step_size": (0, False, None), "steps": (0, True, None), "tau": (0, False, None),
-    "beta": (0, True, None), "warmup_epochs": (0, True, None), "kl_scale": (0, False, None),
-    "layer_weights": (0, True, None), "w_ce": (0, True, None), "w_kl": (0, True, None), "w_ir": (0, True, None),
-}
-"""Allowed ranges of numeric keys: ``(lowest, lowest included, highest or None)``. The upper bound of ``eps`` and
-``eval_eps`` depends on ``norm`` (1 under L-inf, none under L2), so :func:`resolve` checks it
-(:func:`check_threat_model`)."""
-
-_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip"),  # the Trainer's own lists
-            "norm": ("linf", "l2")}  # the methods' (ardir._checks.NORMS)
-
-
-def check_range(key: str, value: Any) -> Any:
-    """``value`` if it lies in ``key``'s range (:data:`LIMITS`; finite for every float), else :class:`ConfigError`
-    naming the key (``--`` flag names are the keys with dashes)."""
-    name = key.split("[", 1)[0]
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value} must be a finite number")
-    if name not in LIMITS or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return value
-    low, inclusive, high = LIMITS[name]
-    if value < low or (value == low and not inclusive) or (high is not None and value > high):
-        bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-        hint = f" (an L-inf radius on [0, 1] images: 8/255, not 8)" if high == 1.0 and value > 1 else ""
-        raise ConfigError(f"{key}: {value!r} must be {bound}{hint}")
-    return value
-
-
-def check_value(option: Option, value: Any) -> Any:
-    """``value`` converted to ``option``'s kind and checked against its range (:data:`LIMITS`) and choices;
-    :class:`ConfigError` naming the key when it does not fit."""
-    if value is None:
-        return None
-    if option.kind.startswith("list["):
-        item = option.kind[5:-1]
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{option.name}: expected a list of {item}, got {type(value).__name__} {value!r}")
-        if option.name == "layers":  # (teacher, student) pairs as two-element lists or "teacher:student"
-            value = [":".join(v) if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
-        return [check_range(f"{option.name}[{i}]", _scalar(f"{option.name}[{i}]", item, v))
-                for i, v in enumerate(value)]
-    value = check_range(option.name, _scalar(option.name, option.kind, value))
-    choices = option.choices or _CHOICES.get(option.name)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{option.name}: {value!r} is not one of {', '.join(map(repr, choices))}")
-    return value
-
-
 def _unknown(key: str, known: Iterable[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -331,25 +205,7 @@ def _unknown(key: str, known: Iterable[str], where: str) -> ConfigError:
 
 def parse_toml(text: str, where: str = "the configuration") -> Dict[str, Any]:
     """Parse and check TOML text: flat ``key = value`` pairs of :func:`schema`."""
-    if tomllib is None:  # pragma: no cover
-        raise ConfigError("reading TOML needs Python >= 3.11 or the tomli package: pip install tomli")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where} is not valid TOML: {err}{_fraction_hint(text)}") from None
-    return check(raw, where)
-
-
-_UNQUOTED_FRACTION = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*([0-9.]+\s*/\s*[0-9.]+)\s*(#.*)?$", re.M)
-
-
-def _fraction_hint(text: str) -> str:
-    """TOML has no arithmetic: an unquoted ``eps = 8/255`` is the commonest reason a config fails to parse."""
-    found = _UNQUOTED_FRACTION.search(text)
-    if not found:
-        return ""
-    key, value = found.group(1), found.group(2).replace(" ", "")
-    return f" (TOML has no fractions: write {key} = \"{value}\" in quotes, which ardir reads as a fraction)"
+    return check(read_toml(text, where), where)
 
 
 def load_toml(path: "os.PathLike | str") -> Dict[str, Any]:
@@ -430,47 +286,6 @@ def check_threat_model(config: Mapping[str, Any]) -> None:
                               "images: 8/255, not 8); for an L2 radius pass --norm l2 (TOML: norm = \"l2\")")
 
 
-# ---------------------------------------------------------------------------------------------------- paths
-PATH_KEYS: Tuple[str, ...] = ("output_dir", "data_dir", "robustbench_dir", "teacher", "natural_teacher")
-"""The keys whose value is a file-system path. ``teacher`` and ``natural_teacher`` are one when they name a file
-(else they are a model name, a shipped teacher ``DATASET:NAME`` or ``robustbench:NAME``)."""
-
-_TEACHER_KEYS = ("teacher", "natural_teacher")
-
-
-def looks_like_path(spec: str) -> bool:
-    """Whether a teacher ``spec`` names a file, existing or not: absolute, with a directory part, or ending in
-    ``.pt``/``.pth``/``.tar`` (the rule of :func:`ardir.teachers.load_teacher`'s "does not exist" error), and not
-    ``robustbench:NAME``."""
-    if not isinstance(spec, str) or not spec or spec.startswith("robustbench:"):
-        return False
-    spec = os.path.expanduser(spec)
-    return os.path.isabs(spec) or os.sep in spec or "/" in spec or spec.endswith((".pt", ".pth", ".tar"))
-
-
-def absolute_paths(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """``config`` with every path of :data:`PATH_KEYS` absolute (``~`` expanded), read from the current directory.
-
-    A teacher is made absolute only when it is an existing file (what :func:`ardir.teachers.load_teacher` loads
-    first); a name stays a name. With ``teacher = "robustbench:NAME"`` and no ``robustbench_dir``, the directory
-    the teacher is read from now (``$ARDIR_ROBUSTBENCH_DIR`` or ``./models``) is recorded.
-    """
-    config = dict(config)
-    teacher = config.get("teacher")
-    if isinstance(teacher, str) and teacher.startswith("robustbench:") and config.get("robustbench_dir") is None:
-        from .teachers import default_robustbench_dir
-        config["robustbench_dir"] = str(default_robustbench_dir())
-    for key in PATH_KEYS:
-        value = config.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        path = os.path.expanduser(value)
-        if key in _TEACHER_KEYS and (value.startswith("robustbench:") or not os.path.lexists(path)):
-            continue
-        config[key] = os.path.abspath(path)
-    return config
-
-
 def method_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The method arguments that are set, ready for the method (``layers`` as names or (teacher, student) pairs)."""
     kwargs = {o.name: config[o.name] for o in method_keys() if config.get(o.name) is not None}
@@ -487,61 +302,6 @@ def trainer_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
 def layer_specs(layers: Iterable[str]) -> List[Any]:
     """``"name"`` stays a name; ``"teacher_layer:student_layer"`` becomes a pair."""
     return [tuple(s.split(":", 1)) if ":" in s else s for s in layers]
-
-
-# ------------------------------------------------------------------------------------------------ TOML out
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest round-tripping form; always has '.' or 'e'
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        for char, code in (("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r"), ("\b", "\\b"), ("\f", "\\f")):
-            escaped = escaped.replace(char, code)
-        escaped = "".join(c if ord(c) >= 0x20 and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped)
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key and all(c.isalnum() or c in "_-" for c in key) else _toml_value(key)
-
-
-def dump_toml(values: Mapping[str, Any], comments: Optional[Mapping[str, str]] = None) -> str:
-    """TOML text of ``values``: str, int, float, bool and lists of them, plus one level of tables (dicts).
-
-    ``None`` values are written as comments (TOML has no null). ``comments`` maps a key to a comment line
-    written above it.
-    """
-    lines: List[str] = []
-    tables = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-            continue
-        if comments and key in comments:
-            lines.append(f"# {comments[key]}")
-        if value is None:
-            lines.append(f"# {_toml_key(key)} = (not set)")
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append(f"\n[{_toml_key(name)}]")
-        for key, value in table.items():
-            if isinstance(value, dict):
-                raise TypeError(f"dump_toml writes one level of tables; [{name}].{key} is a table")
-            lines.append(f"# {_toml_key(key)} = (not set)" if value is None else
-                         f"{_toml_key(key)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def dump_config(config: Mapping[str, Any]) -> str:
