@@ -181,3 +181,15 @@ def warn_large_step(eps: float, step_size: float, steps: int, norm: str) -> None
         usual = "eps/4, e.g. 2/255 at eps 8/255" if norm == "linf" else "2.5 * eps / steps"
         warnings.warn(f"step_size={step_size:.5g} is larger than eps={eps:.5g} for a {steps}-step attack: each step "
                       f"overshoots the {norm} ball and is projected back; the usual step is {usual}", stacklevel=4)
+
+
+def images_labels(batch: Any, loader: str, extra_items: bool = False):
+    """A loader's ``(images, labels)`` batch, or a ``TypeError`` saying what is expected. ``extra_items``: items
+    after the labels (an index, a weight: what an evaluation loader may also yield) are ignored; without it a
+    batch must be exactly the pair (a trainer silently dropping a third item would train on the wrong thing)."""
+    if isinstance(batch, (tuple, list)) and (len(batch) == 2 or (extra_items and len(batch) > 2)):
+        return batch[0], batch[1]
+    what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else \
+        f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise TypeError(f"{loader} must yield (images, labels) batches, got {what}: wrap the dataset so that each item "
+                    "is (image, label)")

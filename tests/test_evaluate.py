@@ -481,3 +481,16 @@ def test_autoattack_resumes_between_components(tiny, tmp_path, monkeypatch):
     assert calls == ["fab-t", "square"]
     assert torch.equal(result.correct["autoattack"], result.correct["natural"])
     assert list(result.components["autoattack"]) == list(aa.STANDARD)
+
+
+def test_batches_with_extra_items_are_evaluated_and_other_shapes_refused():
+    """An evaluation loader may yield (images, labels, index); a dict batch is refused in one sentence (the trainer,
+    stricter, refuses a third item: tests/test_errors.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    with_index = [(x, y, torch.arange(6))]
+    report = evaluate(model, with_index, eps=0.1, attacks=("natural",), checks=False, progress=False)
+    assert report.n_examples == 6 and len(report.correct["natural"]) == 6
+    with pytest.raises(TypeError, match=r"the loader must yield \(images, labels\) batches, got a dict"):
+        evaluate(model, [{"image": x, "label": y}], eps=0.1, attacks=("natural",), checks=False, progress=False)

@@ -7,17 +7,18 @@ from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from .._checks import images_labels
 from .report import EvaluationWarning
 
 SUBSETS = ("first", "random")
 
 
 def _as_batch(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        images, labels = batch[0], batch[1]
-        if isinstance(images, torch.Tensor):
-            return images, torch.as_tensor(labels)
-    raise TypeError(f"the loader must yield (images, labels) batches of tensors, got {type(batch).__name__}")
+    images, labels = images_labels(batch, "the loader", extra_items=True)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"the loader must yield (images, labels) batches of tensors, got images of type "
+                        f"{type(images).__name__}")
+    return images, torch.as_tensor(labels)
 
 
 def _int64(labels: torch.Tensor) -> torch.Tensor:

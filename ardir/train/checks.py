@@ -13,23 +13,14 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from .._checks import batch_tensors, check_batch, label_range, logits_of, non_negative, positive, positive_int
+from .._checks import (batch_tensors, check_batch, images_labels, label_range, logits_of, non_negative, positive,
+                       positive_int)
 from ..attacks import model_device, model_mode  # noqa: F401 (model_device: the trainer's)
 from ..checkpoint import Checkpointer, PathLike
 from ..methods import Method, create_method
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("stop", "skip")
-
-
-def images_labels(batch: Any, loader: str):
-    """A loader's ``(images, labels)`` batch, or an error saying what the trainer expects."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch
-    what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else \
-        f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-    raise TypeError(f"{loader} must yield (images, labels) batches, got {what}: wrap the dataset so that each item "
-                    "is (image, label)")
 
 
 def on_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
