@@ -138,10 +138,9 @@ def _format_record(record: Mapping[str, Any], epochs: int) -> str:
 class RunLogger:
     """The Trainer callback of a run: after every epoch it updates ``best.pt`` when the validation PGD accuracy
     improved, rewrites ``last.pt`` (:func:`ardir._cli_resume.save_last`), appends to ``metrics.jsonl`` and prints one
-    log line. ``loader`` is not used (the trainer's state holds every random state, its loader's included); it is
-    kept for callers of ardir 0.1.0."""
+    log line."""
 
-    def __init__(self, output_dir: Path, config: Mapping[str, Any], model_info: Mapping[str, Any], loader: Any = None,
+    def __init__(self, output_dir: Path, config: Mapping[str, Any], model_info: Mapping[str, Any],
                  best: Optional[Mapping[str, Any]] = None, log=None):
         self.output_dir = Path(output_dir)
         self.config = _plain(config)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._checks import non_negative_int, one_of, positive_int
-from .attacks import PGD, compile_for_attack
+from .attacks import PGD, compile_for_attack, model_device
 from .checkpoint import PathLike
 from .methods import Method
 from .train import checks
@@ -106,7 +106,7 @@ class Trainer(Checkpoints):
         checks.check_student(student, teacher)
         self.method, teacher = checks.method_and_teacher(type(self), method, method_kwargs, teacher)
         self.student = student
-        self.device = checks.model_device(student)
+        self.device = model_device(student)
         checks.check_one_device(student, self.device)
         self.teacher = checks.freeze(teacher, self.device) if teacher is not None else None
         self.precision = one_of("precision", precision, PRECISIONS, "precision")

@@ -318,8 +318,8 @@ def test_natural_training_keeps_its_best_natural_accuracy(tmp_path):
     best = load_checkpoint(out / "best.pt")
     assert best["epoch"] == max(records, key=lambda r: r["val_natural"])["epoch"]
     assert best["val_natural"] == max(r["val_natural"] for r in records)
-    assert cli.RunLogger(out, {"method": "natural"}, {}, None).selection_metric == "val_natural"
-    assert cli.RunLogger(out, {"method": "at"}, {}, None).selection_metric == "val_pgd"
+    assert cli.RunLogger(out, {"method": "natural"}, {}).selection_metric == "val_natural"
+    assert cli.RunLogger(out, {"method": "at"}, {}).selection_metric == "val_pgd"
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .. import distributed
 from .._checks import (batch_tensors, check_batch, images_labels, label_range, logits_of, non_negative, positive,
                        positive_int)
-from ..attacks import model_device, model_mode  # noqa: F401 (model_device: the trainer's)
+from ..attacks import model_device, model_mode
 from ..checkpoint import Checkpointer, PathLike
 from ..methods import Method, create_method
 
