@@ -6,13 +6,14 @@ A teacher ``spec`` is one of:
   ``state_dict`` file, whose architecture is then given as ``model_name`` (``--teacher-model``);
 * a model name of :func:`ardir.models.list_models` (freshly initialised: for dry runs and tests only);
 * ``robustbench:NAME``, a RobustBench model-zoo entry, e.g. ``robustbench:Zhang2019Theoretically``, the TRADES
-  WRN-34-10 that ARD and RSLAD distil from.
+  WRN-34-10 that ARD and RSLAD distil from; ``robustbench:L2/NAME`` takes it from the L2 leaderboard
+  (``robustbench:Linf/NAME`` is the same as ``robustbench:NAME``; RobustBench's own threat-model names).
 * ``DATASET:NAME``, a teacher shipped inside ardir (:mod:`ardir.zoo`), e.g. ``fashion-mnist:cnn_xlarge-at``,
   a robust CNN trained on all of Fashion-MNIST's training images; its file's sha256 is checked on load.
 
 RobustBench models: with the ``robustbench`` package importable, :func:`robustbench.utils.load_model` loads the
 model (downloading it into ``model_dir`` when missing and online). Without the package, the file
-``<model_dir>/<dataset>/Linf/<NAME>.pt`` is read directly and, for the architectures in :data:`ROBUSTBENCH_ZOO`,
+``<model_dir>/<dataset>/<Linf|L2>/<NAME>.pt`` is read directly and, for the architectures in :data:`ROBUSTBENCH_ZOO`,
 its weights are mapped onto ardir's own network, whose layer names (``block1..block3``, ``features``) ARDIR
 matches by default. Models of known architecture are mapped onto ardir's network in both cases.
 """
@@ -31,13 +32,16 @@ from . import models, zoo
 from ._safety import check_model_info
 
 __all__ = ["TeacherNotFoundError", "ROBUSTBENCH_ZOO", "load_teacher", "load_robustbench", "robustbench_path",
+           "robustbench_spec",
            "robustbench_wrn_state_dict", "model_from_checkpoint", "default_robustbench_dir", "load_weights"]
 
 PathLike = Union[str, os.PathLike]
 PREFIX = "robustbench:"
+THREAT_MODELS = ("Linf", "L2")
+"""RobustBench's threat models a ``robustbench:THREAT/NAME`` spec may name (its leaderboards' directory names)."""
 
 ROBUSTBENCH_ZOO: Dict[str, Dict[str, Any]] = {
-    "Zhang2019Theoretically": {"dataset": "cifar10", "model": "wrn34_10", "num_classes": 10,
+    "Zhang2019Theoretically": {"dataset": "cifar10", "threat_model": "Linf", "model": "wrn34_10", "num_classes": 10,
                                "note": "TRADES WRN-34-10 (clean 84.92 %, AutoAttack 53.08 %), the teacher of ARD "
                                        "and RSLAD"},
 }
@@ -188,6 +192,17 @@ def _download_hint(name: str, path: Path) -> str:
             f"and put it at {path}; another directory is chosen with --robustbench-dir or $ARDIR_ROBUSTBENCH_DIR.")
 
 
+def robustbench_spec(spec: str) -> "tuple[str, str]":
+    """``(threat_model, name)`` of ``robustbench:NAME`` (L-inf) or ``robustbench:L2/NAME``; ValueError otherwise."""
+    rest = spec[len(PREFIX):]
+    threat_model, _, name = rest.rpartition("/")
+    threat_model = threat_model or "Linf"
+    if threat_model not in THREAT_MODELS or not name:
+        raise ValueError(f"teacher={spec!r}: expected robustbench:NAME or robustbench:THREAT/NAME with THREAT one of "
+                         f"{', '.join(THREAT_MODELS)} (RobustBench's leaderboards), e.g. robustbench:L2/Rice2020Overfitting")
+    return threat_model, name
+
+
 def load_robustbench(name: str, dataset: str = "cifar10", model_dir: Optional[PathLike] = None,
                      device: Union[str, torch.device] = "cpu", threat_model: str = "Linf") -> nn.Module:
     """A RobustBench model-zoo model, as an ardir network when its architecture is in :data:`ROBUSTBENCH_ZOO`.
@@ -195,8 +210,12 @@ def load_robustbench(name: str, dataset: str = "cifar10", model_dir: Optional[Pa
     Raises :class:`TeacherNotFoundError` saying what to download and where when neither the package nor the
     local file can provide it.
     """
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"threat_model={threat_model!r}: one of {', '.join(THREAT_MODELS)} (RobustBench's names)")
     path = robustbench_path(name, dataset, model_dir, threat_model)
     known = ROBUSTBENCH_ZOO.get(name)
+    if known is not None and known.get("threat_model", "Linf") != threat_model:
+        known = None  # the same name on another leaderboard is another network
     try:
         from robustbench.utils import load_model as rb_load_model  # type: ignore[import-not-found]
     except ImportError:
@@ -264,7 +283,7 @@ def load_teacher(spec: str, num_classes: Optional[int] = None, in_chans: Optiona
     """Load a teacher from ``spec`` (see the module docstring), in eval mode, on ``device``.
 
     Arguments:
-        spec: a checkpoint path, a model name, ``robustbench:NAME``, or a shipped teacher ``DATASET:NAME``
+        spec: a checkpoint path, a model name, ``robustbench:NAME`` (``robustbench:L2/NAME``), or a shipped teacher ``DATASET:NAME``
             (:func:`ardir.zoo.list_shipped`, e.g. ``fashion-mnist:cnn_xlarge-at``; its sha256 is checked).
         num_classes, in_chans: the data's, checked against what the teacher records (a checkpoint, a shipped
             teacher); ``None`` takes the recorded values (10 classes, 3 channels for a bare model name).
@@ -282,9 +301,9 @@ def load_teacher(spec: str, num_classes: Optional[int] = None, in_chans: Optiona
         raise TypeError(f"teacher={spec!r} must be a checkpoint path, a model name, DATASET:NAME (shipped) or "
                         "robustbench:NAME")
     if spec.startswith(PREFIX):
-        name = spec[len(PREFIX):]
+        threat_model, name = robustbench_spec(spec)
         dataset = dataset or ("cifar100" if num_classes == 100 else "cifar10")
-        teacher = load_robustbench(name, dataset, model_dir, device)
+        teacher = load_robustbench(name, dataset, model_dir, device, threat_model)
     elif zoo.is_shipped(spec) and not Path(spec).expanduser().exists():
         if spec not in zoo.list_shipped():
             raise TeacherNotFoundError(f"no shipped teacher {spec!r}; shipped: {', '.join(zoo.list_shipped())}")

@@ -62,7 +62,8 @@ def test_write_table_markdown_and_json(reproduce, tmp_path):
 
 
 def test_suites_registry_and_departures(reproduce):
-    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "fashion-mnist", "fashion-mnist-same-data", "fashion-mnist-l2"}
+    assert set(reproduce.SUITES) == {"cifar10", "cifar100", "cifar10-l2", "fashion-mnist", "fashion-mnist-same-data",
+                                     "fashion-mnist-l2"}
     assert reproduce.SUITES["fashion-mnist-l2"].norm == "l2" and reproduce.SUITES["fashion-mnist"].norm == "linf"
     fm = reproduce.SUITES["fashion-mnist"]
     assert fm.eps == 0.1 and len(fm.seeds) >= 3 and set(fm.methods) == set(reproduce.ROW_NAMES) - {"ardir-ce0"}
@@ -95,6 +96,23 @@ def test_template_has_published_numbers(reproduce, tmp_path):
     line = next(l for l in md.splitlines() if l.startswith("| resnet18 | rslad"))
     assert "83.38" in line and "51.49" in line
     assert any(l.startswith("| mobilenet_v2 | ardir") for l in md.splitlines())
+
+
+def test_l2_template_states_its_threat_model_and_robustbench_anchors(reproduce, tmp_path):
+    suite = reproduce.SUITES["cifar10-l2"]
+    assert suite.norm == "l2" and suite.eps == 0.5 and suite.step_size == 2.5 * suite.eps / suite.steps
+    assert suite.aa_size is None and suite.teacher_method == "at"
+    assert reproduce.main(["cifar10-l2", "--template", "--output", str(tmp_path)]) == 0
+    md, record = _table(tmp_path / "cifar10_l2.md")
+    assert md.startswith("# Robust distillation, cifar10-l2 (L2, ε = 0.5)")
+    header = next(l for l in md.splitlines() if l.startswith("| Student"))
+    assert "FGM" in header and "CW₂-20" in header and "CW∞" not in header
+    line = next(l for l in md.splitlines() if l.startswith("| resnet18 | at "))
+    assert "88.67" in line and "67.68" in line
+    assert "Rice2020Overfitting" in md and "Rice2020Overfitting" in record["published_source"]
+    assert "Zi et al." not in md  # the L∞ tables' source is not this one's
+    assert reproduce.main(["cifar10", "--template", "--output", str(tmp_path)]) == 0
+    assert _table(tmp_path / "cifar10.md")[1]["published_source"].startswith("Zi et al. 2021")
 
 
 def test_autoattack_subset_plumbing(reproduce):
@@ -317,12 +335,6 @@ def test_bad_flags_stop_before_any_work(reproduce, capsys, flags, words):
     with pytest.raises(SystemExit) as info:
         reproduce.parse_args(["fashion-mnist", *flags])
     assert info.value.code == 2 and words in capsys.readouterr().err
-
-
-def test_an_l2_suite_refuses_autoattack_before_any_work(reproduce, capsys):
-    with pytest.raises(SystemExit) as info:
-        reproduce.parse_args(["fashion-mnist-l2", "--aa-size", "100"])
-    assert info.value.code == 2 and "ardir's AutoAttack engine is L-inf only" in capsys.readouterr().err
 
 
 def test_ardir_layers_are_checked_before_the_teacher_trains(reproduce, tmp_path):

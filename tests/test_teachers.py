@@ -176,3 +176,28 @@ def test_model_name_and_unknown_specs():
         load_teacher("runs/x/best.pt")
     with pytest.raises(TeacherNotFoundError, match="neither a file, a model name"):
         load_teacher("wrn34")
+
+
+def test_robustbench_l2_spec_reads_the_l2_leaderboards_directory(tmp_path, tiny_zoo):
+    with pytest.raises(TeacherNotFoundError) as err:
+        load_teacher("robustbench:L2/Rice2020Overfitting", model_dir=tmp_path)
+    assert str(tmp_path / "cifar10" / "L2" / "Rice2020Overfitting.pt") in str(err.value)
+    assert teachers.robustbench_spec("robustbench:Linf/Zhang2019Theoretically") == \
+        teachers.robustbench_spec("robustbench:Zhang2019Theoretically") == ("Linf", "Zhang2019Theoretically")
+
+
+def test_a_known_linf_name_is_not_mapped_from_the_l2_directory(tmp_path, tiny_zoo):
+    """The mapping of ROBUSTBENCH_ZOO is for its own leaderboard's network; an L2 file of that name is another one."""
+    monkeypatch_entry = teachers.ROBUSTBENCH_ZOO[tiny_zoo]
+    assert monkeypatch_entry.get("threat_model", "Linf") == "Linf"
+    path = tmp_path / "cifar10" / "L2" / f"{tiny_zoo}.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({}, path)
+    with pytest.raises(TeacherNotFoundError, match="maps only"):
+        load_teacher(f"robustbench:L2/{tiny_zoo}", model_dir=tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["robustbench:L1/Rice2020Overfitting", "robustbench:L2/", "robustbench:linf/X"])
+def test_a_robustbench_spec_with_an_unknown_threat_model_is_one_sentence(spec):
+    with pytest.raises(ValueError, match=r"robustbench:THREAT/NAME with THREAT one of Linf, L2"):
+        load_teacher(spec)
