@@ -17,7 +17,8 @@ A point counts as robust only if it survives all four (worst case per sample).
 Why not ``torchattacks.AutoAttack``? In torchattacks 3.5.1 it builds APGD and APGD-T with their default
 of 10 iterations (not 100), FAB-T with 10 and lets Square rescale its schedule, so its number is not the
 AutoAttack number. ``engine="ardir"`` runs ardir's own components with the official settings
-(:mod:`ardir.apgd`, :mod:`ardir.fab`, :mod:`ardir.square`): the official algorithms and random draws, but a
+(:mod:`ardir.apgd`, :mod:`ardir.fab`, :mod:`ardir.square`, :mod:`ardir.square_l2`), under L-inf or L2 (the
+standard version's components and settings are the same for both): the official algorithms and random draws, but a
 point leaves the batch as soon as its verdict is settled (APGD: misclassified once; FAB-T: an adversarial
 point within eps), the model runs with each BatchNorm folded into the layer before it, channels-last on the
 CPU, and without autograd where no gradient is needed.
@@ -53,10 +54,8 @@ COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 ENGINES = ("ardir", "official")
 
 TOLERANCE = 1e-5
-
-L2_ENGINE_ERROR = "ardir's AutoAttack engine is L∞ only; pass engine='official' for L2"
-"""The error of AutoAttack (and of ardir.evaluate's AutoAttack attacks) under L2 with ``engine="ardir"``."""
-"""Slack on the L-inf distance when validating an adversarial example (float rounding only)."""
+"""Slack on the distance (L-inf, or L2 where it is also relative) when validating an adversarial example (float
+rounding only)."""
 
 OFFICIAL_MISSING = ("engine='official' runs the authors' AutoAttack code, which is not installed: "
                     "`pip install pyautoattack` (or `pip install ardir[autoattack]`; the authors' GitHub "
@@ -91,21 +90,23 @@ def _check_classes(name: str, num_classes: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- the ardir engine
-def _ardir_component(name: str, model: nn.Module, eps: float, num_classes: int,
-                     seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """ardir's own component with the official settings, as ``attack(images, labels) -> adversarial images``."""
+def _ardir_component(name: str, model: nn.Module, eps: float, num_classes: int, seed: int,
+                     norm: str = "linf") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """ardir's own component with the official settings, as ``attack(images, labels) -> adversarial images``,
+    in ``norm`` (``"linf"`` or ``"l2"``; the official standard version uses the same settings for both)."""
     from . import apgd, fab, square
 
     k = target_classes(num_classes)
     if name in ("apgd-ce", "apgd-dlr"):
-        return functools.partial(apgd.apgd, model, eps=eps, seed=seed, loss=name[5:], n_iter=100, rho=0.75)
+        return functools.partial(apgd.apgd, model, eps=eps, seed=seed, loss=name[5:], n_iter=100, rho=0.75,
+                                 norm=norm)
     if name == "apgd-t":
         return functools.partial(apgd.apgd_targeted, model, eps=eps, seed=seed, n_target_classes=k, n_iter=100,
-                                 rho=0.75)
+                                 rho=0.75, norm=norm)
     if name == "fab-t":
         return functools.partial(fab.fab_targeted, model, eps=eps, seed=seed, n_target_classes=k, n_iter=100,
-                                 alpha_max=0.1, eta=1.05, beta=0.9)
-    return functools.partial(square.square, model, eps=eps, seed=seed, n_queries=5000, p_init=0.8)
+                                 alpha_max=0.1, eta=1.05, beta=0.9, norm=norm)
+    return functools.partial(square.square, model, eps=eps, seed=seed, n_queries=5000, p_init=0.8, norm=norm)
 
 
 def fast_model(model: nn.Module, sample: Optional[torch.Tensor] = None) -> nn.Module:
@@ -289,8 +290,8 @@ class AutoAttack:
         attacks: the components, run in this order on the points still robust; default :data:`STANDARD`.
         engine: ``"ardir"`` (ardir's components with the official settings, no extra dependency) or
             ``"official"`` (the authors' code; ``pip install pyautoattack``).
-        norm: ``"linf"`` (default) or ``"l2"``. Under L2 only the official engine runs (its standard version
-            supports L2); ardir's components are L-inf implementations, so ``engine="ardir"`` is refused.
+        norm: ``"linf"`` (default) or ``"l2"``; both engines run either (the official standard version's
+            components and settings, with the norm's random start, steps, projections and Square updates).
 
     :meth:`run` returns a bool tensor (N,) (True: classified correctly after every component) and, per
     component, the bool tensor (N,) of points still robust after it (cumulative, as AutoAttack's log).
@@ -309,8 +310,6 @@ class AutoAttack:
         for name in self.attacks:
             _check_classes(name, self.num_classes)
         self.engine = one_of("engine", engine, ENGINES, "AutoAttack engine")
-        if self.norm == "l2" and self.engine == "ardir":
-            raise ValueError(L2_ENGINE_ERROR)
         if self.engine == "official":
             official_module()  # fail now, with the install hint
         self.messages: List[str] = []
@@ -330,7 +329,8 @@ class AutoAttack:
 
     def _component(self, name: str, seed: int, model: nn.Module):
         if self.engine == "ardir":
-            return _ardir_component(name, model, self.eps, self.num_classes, seed)
+            extra = {"norm": self.norm} if self.norm != "linf" else {}  # L-inf: the call as before (its default)
+            return _ardir_component(name, model, self.eps, self.num_classes, seed, **extra)
         return _official_component(name, self.model, self.eps, self.num_classes, seed, self.messages, self.norm)
 
     def run(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,

@@ -1,13 +1,15 @@
-"""Targeted FAB (L-inf) for ardir's AutoAttack engine: the official algorithm, with finished points dropped.
+"""Targeted FAB (L-inf and L2) for ardir's AutoAttack engine: the official algorithm, with finished points dropped.
 
 Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive boundary attack", ICML 2020
 (https://arxiv.org/abs/1907.02044), as AutoAttack's standard version runs it: 100 iterations, one restart (so
 no random start), ``alpha_max = 0.1``, ``eta = 1.05``, ``beta = 0.9``, against the 2nd .. 10th most likely
 classes one after the other. Each iteration linearises ``z_t - z_y`` at the current point, projects both the
-current point and the original image onto that hyperplane inside the box [0, 1] (minimal L-inf step), moves to a
-convex combination of the two projections (weight of the original at most ``alpha_max``), overshooting by
-``eta``; when the new point is adversarial it is kept if closer than the best so far and the point is pulled
-back towards the original by ``beta``.
+current point and the original image onto that hyperplane inside the box [0, 1] (the smallest step in the
+threat model's norm: :func:`project_linf` or :func:`project_l2`), moves to a convex combination of the two
+projections (weight of the original at most ``alpha_max``), overshooting by ``eta``; when the new point is
+adversarial it is kept if closer than the best so far and the point is pulled back towards the original by
+``beta``. Under L2 every size and distance (the weight of the two projections, the
+distance to the original) is the L2 norm, as in the official code; nothing else changes.
 
 Everything is per sample. A sample whose best adversarial point is already within ``eps`` is a success for
 AutoAttack (later points are only closer), so :func:`fab_run` drops it then (``drop=False`` runs all, as the
@@ -24,6 +26,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 TEST_FIRST_ABOVE = 1 / 3
@@ -65,6 +68,57 @@ def project_linf(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return d * nonzero
 
 
+def project_l2(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row: the L2-smallest ``d`` with ``w . (t + d) = b`` and ``t + d`` in [0, 1] (the official
+    ``projection_l2``; ``d = 0`` on the coordinates where ``|w| < 1e-8``). ``t``, ``w``: (R, D); ``b``: (R,).
+
+    Moving along ``-lam * w`` (after flipping ``w`` so the hyperplane lies that way), coordinate ``i`` reaches the
+    box at ``lam = r_i`` and stays there; the distance covered is piecewise linear in ``lam`` with the ``r_i``
+    as knots, so a binary search over the sorted ``r`` finds the segment where it reaches the hyperplane."""
+    c = (w * t).sum(1) - b
+    side = 2 * (c >= 0) - 1
+    w, c = w * side[:, None], c * side
+    live = w.abs() > 1e-8                     # coordinates with (almost) no weight never move
+    r = torch.max(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12).masked_fill(w.abs() < 1e-8, 1e12)
+    r = torch.where(r == -1e12, -r, r)        # official: a coordinate clamped at -1e12 never reaches the box
+    r_sorted, order = torch.sort(r, dim=1)
+    r_next = F.pad(r_sorted[:, 1:], (0, 1))
+    r_sorted, r_next = r_sorted.masked_fill(r_sorted == 1e12, 0), r_next.masked_fill(r_next == 1e12, 0)
+    w2 = (w ** 2).gather(1, order)
+    w2_total = w2.sum(dim=1, keepdim=True)
+    w2_left = w2_total - torch.cumsum(w2, dim=1)     # squared weight of the coordinates not yet at the box
+    d = -(r * w) * live.float()               # every coordinate at its box edge
+    start = -w2_total * r_sorted[:, 0:1]
+    reach = torch.cat((start, torch.cumsum((-r_next + r_sorted) * w2_left, dim=1) + start), 1)
+    inside = reach[:, 0] + c < 0              # the hyperplane is met before any coordinate reaches the box
+    beyond = (d * w).sum(dim=1) + c > 0       # not met even at the box corner: the corner is the answer
+    search = ~(inside | beyond)
+    low = torch.zeros_like(c)
+    high = torch.full_like(c, w.shape[1] - 1)
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((low + high) / 2)
+        ok = reach.gather(1, mid.long()[:, None])[:, 0] + c > 0
+        low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+    j = low.long()[:, None]
+    left = w2_left.gather(1, j)[:, 0]
+    lam = (reach.gather(1, j)[:, 0] + c) / left + r_sorted.gather(1, j)[:, 0]
+    lam = torch.where(left == 0, torch.zeros_like(lam), lam)[:, None]
+    at_box = (lam > r).float()
+    searched = d * at_box - lam * w * (1 - at_box)
+    free = -(c / w2_total[:, 0])[:, None] * w
+    d = torch.where(inside[:, None], free, torch.where(search[:, None], searched, d))
+    return d * live.float()
+
+
+PROJECTIONS = {"linf": project_linf, "l2": project_l2}
+
+
+def distance(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row size of ``delta`` (N, ...) in ``norm``: ``max |delta|`` (L-inf) or ``||delta||_2`` (L2)."""
+    flat = delta.flatten(1)
+    return (flat ** 2).sum(dim=-1).sqrt() if norm == "l2" else flat.abs().max(dim=1)[0]
+
+
 def _target_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at ``x``, ``f = z_t - z_y`` per sample and its gradient with respect to ``x``."""
@@ -77,14 +131,14 @@ def _target_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torc
 
 
 def _step(x1: torch.Tensor, x0: torch.Tensor, f: torch.Tensor, g: torch.Tensor, alpha_max: float,
-          eta: float) -> torch.Tensor:
+          eta: float, norm: str = "linf") -> torch.Tensor:
     """One FAB move from ``x1`` (original ``x0``) given ``f`` and its gradient ``g`` at ``x1``."""
     bs = len(x1)
     w = g.reshape(bs, -1)
     b = -f + (g * x1).reshape(bs, -1).sum(-1)
-    d = project_linf(torch.cat((x1.reshape(bs, -1), x0.reshape(bs, -1)), 0), torch.cat((w, w), 0),
-                     torch.cat((b, b), 0))
-    size = torch.clamp_min(d.abs().max(dim=1, keepdim=True)[0], 1e-8).view(-1, *[1] * (x1.dim() - 1))
+    d = PROJECTIONS[norm](torch.cat((x1.reshape(bs, -1), x0.reshape(bs, -1)), 0), torch.cat((w, w), 0),
+                          torch.cat((b, b), 0))
+    size = torch.clamp_min(distance(d, norm)[:, None], 1e-8).view(-1, *[1] * (x1.dim() - 1))
     d1, d2 = d[:bs].reshape(x1.shape), d[bs:].reshape(x1.shape)
     a1, a2 = size[:bs], size[bs:]
     alpha = torch.clamp(torch.clamp_min(a1 / (a1 + a2), 0.0), max=alpha_max)
@@ -93,10 +147,10 @@ def _step(x1: torch.Tensor, x0: torch.Tensor, f: torch.Tensor, g: torch.Tensor, 
 
 def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, eps: float,
             n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-            drop: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One targeted FAB run (no random start): ``(adv, dist)`` per sample, ``dist`` the L-inf distance of the
-    closest adversarial point found (1e10 if none; ``adv`` is ``x`` there). ``drop`` stops a sample once
-    ``dist <= eps``, so its ``adv`` is then the first such point, not the closest."""
+            drop: bool = True, norm: str = "linf") -> Tuple[torch.Tensor, torch.Tensor]:
+    """One targeted FAB run (no random start): ``(adv, dist)`` per sample, ``dist`` the distance in ``norm``
+    (``"linf"`` or ``"l2"``) of the closest adversarial point found (1e10 if none; ``adv`` is ``x`` there).
+    ``drop`` stops a sample once ``dist <= eps``, so its ``adv`` is then the first such point, not the closest."""
     n = len(x)
     adv, dist = x.detach().clone(), torch.full((n,), 1e10, device=x.device)
     index, x0, ya, ta = torch.arange(n, device=x.device), x.detach(), y, target
@@ -106,7 +160,7 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
     for it in range(n_iter):
         if not len(index):
             break
-        x1 = _step(x1, x0, f, g, alpha_max, eta)
+        x1 = _step(x1, x0, f, g, alpha_max, eta, norm)
         last = it == n_iter - 1
         if test_first or last:
             with torch.no_grad():
@@ -116,7 +170,7 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
         hit = logits.max(1)[1] != ya
         n_hit = int(hit.sum())
         if n_hit:
-            t = (x1 - x0).flatten(1).abs().max(dim=1)[0]
+            t = distance(x1 - x0, norm)
             closer = hit & (t < res)
             best = torch.where(closer.view(-1, *[1] * (x.dim() - 1)), x1, best)
             res = torch.where(closer, t, res)
@@ -138,9 +192,10 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
 
 def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int = 0,
                  n_target_classes: int = 9, n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, drop: bool = True) -> torch.Tensor:
+                 beta: float = 0.9, drop: bool = True, norm: str = "linf") -> torch.Tensor:
     """FAB-T as AutoAttack runs it: against the 2nd, 3rd, ... most likely classes (on the clean image), each on
-    the points not fooled yet (an adversarial point within ``eps``); adversarial images, ``x`` where it failed."""
+    the points not fooled yet (an adversarial point within ``eps`` in ``norm``, ``"linf"`` or ``"l2"``);
+    adversarial images, ``x`` where it failed."""
     adv = x.detach().clone()
     with torch.no_grad():
         todo = (model(x).max(1)[1] == y).nonzero().flatten()
@@ -149,7 +204,8 @@ def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             break
         with torch.no_grad():
             target = model(x[todo]).sort(dim=-1)[1][:, -rank]
-        adv_run, dist = fab_run(model, x[todo], y[todo], target, eps, n_iter, alpha_max, eta, beta, drop)
+        adv_run, dist = fab_run(model, x[todo], y[todo], target, eps, n_iter, alpha_max, eta, beta, drop,
+                                 norm)
         with torch.no_grad():
             fooled = (model(adv_run).max(1)[1] != y[todo]) & (dist <= eps)
         adv[todo[fooled]] = adv_run[fooled]

@@ -1,5 +1,7 @@
 """Square Attack (L-inf, margin loss) for ardir's AutoAttack engine: the official algorithm, leaner bookkeeping.
 
+The L2 version is :mod:`ardir.square_l2`; :func:`square` runs either.
+
 Andriushchenko et al., "Square Attack", ECCV 2020 (https://arxiv.org/abs/1912.00049), as AutoAttack runs it:
 5000 queries, one restart, ``p_init = 0.8`` and the schedule written for 10000 queries, not rescaled. Start:
 vertical stripes ``clamp(x + eps * s)``, ``s`` a random sign per (sample, channel, column). Each iteration draws
@@ -85,16 +87,20 @@ def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int = 0, n_queries: int = 5000,
-           p_init: float = 0.8) -> torch.Tensor:
-    """Square Attack on the points classified correctly: adversarial images (``x`` where it failed). Seeds the
-    CPU generator with ``seed`` inside a fork, as the official code seeds it before its run."""
+           p_init: float = 0.8, norm: str = "linf") -> torch.Tensor:
+    """Square Attack on the points classified correctly: adversarial images (``x`` where it failed) in the
+    ``eps``-ball of ``norm`` (``"linf"``, or ``"l2"``: :func:`ardir.square_l2.square_l2_run`). Seeds the CPU
+    generator with ``seed`` inside a fork, as the official code seeds it before its run."""
+    from .square_l2 import square_l2_run  # it imports this module's helpers
+
+    run = square_l2_run if norm == "l2" else square_run
     adv = x.detach().clone()
     with torch.no_grad():
         todo = (model(x).max(1)[1] == y).nonzero().flatten()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if len(todo):
-            best, _ = square_run(model, x[todo], y[todo], eps, n_queries, p_init)
+            best, _ = run(model, x[todo], y[todo], eps, n_queries, p_init)
             with torch.no_grad():
                 fooled = model(best).max(1)[1] != y[todo]
             adv[todo[fooled]] = best[fooled]

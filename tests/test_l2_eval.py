@@ -14,7 +14,6 @@ from ardir import cli
 from ardir.evaluate import evaluate
 from ardir.evaluation._helpers import _derive_seed
 
-ENGINE_ERROR = "ardir's AutoAttack engine is L∞ only; pass engine='official' for L2"
 TINY = ["--dataset", "fashion-mnist", "--fake-data", "--model", "cnn_small", "--train-size", "64", "--val-size",
         "32", "--batch-size", "32", "--limit-batches", "1", "--steps", "1", "--val-attack-steps", "1", "--quiet"]
 
@@ -133,14 +132,16 @@ def test_a_linf_state_is_never_resumed_as_l2_and_still_resumes_as_linf(tmp_path)
 
 
 @pytest.mark.parametrize("attack", ["autoattack", "apgd-ce", "square"])
-def test_ardirs_autoattack_engine_refuses_l2_in_one_sentence(attack):
+def test_ardirs_autoattack_engine_runs_under_l2(attack):
+    """The default engine runs AutoAttack and its components under L2 (their agreement with the official code:
+    tests/test_autoattack_l2.py)."""
     model, images, labels = tiny(8)
-    with pytest.raises(ValueError) as info:
-        evaluate(model, loader(images, labels), eps=0.5, norm="l2", attacks=("natural", attack), progress=False)
-    assert str(info.value) == f"attacks: {attack!r} under norm='l2': {ENGINE_ERROR}"
-    with pytest.raises(ValueError) as info:
-        aa.AutoAttack(model, eps=0.5, num_classes=4, norm="l2")
-    assert str(info.value) == ENGINE_ERROR
+    report = evaluate(model, loader(images, labels), eps=0.5, norm="l2", attacks=("natural", attack), checks=False,
+                      progress=False)
+    assert report.settings[attack]["norm"] == "L2"
+    assert "(ardir engine, L2)" in report.descriptions[attack]
+    assert report.accuracy[attack] <= report.accuracy["natural"]
+    assert aa.AutoAttack(model, eps=0.5, num_classes=4, norm="l2").engine == "ardir"
 
 
 def test_official_autoattack_runs_under_l2():

@@ -20,10 +20,8 @@ from .. import distributed
 from .._checks import (batch_tensors, check_batch, eps_value, label_range, logits_of, norm_name, one_of, pixel_range,
                        positive)
 from ..attacks import model_device, model_mode
-from ..autoattack import L2_ENGINE_ERROR
 from ._helpers import _derive_seed, _fmt_eps, _forked_rng, _frozen, _percent, _unbits
-from .attacks import (Context, Runner, _AutoAttackRunner, _build, _build_autoattack, _build_component, _Natural,
-                      parse_attack)
+from .attacks import Context, Runner, _AutoAttackRunner, _build, _Natural, parse_attack
 from .checks import _sanity_flags
 from .report import EvaluationWarning, Report
 from .selection import SUBSETS, _int64, _select
@@ -75,8 +73,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
         warn: issue an :class:`EvaluationWarning` for each failed sanity check (they are in the report anyway).
         norm: the threat model, ``"linf"`` (default) or ``"l2"``. Under L2 ``fgsm`` is FGM (one step of length
             eps along the normalised gradient, no random start), ``pgdN`` and ``cwN`` are ``ardir.PGD(norm="l2")``
-            on the cross-entropy / CW margin (uniform start in the ball), and AutoAttack and its components need
-            ``engine="official"`` (its standard version supports L2; ardir's components are L-inf only).
+            on the cross-entropy / CW margin (uniform start in the ball), and AutoAttack and its components run
+            the standard version's L2 attacks (either engine).
 
     In a process group (``torchrun``, :func:`ardir.distributed.init`), call it on every process with the same
     loader: each attacks every W-th batch and the results are gathered, so every process returns the report one
@@ -87,8 +85,8 @@ def evaluate(model: nn.Module, loader: Iterable, eps: float = 8 / 255,
 
     Raises:
         ValueError: unknown attack name (with close matches), eps outside (0, 1] under L-inf or <= 0 under L2,
-            AutoAttack under L2 with ``engine="ardir"``, empty loader, pixel values
-            outside [0, 1], labels outside the model's classes, or a state file from other settings.
+            empty loader, pixel values outside [0, 1], labels outside the model's classes, or a state file from
+            other settings.
         ImportError: ``engine="official"`` without the official package.
     """
     started = time.perf_counter()
@@ -140,10 +138,6 @@ class _Settings:
                 raise ValueError(f"n_examples={n_examples!r} must be a whole number >= 1 (or None for all)")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1 (or None: the loader's batches)")
-        if self.norm == "l2" and self.engine == "ardir":
-            for name in self.attacks + [self.sweep_attack]:
-                if parse_attack(name)[0].build in (_build_autoattack, _build_component):
-                    raise ValueError(f"attacks: {name!r} under norm='l2': {L2_ENGINE_ERROR}")
         if self.large_eps is None or not self.checks:
             self.large_eps = None
         elif self.large_eps == "auto":
