@@ -481,6 +481,16 @@ def test_the_l2_suite_trains_and_evaluates_under_l2(reproduce, tmp_path):
     assert teacher["command"] == "(evaluated by the suite's command; the shipped teacher)"  # not the manifest's
 
 
+def test_the_l2_suite_runs_the_l2_autoattack(reproduce, tmp_path):
+    """AutoAttack is a column of the L2 table, run by ardir's engine under L2 on the seeded subset."""
+    out, runs = _dry_run(reproduce, tmp_path, "fashion-mnist-l2", "--methods", "at", "--aa-size", "2",
+                         "--no-teacher-eval")
+    at = json.loads((runs / "cnn_small__at__seed0.json").read_text())
+    assert "autoattack" in at["accuracy"] and at["subsets"]["autoattack"].startswith("random 2 of")
+    assert reproduce.SUITES["fashion-mnist-l2"].aa_size == 1000
+    assert "AutoAttack" in (out / "fashion_mnist_l2.md").read_text().split("| Student")[1].splitlines()[0]
+
+
 def test_rows_recorded_before_a_setting_existed_keep_their_meaning(reproduce):
     """A row JSON written before the suites had a norm ran under L-inf: it matches an L-inf run's key, not L2's."""
     linf = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
