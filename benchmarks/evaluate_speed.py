@@ -11,6 +11,8 @@ components).
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
     python benchmarks/evaluate_speed.py --checkpoint benchmarks/runs/fashion-mnist/cnn_small__at__seed0.pt \
         --model cnn_small --threads 1        # a suite row's student (its weights-only file)
+    python benchmarks/evaluate_speed.py --checkpoint benchmarks/runs/fashion-mnist-l2/cnn_small__at__seed0.pt \
+        --model cnn_small --norm l2 --threads 1     # under L2 (eps 1.5, the fashion-mnist-l2 suite's)
 
 The points: a seeded random subset of the dataset's test split (seed 0, sorted, as ``evaluate(...,
 subset="random")``), Fashion-MNIST by default.
@@ -33,9 +35,9 @@ from ardir.attacks import model_mode  # noqa: E402
 from throughput import commit, device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("| date (UTC) | device | threads | n | batch | engine | " + " | ".join(f"{c} s" for c in aa.STANDARD)
+HEADER = ("| date (UTC) | device | threads | n | batch | norm, eps | engine | " + " | ".join(f"{c} s" for c in aa.STANDARD)
           + " | total s | robust acc % | verdicts differing | commit | command |\n"
-          + "|" + "---|" * (11 + len(aa.STANDARD)) + "\n")
+          + "|" + "---|" * (12 + len(aa.STANDARD)) + "\n")
 LAST = "autoattack_speedup_vs_official="
 
 
@@ -49,8 +51,9 @@ def points(dataset: str, n: int, seed: int):
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
-def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10) -> Dict:
-    """Both engines, alternated per batch and component: seconds per component and final masks."""
+def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10, norm: str = "linf") -> Dict:
+    """Both engines, alternated per batch and component, in ``norm`` ("linf" or "l2"): seconds per component and
+    final masks."""
     engines = ("ardir", "official")
     seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
     final = {e: [] for e in engines}
@@ -71,13 +74,13 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                         continue
                     t0 = time.perf_counter()
                     if engine == "ardir":
-                        attack = aa._ardir_component(name, fast, eps, classes, seed)
+                        attack = aa._ardir_component(name, fast, eps, classes, seed, norm)
                     else:
-                        attack = aa._official_component(name, model, eps, classes, seed, [])
+                        attack = aa._official_component(name, model, eps, classes, seed, [], norm)
                     with torch.enable_grad():
                         adv = attack(x[todo], y[todo])
                     seconds[engine][name] += time.perf_counter() - t0
-                    robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps)
+                    robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps, norm)
                 print(f"  batch {start // batch}: {name}: " + ", ".join(
                     f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
             for e in engines:
@@ -92,11 +95,14 @@ def write(path: Path, rows: List[str], speedup: float) -> None:
     lines = [line for line in lines if not line.startswith(LAST)]
     while lines and not lines[-1].strip():
         lines.pop()
+    header = HEADER.rstrip("\n").split("\n")
     if not lines:
         lines = ["# AutoAttack speed: ardir's engine vs the official code", "",
                  "Written by `benchmarks/evaluate_speed.py`: the same model and points, both engines alternated "
                  "in one run; seconds per component (standard version), robust accuracy, samples whose verdict "
-                 "differs. The last line is the speed-up of the latest run.", "", *HEADER.rstrip("\n").split("\n")]
+                 "differs. The last line is the speed-up of the latest run.", "", *header]
+    elif header[0] not in lines:  # a table of an older layout ends the file: these rows start a new one
+        lines += ["", *header]
     path.write_text("\n".join(lines + rows + ["", f"{LAST}{speedup:.2f}"]) + "\n")
 
 
@@ -105,7 +111,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="an ardir run checkpoint (or any load_teacher spec)")
     parser.add_argument("--model", help="the architecture of a weights-only file (e.g. a suite row's .pt)")
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the threat model (default linf)")
+    parser.add_argument("--eps", type=float, default=None,
+                        help="the radius in --norm (default: the Fashion-MNIST suites', 0.1 under linf, 1.5 under l2)")
     parser.add_argument("--n-examples", type=cli.count, default=1000)
     parser.add_argument("--batch-size", type=cli.count, default=250)
     parser.add_argument("--threads", type=cli.count, default=None, help="torch CPU threads")
@@ -113,6 +121,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="subset and attack seed")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "evaluate_speed.md"))
     args = parser.parse_args(argv)
+    if args.eps is None:
+        args.eps = {"linf": 0.1, "l2": 1.5}[args.norm]
+    if not (args.eps > 0 and (args.norm == "l2" or args.eps <= 1)):
+        parser.error(f"--eps {args.eps}: must be > 0" + (" and <= 1 under --norm linf" if args.norm == "linf" else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
     from ardir.data import get_spec
@@ -124,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     images, labels = points(args.dataset, args.n_examples, args.seed)
     images, labels = images.to(device), labels.to(device)
     command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    result = run(model, images, labels, args.eps, args.batch_size, args.seed, spec.num_classes)
+    result = run(model, images, labels, args.eps, args.batch_size, args.seed, spec.num_classes, args.norm)
     secs, robust = result["seconds"], result["robust"]
     differ = int((robust["ardir"] != robust["official"]).sum())
     total = {e: sum(secs[e].values()) for e in secs}
@@ -134,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for e in ("official", "ardir"):
         acc = 100.0 * robust[e].float().mean().item()
         rows.append(f"| {when} | {device_name(device)} | {torch.get_num_threads()} | {len(images)} | "
-                    f"{args.batch_size} | {e} | " + " | ".join(f"{secs[e][c]:.1f}" for c in aa.STANDARD)
+                    f"{args.batch_size} | {args.norm}, {args.eps:g} | {e} | " + " | ".join(f"{secs[e][c]:.1f}" for c in aa.STANDARD)
                     + f" | {total[e]:.1f} | {acc:.2f} | {differ} | {commit()} | `{command}` |")
         print(rows[-1])
     write(Path(args.results), rows, speedup)

@@ -1,0 +1,60 @@
+"""benchmarks/evaluate_speed.py: both engines attack the same points under the chosen norm, and the results file
+keeps one table per row layout with the speed-up as its last line. Synthetic data, a tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ardir import autoattack as aa
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    sys.path.insert(0, str(BENCH))  # the script imports its neighbour throughput.py
+    try:
+        spec = importlib.util.spec_from_file_location("evaluate_speed", BENCH / "evaluate_speed.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_both_engines_attack_under_l2_with_the_same_verdicts(speed, tiny):
+    pytest.importorskip("pyautoattack")
+    torch.manual_seed(1)
+    model = tiny(width=8, num_classes=10).eval()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = speed.run(model, x[:6], y[:6], eps=1.0, batch=6, seed=0, classes=10, norm="l2")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out["robust"]["ardir"], out["robust"]["official"])
+    # at this radius some points survive APGD-CE and APGD-T fools them, in both engines: both ran two components
+    assert all(out["seconds"][e][c] > 0 for e in ("ardir", "official") for c in ("apgd-ce", "apgd-t"))
+    # an L-inf check of L2 points this far out would call them invalid (still robust): the norm is passed on
+    assert not out["robust"]["ardir"].any()
+
+
+def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
+    path = tmp_path / "speed.md"
+    path.write_text("# title\n\n| date (UTC) | device | old |\n|---|---|---|\n| a | b | c |\n\n"
+                    f"{speed.LAST}2.05\n")
+    speed.write(path, ["| new row |"], 1.5)
+    lines = path.read_text().splitlines()
+    assert lines[-1] == f"{speed.LAST}1.50" and lines.count(f"{speed.LAST}2.05") == 0
+    first = speed.HEADER.splitlines()[0]
+    assert lines.index(first) > lines.index("| a | b | c |") and lines[lines.index(first) + 2] == "| new row |"
+    speed.write(path, ["| next row |"], 1.2)  # the same layout again: no second header
+    assert path.read_text().splitlines().count(first) == 1
+    assert set(aa.STANDARD) <= set(speed.HEADER.replace(" s |", " |").replace("|", " ").split())
