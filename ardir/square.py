@@ -47,6 +47,14 @@ def _signs(shape) -> torch.Tensor:
     return torch.sign(2 * torch.rand(shape) - 1)
 
 
+def accept(m_new: torch.Tensor, m_min: torch.Tensor, x_new: torch.Tensor, best: torch.Tensor
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The official acceptance rule of a query: a proposal replaces a point's best when it lowers the margin or
+    fools the model; returns the new ``(margin, best point)`` (N,), (N, C, H, W)."""
+    improved = (m_new < m_min) | (m_new <= 0.0)
+    return torch.where(improved, m_new, m_min), torch.where(improved.view(-1, 1, 1, 1), x_new, best)
+
+
 def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,
                p_init: float = 0.8) -> Tuple[torch.Tensor, torch.Tensor]:
     """One Square restart on ``x`` (N, C, H, W): ``(best points, margin)``; margin <= 0 where it succeeded."""
@@ -70,9 +78,7 @@ def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         x_new = torch.clamp(torch.min(torch.max(best + delta.to(device), low), high), 0.0, 1.0)
         with torch.no_grad():
             m_new = margin(model, x_new, ya)
-        improved = (m_new < m_min) | (m_new <= 0.0)
-        m_min = torch.where(improved, m_new, m_min)
-        best = torch.where(improved.view(-1, 1, 1, 1), x_new, best)
+        m_min, best = accept(m_new, m_min, x_new, best)
         done = m_min <= 0.0
         if done.any():
             margin_min[active] = m_min

@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from .square import _signs, margin, p_selection
+from .square import _signs, accept, margin, p_selection
 
 
 def _l2(v: torch.Tensor) -> torch.Tensor:
@@ -127,9 +127,7 @@ def square_l2_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         x_new = _proposal(xa, best, eps, _side(p_init, i_iter, c, h, w))
         with torch.no_grad():
             m_new = margin(model, x_new, ya)
-        improved = (m_new < m_min) | (m_new <= 0.0)
-        m_min = torch.where(improved, m_new, m_min)
-        best = torch.where(improved.view(-1, 1, 1, 1), x_new, best)
+        m_min, best = accept(m_new, m_min, x_new, best)
         done = m_min <= 0.0
         if done.any():
             margin_min[active], x_best[active] = m_min, best

@@ -12,33 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ardir
 from ardir import apgd, autoattack as aa, fab, square, square_l2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest (and immune to a busy machine's oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _official():
-    try:
-        return aa.official_module()
-    except ImportError:
-        pytest.skip("official AutoAttack not installed (pip install pyautoattack)")
-
-
-@pytest.fixture
-def setup(tiny):
-    """A tiny model (10 classes) and 24 points it classifies correctly (the L-inf tests' setup)."""
-    torch.manual_seed(1)
-    model = tiny(width=8, num_classes=10).eval()
-    x = torch.rand(64, 1, 8, 8)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    return model, x[:24], y[:24]
+from test_autoattack_fast import _official, _one_thread, setup  # noqa: F401  (the L-inf tests' fixtures)
 
 
 def _fooled(model, x, adv, y, eps):
