@@ -236,9 +236,9 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "under L2 PGD) with step eps/4 = 0.375, on a fixed random 1,000 test images (seed 0).",
                  "The teacher is the shipped L-inf teacher (no L2 teacher is shipped): what it hands down was "
                  "learnt under another threat model. Its row is measured here, under L2, on the same 1,000 images.",
-                 "AutoAttack: the standard L2 version (ardir engine) on the same seeded 1,000 test images; the "
-                 "teacher's row has none (its L2 AutoAttack would cost about as much as all the students' rows "
-                 "together on two CPU cores).")),
+                 "AutoAttack: the standard L2 version (ardir engine) on the same seeded 1,000 test images, for "
+                 "every row, the teacher's included (--no-teacher-eval skips the teacher's, which costs about as "
+                 "much as the students' rows together on two CPU cores).")),
     Suite(name="fashion-mnist-same-data", dataset="fashion-mnist", results_name="fashion_mnist_same_data", num_classes=10, in_chans=1,
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
