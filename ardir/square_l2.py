@@ -25,12 +25,8 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
+from .apgd import l2_norm as _l2  # the official arithmetic (sum of squares, sqrt), shared with APGD
 from .square import _signs, accept, margin, p_selection
-
-
-def _l2(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm of ``v`` (N, C, H, W), shaped (N, 1, 1, 1)."""
-    return (v ** 2).flatten(1).sum(-1).sqrt().view(-1, 1, 1, 1)
 
 
 def _window_norms(v: torch.Tensor) -> torch.Tensor:
