@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -43,6 +44,9 @@ from ardir import data, zoo
 from ardir.checkpoint import atomic_save, atomic_write_text
 from ardir.cli import attack_name, count, device_name, whole
 from ardir.teachers import TeacherNotFoundError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite's own modules beside it
+import table_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "benchmarks/reproduce.py"
@@ -670,6 +674,19 @@ def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
             "command": info["made_by"]}
 
 
+def other_subsets(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, int]:
+    """The attacks of a row measured on another number of test images than the suite's (``{metric: images}``),
+    from the row's ``subsets`` (``"random N of M (seed S)"``; a key may name several attacks, ``"pgd20/cw30"``)."""
+    sizes = {}
+    for names, text in rec.get("subsets", {}).items():
+        found = re.match(r"random (\d+) of", str(text))
+        for name in names.split("/"):
+            suite_size = settings["aa_size"] if name == "autoattack" else settings["eval_size"]
+            if found and int(found.group(1)) != suite_size:
+                sizes[name] = int(found.group(1))
+    return sizes
+
+
 def teacher_summary(spec: str) -> str:
     """One line on a shipped teacher: what it is and its manifest's accuracies."""
     info = zoo.manifest(spec)
@@ -889,8 +906,10 @@ def add_differences(rows: List[Dict[str, Any]], metric: str = "autoattack", base
 
 def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[str, Any]], metrics: Sequence[str],
                 published: Optional[Dict[Tuple[str, str], Dict[str, float]]] = None, variant_column: bool = False,
-                order: Sequence[str] = ROW_NAMES, students: Sequence[str] = ()) -> None:
-    """``path``.md (the table and how it was made) and ``path``.json (the same, plus per-seed numbers)."""
+                order: Sequence[str] = ROW_NAMES, students: Sequence[str] = (),
+                records: Optional[Sequence[Dict[str, Any]]] = None) -> None:
+    """``path``.md (the table and how it was made) and ``path``.json (the same, plus per-seed numbers and, given
+    ``records``, every row's own record: what a clean clone resumes the suite from, see :mod:`table_records`)."""
     rank = {m: i for i, m in enumerate(("teacher",) + tuple(order))}
     first = {name: i for i, name in enumerate(students)}
     rows = sorted(rows, key=lambda r: (first.get(r["student"], len(first)), r["student"], rank.get(r["method"], 99),
@@ -947,6 +966,8 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     if published is not None:
         record["published"] = {f"{s}/{m}": v for (s, m), v in published.items()}
         record["published_source"] = meta.get("published_source")
+    if records is not None:
+        record["records"] = [r for r in records if r.get("method") != "teacher"]
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -1131,6 +1152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.template:
             describe_teacher()
         rows = summarize(records, metrics)
+        for row in rows:  # the teacher's manifest may state an attack on another subset than the students'
+            if row["method"] == "teacher":
+                teacher_rec = next(r for r in records if r["method"] == "teacher")
+                for m, size in other_subsets(teacher_rec, settings).items():
+                    if row["cells"].get(m):
+                        row["cells"][m] += f" (on {size})"
         if not args.ablation:
             for metric in difference_metrics(rows):
                 add_differences(rows, metric)
@@ -1150,7 +1177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         meta["footer"] = list(footer)
         students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
         write_table(out_path, title, meta, rows, metrics, None if args.ablation else published,
-                    variant_column=args.ablation, students=students)
+                    variant_column=args.ablation, students=students, records=records)
 
     if args.template:
         meta.update(command=f"python {SCRIPT} {suite.name} --data-dir DIR [--teacher SPEC]", commit="", date="",
@@ -1182,17 +1209,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 found.append(shown_autoattack(rec, settings))
         return found
 
+    def config_of(method, variant):
+        return method_config(settings, method, ablation_arguments(variant if variant in ABLATIONS else None))
+
+    def still_holds(rec):
+        if rec["method"] == "teacher":
+            return stored_key(rec) == key
+        return stored_key(rec) == key and same_method(rec.get("method_config"), config_of(rec["method"],
+                                                      rec.get("variant")), rec["method"])
+
+    committed = {} if args.force else table_records.committed_records(out_path.with_suffix(".json"), config_of)
     pending: List[Tuple[Path, str, str, int, Optional[str]]] = []  # (path, student, method, seed, variant)
+    def row_file(job):
+        return teacher_eval if job[1] == "teacher" else run_dir / f"{row_stem(*job, args.precision)}.json"
+
+    missing = {job: rec for job, rec in committed.items() if not row_file(job).exists()}
+    restored = [job for job, rec in missing.items() if table_records.restore_row(row_file(job), rec, still_holds)]
+    table_json = out_path.with_suffix(".json").name
+    if restored:
+        log(f"{len(restored)} rows restored from the committed table {table_json} into {run_dir} (their weights "
+            "were not kept: an attack a row lacks is added by retraining it)")
+    if len(restored) < len(missing):
+        log(f"{len(missing) - len(restored)} rows of the committed table {table_json} were made with other settings "
+            "or method configurations than this ardir's and are not restored (git keeps that table)")
     if not args.no_teacher_eval and not args.ablation:
         rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
+        if uses_manifest(settings):  # its manifest's numbers, always the shipped file's: nothing to run
+            rec = dict(shipped_teacher_row(settings["teacher"], settings["teacher_model"] + " (teacher)"),
+                       settings=key)
+            atomic_write_text(json.dumps(rec, indent=2), teacher_eval)
         measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
         if rec is None or stored_key(rec) != key or (missing_autoattack(rec, settings) and measures_aa):
             pending.append((teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None))
     for student, method, seed, variant in jobs:
-        stem = f"{student}__{method}__seed{seed}" if variant is None else \
-            f"{student}__{_slug(variant)}__seed{seed}"
-        if args.precision != "fp32":
-            stem += f"__{args.precision}"
+        stem = row_stem(student, method, seed, variant, args.precision)
         path = run_dir / f"{stem}.json"
         if path.exists() and not args.force:
             status, why = row_status(path, settings, method, variant)
@@ -1228,6 +1278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _fmt_eps(eps: float) -> str:
     k = eps * 255
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{eps:g}"
+
+
+def row_stem(student: str, method: str, seed: int, variant: Optional[str], precision: str = "fp32") -> str:
+    """The name of a row's files in the run directory (``<stem>.json``, ``<stem>.pt``)."""
+    stem = f"{student}__{method}__seed{seed}" if variant is None else f"{student}__{_slug(variant)}__seed{seed}"
+    return stem if precision == "fp32" else f"{stem}__{precision}"
 
 
 def _slug(text: str) -> str:

@@ -1,0 +1,112 @@
+"""benchmarks/table_records.py: a suite resumes from its committed table when its run directory is gone (a clean
+clone), with every row's numbers as the table states them, and never from rows made with other settings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(path: Path):
+    """The table's Markdown rows, without the header lines (command, date, commit differ per invocation)."""
+    return [line for line in path.read_text().splitlines() if line.startswith("| ")]
+
+
+def _table_only(reproduce, out: Path, runs: Path, capsys, *extra: str) -> str:
+    capsys.readouterr()
+    assert reproduce.main(["fashion-mnist", "--table-only", "--output", str(out), "--run-dir", str(runs), *extra]) == 0
+    return capsys.readouterr().out
+
+
+def _student_rows(table: dict):
+    return {(r["student"], r["method"], r.get("variant")): (r["seeds"], r["per_seed"])
+            for r in table["rows"] if r["method"] != "teacher" and r["seeds"]}
+
+
+def test_a_clean_clone_rewrites_the_committed_table_from_its_records(reproduce, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(TABLE, out / TABLE.name)
+    committed = json.loads(TABLE.read_text())
+    log = _table_only(reproduce, out, tmp_path / "runs", capsys)
+    assert "restored from the committed table fashion_mnist.json" in log
+    written = json.loads((out / TABLE.name).read_text())
+    # the same rows and per-seed numbers as the committed table, with nothing in the run directory before
+    assert _student_rows(written) == _student_rows(committed) and _student_rows(written)
+    assert {(r["student"], r["method"], r["seed"]) for r in written["records"]} >= \
+        {(s, m, seed) for (s, m, _), (seeds, _) in _student_rows(committed).items() for seed in seeds}
+    # a second clean clone resumes from the records this table now keeps: the same table again
+    rows = _rows(out / "fashion_mnist.md")
+    _table_only(reproduce, out, tmp_path / "runs2", capsys)
+    assert _rows(out / "fashion_mnist.md") == rows
+
+
+def test_an_older_table_is_rebuilt_one_record_per_seed(reproduce, tmp_path, capsys):
+    """A table written before ``records`` (and before ``metric_seeds``) still resumes: its per-seed numbers give
+    one record per seed, and a row's time total is split evenly over its seeds, flagged as such."""
+    table = json.loads(TABLE.read_text())
+    table.pop("records", None)
+    for row in table["rows"]:
+        if all(len(v) == len(row["seeds"]) for v in row.get("per_seed", {}).values()):
+            row.pop("metric_seeds", None)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / TABLE.name).write_text(json.dumps(table))
+    _table_only(reproduce, out, tmp_path / "runs", capsys)
+    written = json.loads((out / TABLE.name).read_text())
+    assert _student_rows(written) == _student_rows(table)
+    several = next(r for r in table["rows"] if len(r["seeds"]) > 1 and r["method"] != "teacher")
+    mine = [r for r in written["records"] if (r["student"], r["method"]) == (several["student"], several["method"])
+            and r.get("variant") == several.get("variant")]
+    assert len(mine) == len(several["seeds"]) and all(r["seconds_split_evenly"] for r in mine)
+    assert sum(r["train_seconds"] for r in mine) == pytest.approx(several["train_seconds"], abs=0.1 * len(mine))
+    assert all("rebuilt from its per-seed numbers" in r["restored_from"] for r in mine)
+
+
+def test_rows_made_with_other_settings_are_not_restored(reproduce, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(TABLE, out / TABLE.name)
+    _table_only(reproduce, out, tmp_path / "runs", capsys)  # now the table keeps its records
+    table = json.loads((out / TABLE.name).read_text())
+    stale = next(r for r in table["records"] if r["method"] == "ardir")
+    stale["settings"] = dict(stale["settings"], eps=0.2)
+    stale_config = next(r for r in table["records"] if r["method"] == "iad")
+    stale_config["method_config"] = dict(stale_config["method_config"], kl_reduction="mean")
+    (out / TABLE.name).write_text(json.dumps(table))
+    runs = tmp_path / "runs2"
+    log = _table_only(reproduce, out, runs, capsys)
+    assert "2 rows of the committed table fashion_mnist.json were made with other settings" in log
+    assert not (runs / f"{stale['student']}__ardir__seed{stale['seed']}.json").exists()
+    assert not (runs / f"{stale_config['student']}__iad__seed{stale_config['seed']}.json").exists()
+    assert (runs / "cnn_small__at__seed0.json").exists()
+    # --force reruns rows: it restores none
+    forced = tmp_path / "runs3"
+    assert reproduce.parse_args(["fashion-mnist", "--force"]).force
+    _table_only(reproduce, out, forced, capsys, "--force")
+    assert not list(forced.glob("*__seed*.json"))
+
+
+def test_the_teacher_row_marks_attacks_on_other_subsets(reproduce):
+    settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
+    rec = {"subsets": {"natural": "all", "pgd20/cw30": "random 1000 of 10000 (seed 0)",
+                       "autoattack": "random 100 of 10000 (seed 0)"}}
+    assert reproduce.other_subsets(rec, settings) == {"pgd20": 1000, "cw30": 1000, "autoattack": 100}
+    same = {"subsets": {"autoattack": "random 1000 of 10000 (seed 0)", "pgd20": "all"}}
+    assert reproduce.other_subsets(same, settings) == {}
