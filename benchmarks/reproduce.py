@@ -32,8 +32,9 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -697,12 +698,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    suite = SUITES[args.suite]
-    settings = resolve(suite, args)
-    device = torch.device(args.device)
-    log = (lambda msg: print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True))
+Job = Tuple[str, str, int, Optional[str]]  # (student, method, seed, variant): a row the command line asks for
+PendingJob = Tuple[Path, str, str, int, Optional[str]]  # the same with its row file first: a job to run
+
+
+@dataclass
+class SuiteRun:
+    """What the steps of one invocation of :func:`main` share: the command line and the suite's settings, the jobs
+    it asks for, where the table and the row files go, and the table's metadata (filled in as the run goes)."""
+    args: argparse.Namespace
+    suite: Suite
+    settings: Dict[str, Any]
+    device: torch.device
+    log: Callable[[str], None]
+    methods: List[str]
+    jobs: List[Job]
+    out_path: Path  # the table, without its suffix (.md, .json)
+    run_dir: Path
+    teacher_dir: Path
+    started: float
+    meta: Dict[str, Any]
+    title: str
+    metrics: List[str]
+    published: Optional[Dict[Tuple[str, str], Dict[str, float]]]
+    key: Dict[str, Any]  # the row key of this run's settings (row_key)
+    teacher_eval: Path  # the teacher's row file
+
+
+def _log(msg: str) -> None:
+    """Print one log line, stamped with the UTC time."""
+    print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True)
+
+
+def suite_jobs(args: argparse.Namespace, suite: Suite, settings: Dict[str, Any],
+               log) -> Tuple[List[str], List[Job], Path]:
+    """The methods to run, the (student, method, seed, variant) jobs the command line asks for (every seed, student
+    and method, or ablation variant) and the path of the table (without its suffix)."""
     methods = list(args.methods or suite.methods)
     if not (args.ablation or args.template or args.table_only):
         methods = with_natural_teacher(settings, methods, bool(args.methods), log)
@@ -718,164 +749,265 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.precision != "fp32":
         name += f"_{args.precision}"
     out_path = ROOT / args.output / name if not Path(args.output).is_absolute() else Path(args.output) / name
-    run_dir, teacher_dir = run_dirs(args)
+    return methods, jobs, out_path
+
+
+def table_meta(args: argparse.Namespace, suite: Suite, settings: Dict[str, Any], device: torch.device
+               ) -> Dict[str, Any]:
+    """The table's metadata before any row has run: the suite's command, the commit, date and machine, what departs
+    from the suite's protocol, the notes (the ablation's first), the settings and the published numbers' source.
+    The teacher's line is filled in at every write (:func:`describe_teacher`)."""
     reduced = departures(suite, settings)
-    started = time.time()
     meta = {"suite": suite.name, "command": suite_command(args),
             "commit": git_commit(), "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
             "machine": machine(device) + (f"; rows in {args.workers} worker processes of "
                                           f"{max(1, (os.cpu_count() or 1) // args.workers)} torch threads each"
-                                          if args.workers > 1 else ""), "reduced": reduced, "notes": list(suite.notes), "settings": settings,
-            "teacher": None}
-    published = PUBLISHED.get(suite.name)
+                                          if args.workers > 1 else ""), "reduced": reduced, "notes": list(suite.notes),
+            "settings": settings, "teacher": None}
     meta["published_source"] = PUBLISHED_SOURCES.get(suite.name)
-    metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
-    title = (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
-        f" ({'L2' if suite.norm == 'l2' else 'L∞'}, ε = {_fmt_eps(suite.eps)})" + \
-        (", scored on a validation split" if args.ablation else "")
     if args.ablation:
         meta["notes"].insert(0, f"Every variant is trained on {settings['train_size'] or 'all'} training images and "
                                 f"scored on {VALIDATION_SIZE} others held out of the training set (seeded; seed 0 "
                                 "holds out the shipped teacher's own validation split), never on the test set: "
                                 "this table chooses ARDIR's defaults, and only the chosen configuration is then "
                                 "reported on the test set (the method table).")
+    return meta
 
-    def describe_teacher():  # read again at every write: a worker may have trained it meanwhile
-        if settings["teacher"] and zoo.is_shipped(settings["teacher"]):
-            meta["teacher"] = teacher_summary(settings["teacher"]) + (
-                "" if uses_manifest(settings) else "; those are its manifest's L∞ numbers, its row below is measured "
-                                                   "here under L2")
-        elif settings["teacher"]:
-            meta["teacher"] = f"{settings['teacher']}"
-        else:
-            cached = cached_teacher(settings, teacher_dir) or {}
-            meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
-                               f"({cached.get('train_seconds', '?')} s), cached in {teacher_dir / 'teacher.pt'}")
 
-    def write(records, footer=()):
-        if not args.template:
-            describe_teacher()
-        rows = summarize(records, metrics)
-        for row in rows:  # the teacher's manifest may state an attack on another subset than the students'
-            if row["method"] == "teacher":
-                teacher_rec = next(r for r in records if r["method"] == "teacher")
-                for m, size in other_subsets(teacher_rec, settings).items():
-                    if row["cells"].get(m):
-                        row["cells"][m] += f" (on {size})"
-        if not args.ablation:
-            for metric in difference_metrics(rows):
-                add_differences(rows, metric)
-        if published is not None and not args.ablation:  # every row of the suite appears, run or not
-            have = {(r["student"], r["method"]) for r in rows}
-            wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)
-            wanted += [(s, m) for s in settings["students"] for m in methods]
-            for s, m in wanted:
-                if (s, m) not in have:
-                    rows.append({"student": s, "method": m, "variant": None, "seeds": [], "cells": {}})
-        total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in records)
-        cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records)
-        meta["wall_time"] = "" if args.template else (
-            f"{total:.0f} s summed over the rows below (teacher training and evaluation included; "
-            f"{cpu:.0f} CPU-seconds of this process where recorded)" +
-            ("" if args.table_only else f"; this invocation {time.time() - started:.0f} s"))
-        meta["footer"] = list(footer)
-        students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
-        write_table(out_path, title, meta, rows, metrics, None if args.ablation else published,
-                    variant_column=args.ablation, students=students, records=records)
+def table_title(args: argparse.Namespace, suite: Suite) -> str:
+    """The table's title: the method table or the ARDIR ablation (scored on a validation split), the suite, its
+    threat model and budget."""
+    return (f"ARDIR ablation, {suite.name}" if args.ablation else f"Robust distillation, {suite.name}") + \
+        f" ({'L2' if suite.norm == 'l2' else 'L∞'}, ε = {_fmt_eps(suite.eps)})" + \
+        (", scored on a validation split" if args.ablation else "")
 
-    if args.template:
-        meta.update(command=f"python {SCRIPT} {suite.name} --data-dir DIR [--teacher SPEC]", commit="", date="",
-                    machine="", reduced=[])
-        write([], footer=["**Not run here: needs a GPU and the real data.** The '(ours)' columns are empty until "
-                          "the command above is run; it rewrites this file with the measured numbers.", "",
-                          f"Published numbers: {PUBLISHED_SOURCES[suite.name]}"])
-        log(f"template written to {out_path.with_suffix('.md')}")
-        return 0
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key = row_key(settings)
+def plan_run(args: argparse.Namespace, log) -> SuiteRun:
+    """Everything one invocation needs, from its parsed command line: the settings, the jobs, the table's path,
+    title and metadata, the run and teacher directories and the teacher's row file. Nothing is written yet."""
+    suite = SUITES[args.suite]
+    settings = resolve(suite, args)
+    device = torch.device(args.device)
+    methods, jobs, out_path = suite_jobs(args, suite, settings, log)
+    run_dir, teacher_dir = run_dirs(args)
+    started = time.time()
+    meta = table_meta(args, suite, settings, device)
+    metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]
     teacher_eval = teacher_dir / ("teacher_eval.json" if settings["precision"] == "fp32" else
                                   f"teacher_eval_{settings['precision']}.json")
+    return SuiteRun(args=args, suite=suite, settings=settings, device=device, log=log, methods=methods, jobs=jobs,
+                    out_path=out_path, run_dir=run_dir, teacher_dir=teacher_dir, started=started, meta=meta,
+                    title=table_title(args, suite), metrics=metrics, published=PUBLISHED.get(suite.name),
+                    key=row_key(settings), teacher_eval=teacher_eval)
 
-    def collect():
-        """Every finished row in the run directory with this run's settings (an earlier or later invocation's too)."""
-        found = []
-        if not args.no_teacher_eval and not args.ablation and teacher_eval.exists():
-            rec = json.loads(teacher_eval.read_text())
-            if stored_key(rec) == key:
-                found.append(rec)
-        for f in sorted(run_dir.glob("*__seed*.json")):
-            rec = json.loads(f.read_text())
-            variant = rec.get("variant") if rec.get("variant") in ABLATIONS else None
-            if stored_key(rec) == key and (rec.get("variant") is not None) == args.ablation \
-                    and rec["student"] in settings["students"] and same_method(rec.get("method_config"), method_config(
-                        settings, rec["method"], ablation_arguments(variant)), rec["method"]):
-                found.append(shown_autoattack(rec, settings))
-        return found
 
-    def config_of(method, variant):
-        return method_config(settings, method, ablation_arguments(variant if variant in ABLATIONS else None))
+def describe_teacher(run: SuiteRun) -> None:
+    """Fill in the table's line on the teacher: a shipped teacher's summary, the spec of another one, or the
+    trained teacher's model, method and training time. Read again at every write: a worker may have trained it
+    meanwhile."""
+    settings, meta = run.settings, run.meta
+    if settings["teacher"] and zoo.is_shipped(settings["teacher"]):
+        meta["teacher"] = teacher_summary(settings["teacher"]) + (
+            "" if uses_manifest(settings) else "; those are its manifest's L∞ numbers, its row below is measured "
+                                               "here under L2")
+    elif settings["teacher"]:
+        meta["teacher"] = f"{settings['teacher']}"
+    else:
+        cached = cached_teacher(settings, run.teacher_dir) or {}
+        meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
+                           f"({cached.get('train_seconds', '?')} s), cached in {run.teacher_dir / 'teacher.pt'}")
 
-    def still_holds(rec):
-        if rec["method"] == "teacher":
-            return stored_key(rec) == key
-        return stored_key(rec) == key and same_method(rec.get("method_config"), config_of(rec["method"],
-                                                      rec.get("variant")), rec["method"])
 
-    committed = {} if args.force else table_records.committed_records(out_path.with_suffix(".json"), config_of)
-    pending: List[Tuple[Path, str, str, int, Optional[str]]] = []  # (path, student, method, seed, variant)
-    def row_file(job):
-        return teacher_eval if job[1] == "teacher" else run_dir / f"{row_stem(*job, args.precision)}.json"
+def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequence[str] = ()) -> None:
+    """Rewrite the suite's table (Markdown and JSON) from the row ``records``: mean and spread over the seeds, the
+    teacher's attacks on another subset marked, the differences between methods, and for a published suite every
+    row it lists, run or not; the wall time so far and the ``footer`` lines below."""
+    args, settings, meta = run.args, run.settings, run.meta
+    if not args.template:
+        describe_teacher(run)
+    rows = summarize(records, run.metrics)
+    for row in rows:  # the teacher's manifest may state an attack on another subset than the students'
+        if row["method"] == "teacher":
+            teacher_rec = next(r for r in records if r["method"] == "teacher")
+            for m, size in other_subsets(teacher_rec, settings).items():
+                if row["cells"].get(m):
+                    row["cells"][m] += f" (on {size})"
+    if not args.ablation:
+        for metric in difference_metrics(rows):
+            add_differences(rows, metric)
+    if run.published is not None and not args.ablation:  # every row of the suite appears, run or not
+        have = {(r["student"], r["method"]) for r in rows}
+        wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)
+        wanted += [(s, m) for s in settings["students"] for m in run.methods]
+        for s, m in wanted:
+            if (s, m) not in have:
+                rows.append({"student": s, "method": m, "variant": None, "seeds": [], "cells": {}})
+    total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in records)
+    cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records)
+    meta["wall_time"] = "" if args.template else (
+        f"{total:.0f} s summed over the rows below (teacher training and evaluation included; "
+        f"{cpu:.0f} CPU-seconds of this process where recorded)" +
+        ("" if args.table_only else f"; this invocation {time.time() - run.started:.0f} s"))
+    meta["footer"] = list(footer)
+    students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
+    write_table(run.out_path, run.title, meta, rows, run.metrics, None if args.ablation else run.published,
+                variant_column=args.ablation, students=students, records=records)
 
-    missing = {job: rec for job, rec in committed.items() if not row_file(job).exists()}
-    restored = [job for job, rec in missing.items() if table_records.restore_row(row_file(job), rec, still_holds)]
-    table_json = out_path.with_suffix(".json").name
+
+def write_template(run: SuiteRun) -> None:
+    """``--template``: write the table with the published numbers only (the '(ours)' columns empty, no commit, date
+    or machine), and run nothing."""
+    suite = run.suite
+    run.meta.update(command=f"python {SCRIPT} {suite.name} --data-dir DIR [--teacher SPEC]", commit="", date="",
+                    machine="", reduced=[])
+    write_suite_table(run, [], footer=["**Not run here: needs a GPU and the real data.** The '(ours)' columns are "
+                                       "empty until the command above is run; it rewrites this file with the "
+                                       "measured numbers.", "", f"Published numbers: {PUBLISHED_SOURCES[suite.name]}"])
+    run.log(f"template written to {run.out_path.with_suffix('.md')}")
+
+
+def collect_rows(run: SuiteRun) -> List[Dict[str, Any]]:
+    """Every finished row in the run directory with this run's settings (an earlier or later invocation's too)."""
+    args, settings = run.args, run.settings
+    found = []
+    if not args.no_teacher_eval and not args.ablation and run.teacher_eval.exists():
+        rec = json.loads(run.teacher_eval.read_text())
+        if stored_key(rec) == run.key:
+            found.append(rec)
+    for f in sorted(run.run_dir.glob("*__seed*.json")):
+        rec = json.loads(f.read_text())
+        variant = rec.get("variant") if rec.get("variant") in ABLATIONS else None
+        if stored_key(rec) == run.key and (rec.get("variant") is not None) == args.ablation \
+                and rec["student"] in settings["students"] and same_method(rec.get("method_config"), method_config(
+                    settings, rec["method"], ablation_arguments(variant)), rec["method"]):
+            found.append(shown_autoattack(rec, settings))
+    return found
+
+
+def _config_of(settings: Dict[str, Any], method: str, variant: Optional[str]) -> Optional[Dict]:
+    """A row's method configuration under ``settings`` (a variant that is no ablation's counts as none)."""
+    return method_config(settings, method, ablation_arguments(variant if variant in ABLATIONS else None))
+
+
+def _still_holds(run: SuiteRun, rec: Dict[str, Any]) -> bool:
+    """Whether a committed row's record holds for this run: the same settings and, for a student's row, the same
+    method configuration."""
+    if rec["method"] == "teacher":
+        return stored_key(rec) == run.key
+    return stored_key(rec) == run.key and same_method(rec.get("method_config"), _config_of(
+        run.settings, rec["method"], rec.get("variant")), rec["method"])
+
+
+def _row_file(run: SuiteRun, job: Job) -> Path:
+    """The row file of a (student, method, seed, variant) job: the teacher's, or one in the run directory."""
+    return run.teacher_eval if job[1] == "teacher" else run.run_dir / f"{row_stem(*job, run.args.precision)}.json"
+
+
+def restore_committed_rows(run: SuiteRun) -> None:
+    """Copy the committed table's row records (kept in its JSON) into the run directory where a row's file is
+    missing and its record still holds for this run (none with ``--force``), so that a clean clone resumes the
+    suite; log how many were restored and how many were not."""
+    config_of = (lambda method, variant: _config_of(run.settings, method, variant))
+    committed = {} if run.args.force else table_records.committed_records(run.out_path.with_suffix(".json"),
+                                                                          config_of)
+    missing = {job: rec for job, rec in committed.items() if not _row_file(run, job).exists()}
+    restored = [job for job, rec in missing.items()
+                if table_records.restore_row(_row_file(run, job), rec, lambda r: _still_holds(run, r))]
+    table_json = run.out_path.with_suffix(".json").name
     if restored:
-        log(f"{len(restored)} rows restored from the committed table {table_json} into {run_dir} (their weights "
-            "were not kept: an attack a row lacks is added by retraining it)")
+        run.log(f"{len(restored)} rows restored from the committed table {table_json} into {run.run_dir} (their "
+                "weights were not kept: an attack a row lacks is added by retraining it)")
     if len(restored) < len(missing):
-        log(f"{len(missing) - len(restored)} rows of the committed table {table_json} were made with other settings "
-            "or method configurations than this ardir's and are not restored (git keeps that table)")
-    if not args.no_teacher_eval and not args.ablation:
-        rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
-        if uses_manifest(settings):  # its manifest's numbers, always the shipped file's: nothing to run
-            rec = dict(shipped_teacher_row(settings["teacher"], settings["teacher_model"] + " (teacher)"),
-                       settings=key)
-            atomic_write_text(json.dumps(rec, indent=2), teacher_eval)
-        measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
-        if rec is None or stored_key(rec) != key or (missing_autoattack(rec, settings) and measures_aa):
-            pending.append((teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None))
-    for student, method, seed, variant in jobs:
-        stem = row_stem(student, method, seed, variant, args.precision)
-        path = run_dir / f"{stem}.json"
-        if path.exists() and not args.force:
-            status, why = row_status(path, settings, method, variant)
-            log(f"{stem}: {why}")
+        run.log(f"{len(missing) - len(restored)} rows of the committed table {table_json} were made with other "
+                "settings or method configurations than this ardir's and are not restored (git keeps that table)")
+
+
+def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
+    """The teacher's evaluation, when the table has a teacher's row and its file is missing, was made with other
+    settings or lacks the AutoAttack it should have. A shipped teacher's row is its manifest's: written here, from
+    the shipped file, with nothing to run."""
+    args, settings, teacher_eval = run.args, run.settings, run.teacher_eval
+    if args.no_teacher_eval or args.ablation:
+        return None
+    rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
+    if uses_manifest(settings):  # its manifest's numbers, always the shipped file's: nothing to run
+        rec = dict(shipped_teacher_row(settings["teacher"], settings["teacher_model"] + " (teacher)"),
+                   settings=run.key)
+        atomic_write_text(json.dumps(rec, indent=2), teacher_eval)
+    measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
+    if rec is None or stored_key(rec) != run.key or (missing_autoattack(rec, settings) and measures_aa):
+        return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
+    return None
+
+
+def pending_rows(run: SuiteRun) -> List[PendingJob]:
+    """The jobs left to run, after the committed table's rows are restored: the teacher's evaluation when due, then
+    every job whose row file is missing or is not to be reused as it is (each existing row's status logged); every
+    job with ``--force``."""
+    restore_committed_rows(run)
+    teacher = teacher_job(run)
+    pending: List[PendingJob] = [] if teacher is None else [teacher]
+    for student, method, seed, variant in run.jobs:
+        stem = row_stem(student, method, seed, variant, run.args.precision)
+        path = run.run_dir / f"{stem}.json"
+        if path.exists() and not run.args.force:
+            status, why = row_status(path, run.settings, method, variant)
+            run.log(f"{stem}: {why}")
             if status == "reuse":
                 continue
         pending.append((path, student, method, seed, variant))
+    return pending
 
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    if args.table_only:
-        shown = {(r["student"], r["method"], r["seed"], r.get("variant")) for r in collect() if r["method"] != "teacher"}
-        meta["partial"] = [job[0].stem for job in pending if tuple(job[1:5]) not in shown]
-        meta["no_autoattack"] = [job[0].stem for job in pending if tuple(job[1:5]) in shown]
-        pending = []
+
+def mark_unfinished(run: SuiteRun, pending: Sequence[PendingJob]) -> None:
+    """``--table-only``: list in the table's metadata the pending rows that have no finished row to show
+    (``partial``) and those shown without their AutoAttack (``no_autoattack``)."""
+    shown = {(r["student"], r["method"], r["seed"], r.get("variant")) for r in collect_rows(run)
+             if r["method"] != "teacher"}
+    run.meta["partial"] = [job[0].stem for job in pending if tuple(job[1:5]) not in shown]
+    run.meta["no_autoattack"] = [job[0].stem for job in pending if tuple(job[1:5]) in shown]
+
+
+def run_pending(run: SuiteRun, pending: List[PendingJob], argv: List[str]) -> None:
+    """Run the ``pending`` jobs, those trained under attack first, and rewrite the table after each: in this process
+    (with one worker or one job; the teacher loaded or trained first when a job needs it) or in worker processes
+    that re-read the command line ``argv``."""
+    args, settings = run.args, run.settings
     pending.sort(key=_cost_rank)
     check_ardir_layers(settings, pending)
     needs_teacher = any(map(_needs_teacher, pending))
     if args.workers == 1 or len(pending) <= 1:
-        teacher = get_teacher(settings, teacher_dir, args.data_dir, device, args.progress, log)[0] \
+        teacher = get_teacher(settings, run.teacher_dir, args.data_dir, run.device, args.progress, run.log)[0] \
             if needs_teacher else None
         for job in pending:
-            log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
-            _log_record(log, job[0].stem, run_job(argv_list, job, teacher=teacher, workers=1))
-            write(collect())
+            run.log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
+            _log_record(run.log, job[0].stem, run_job(argv, job, teacher=teacher, workers=1))
+            write_suite_table(run, collect_rows(run))
     else:
-        ready = not needs_teacher or settings["teacher"] is not None or cached_teacher(settings, teacher_dir)
-        run_in_workers(argv_list, pending, args.workers, bool(ready), log, lambda: write(collect()))
-    write(collect(), footer=[f"Published numbers: {PUBLISHED_SOURCES[suite.name]}"] if published and not args.ablation else [])
-    log(f"table written to {out_path.with_suffix('.md')} ({time.time() - started:.0f} s)")
+        ready = not needs_teacher or settings["teacher"] is not None or cached_teacher(settings, run.teacher_dir)
+        run_in_workers(argv, pending, args.workers, bool(ready), run.log,
+                       lambda: write_suite_table(run, collect_rows(run)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a suite (or its ablation) as the command line ``argv`` asks, and write its table: restore the committed
+    table's rows, decide the rows still to run, run them (rewriting the table after each) and write the table once
+    more at the end. With ``--template`` only the published numbers; with ``--table-only`` nothing runs."""
+    args = parse_args(argv)
+    run = plan_run(args, _log)
+    if args.template:
+        write_template(run)
+        return 0
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    pending = pending_rows(run)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.table_only:
+        mark_unfinished(run, pending)
+        pending = []
+    run_pending(run, pending, argv_list)
+    footer = [f"Published numbers: {PUBLISHED_SOURCES[run.suite.name]}"] if run.published and not args.ablation else []
+    write_suite_table(run, collect_rows(run), footer=footer)
+    run.log(f"table written to {run.out_path.with_suffix('.md')} ({time.time() - run.started:.0f} s)")
     return 0
 
 
