@@ -688,6 +688,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             ardir.models.check_name(name)
         except (TypeError, ValueError) as err:
             p.error(f"--students {name}: {err}")
+    if args.template and args.suite not in PUBLISHED_SOURCES:
+        p.error(f"--template: the {args.suite} suite quotes no published numbers (it is measured here: run it "
+                f"without --template); suites with a template: {sorted(PUBLISHED_SOURCES)}")
     unknown = [v for v in args.variants or () if v not in ABLATIONS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(ABLATIONS)}")

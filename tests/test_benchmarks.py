@@ -98,6 +98,16 @@ def test_template_has_published_numbers(reproduce, tmp_path):
     assert any(l.startswith("| mobilenet_v2 | ardir") for l in md.splitlines())
 
 
+def test_template_of_a_suite_without_published_numbers_is_one_sentence(reproduce, tmp_path, capsys):
+    for suite in ("fashion-mnist", "fashion-mnist-l2", "fashion-mnist-same-data"):
+        with pytest.raises(SystemExit) as exit_:
+            reproduce.main([suite, "--template", "--output", str(tmp_path)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--template: the {suite} suite quotes no published numbers" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_l2_template_states_its_threat_model_and_robustbench_anchors(reproduce, tmp_path):
     suite = reproduce.SUITES["cifar10-l2"]
     assert suite.norm == "l2" and suite.eps == 0.5 and suite.step_size == 2.5 * suite.eps / suite.steps
