@@ -1,3 +1,7 @@
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -28,3 +32,14 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def tiny():
     return TinyNet
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    """benchmarks/reproduce.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
