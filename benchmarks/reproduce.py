@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite's own modu
 import table_records  # noqa: E402
 from suites import (ABLATION_METHODS, ABLATIONS, IAD_WARMUP_FRACTION, METRICS, PUBLISHED,  # noqa: E402
                     PUBLISHED_SOURCES, ROW_NAMES, SUITES, Suite, ablation_arguments, base_method)
-from tables import (add_differences, difference_metrics, format_cell, strongest_metric,  # noqa: E402,F401
+from suite_tables import (add_differences, difference_metrics, format_cell, strongest_metric,  # noqa: E402,F401
                     summarize, write_table)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -688,6 +688,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             ardir.models.check_name(name)
         except (TypeError, ValueError) as err:
             p.error(f"--students {name}: {err}")
+    if args.force and args.table_only:
+        p.error("--force with --table-only: --table-only runs no row, so there is none to force")
     if args.template and args.suite not in PUBLISHED_SOURCES:
         p.error(f"--template: the {args.suite} suite quotes no published numbers (it is measured here: run it "
                 f"without --template); suites with a template: {sorted(PUBLISHED_SOURCES)}")
@@ -828,7 +830,7 @@ def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequ
     args, settings, meta = run.args, run.settings, run.meta
     if not args.template:
         describe_teacher(run)
-    rows = summarize(records, run.metrics)
+    rows = summarize([shown_autoattack(r, settings) for r in records], run.metrics)
     for row in rows:  # the teacher's manifest may state an attack on another subset than the students'
         if row["method"] == "teacher":
             teacher_rec = next(r for r in records if r["method"] == "teacher")
@@ -870,7 +872,8 @@ def write_template(run: SuiteRun) -> None:
 
 
 def collect_rows(run: SuiteRun) -> List[Dict[str, Any]]:
-    """Every finished row in the run directory with this run's settings (an earlier or later invocation's too)."""
+    """Every finished row in the run directory with this run's settings (an earlier or later invocation's too), as
+    its file has it (the table leaves out an AutoAttack on another subset size: :func:`shown_autoattack`)."""
     args, settings = run.args, run.settings
     found = []
     if not args.no_teacher_eval and not args.ablation and run.teacher_eval.exists():
@@ -883,7 +886,7 @@ def collect_rows(run: SuiteRun) -> List[Dict[str, Any]]:
         if stored_key(rec) == run.key and (rec.get("variant") is not None) == args.ablation \
                 and rec["student"] in settings["students"] and same_method(rec.get("method_config"), method_config(
                     settings, rec["method"], ablation_arguments(variant)), rec["method"]):
-            found.append(shown_autoattack(rec, settings))
+            found.append(rec)
     return found
 
 
@@ -908,21 +911,36 @@ def _row_file(run: SuiteRun, job: Job) -> Path:
 
 def restore_committed_rows(run: SuiteRun) -> None:
     """Copy the committed table's row records (kept in its JSON) into the run directory where a row's file is
-    missing and its record still holds for this run (none with ``--force``), so that a clean clone resumes the
-    suite; log how many were restored and how many were not."""
+    missing, or holds no longer for this run while the committed record does, so that a clean clone (or a run
+    directory left by a dry run) resumes the suite; log how many were restored and how many were not. Rows this
+    run forces (``--force``) are retrained all the same."""
+    table_json = run.out_path.with_suffix(".json")
     config_of = (lambda method, variant: _config_of(run.settings, method, variant))
-    committed = {} if run.args.force else table_records.committed_records(run.out_path.with_suffix(".json"),
-                                                                          config_of)
-    missing = {job: rec for job, rec in committed.items() if not _row_file(run, job).exists()}
-    restored = [job for job, rec in missing.items()
+    try:
+        committed = table_records.committed_records(table_json, config_of)
+    except ValueError as err:  # a merge conflict, say: never overwrite a table that cannot be read
+        sys.exit(f"reproduce.py: error: cannot read the table {table_json} ({err}); resolve it or restore it "
+                 f"(git checkout -- {table_json}) before running the suite")
+    replaceable = {job: rec for job, rec in committed.items() if not _holds_on_disk(run, _row_file(run, job))}
+    existed = {job for job in replaceable if _row_file(run, job).exists()}
+    restored = [job for job, rec in replaceable.items()
                 if table_records.restore_row(_row_file(run, job), rec, lambda r: _still_holds(run, r))]
-    table_json = run.out_path.with_suffix(".json").name
+    stale = [job for job in restored if job in existed]
     if restored:
-        run.log(f"{len(restored)} rows restored from the committed table {table_json} into {run.run_dir} (their "
-                "weights were not kept: an attack a row lacks is added by retraining it)")
-    if len(restored) < len(missing):
-        run.log(f"{len(missing) - len(restored)} rows of the committed table {table_json} were made with other "
-                "settings or method configurations than this ardir's and are not restored (git keeps that table)")
+        run.log(f"{len(restored)} rows restored from the table {table_json.name} into {run.run_dir}"
+                + (f" ({len(stale)} of them over row files that did not hold for this run)" if stale else "")
+                + " (their weights were not kept: an attack a row lacks is added by retraining it)")
+    if len(restored) < len(replaceable):
+        run.log(f"{len(replaceable) - len(restored)} rows of the table {table_json.name} were made with other "
+                "settings or method configurations than this run's and are not restored (git keeps that table)")
+
+
+def _holds_on_disk(run: SuiteRun, path: Path) -> bool:
+    """Whether a row file exists and still holds for this run (a file that cannot be read does not)."""
+    try:
+        return path.exists() and _still_holds(run, json.loads(path.read_text()))
+    except ValueError:
+        return False
 
 
 def teacher_job(run: SuiteRun) -> Optional[PendingJob]:

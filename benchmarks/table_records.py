@@ -13,15 +13,19 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ardir.checkpoint import atomic_write_text
+
 Job = Tuple[str, str, int, Optional[str]]  # (student, method, seed, variant)
 ConfigOf = Callable[[str, Optional[str]], Optional[Dict[str, Any]]]
 
 
 def rebuilt_records(table: Dict[str, Any], config_of: ConfigOf) -> list:
     """One record per (row, seed) of a table written before ``records`` were kept: its per-seed accuracies, the
-    table's settings, and the method configuration ``config_of(method, variant)`` gives (the table only showed rows
-    whose configuration held when it was written). A row's times were kept as totals over its seeds, so a row of
-    several seeds gets its total split evenly and says so (``seconds_split_evenly``); the table's sums stay exact."""
+    table's settings, and the method configuration ``config_of(method, variant)`` gives, today's: such a table does
+    not say which configuration its rows ran with (it showed only rows whose configuration held when it was
+    written), so a rebuilt record says it was rebuilt (``restored_from``) and that its weights are not kept. A row's
+    times were kept as totals over its seeds, so a row of several seeds gets its total split evenly and says so
+    (``seconds_split_evenly``); the table's sums stay exact."""
     settings = table.get("meta", {}).get("settings", {})
     records = []
     for row in table.get("rows", []):
@@ -35,7 +39,7 @@ def rebuilt_records(table: Dict[str, Any], config_of: ConfigOf) -> list:
             rec = {"student": row["student"], "method": row["method"], "seed": seed, "accuracy": accuracy,
                    "settings": settings, "method_config": config_of(row["method"], row.get("variant")),
                    "command": re.sub(r"--seeds \d+", f"--seeds {seed}", row.get("command", "")),
-                   "weights_sha256": None}
+                   "weights_sha256": "not kept"}  # a stray <row>.pt is then not taken for its weights
             if row.get("variant") is not None:
                 rec["variant"] = row["variant"]
             if "autoattack" in accuracy:
@@ -53,21 +57,23 @@ def committed_records(table_json: Path, config_of: ConfigOf) -> Dict[Job, Dict[s
     there is none."""
     if not table_json.exists():
         return {}
-    table = json.loads(table_json.read_text())
+    table = json.loads(table_json.read_text())  # ValueError when it cannot be read (a merge conflict, say)
+    if not isinstance(table, dict):
+        raise ValueError("not a table: its JSON is not an object")
     kept = table.get("records")
     records = kept if kept is not None else rebuilt_records(table, config_of)
     source = f"{table_json.name}" + ("" if kept is not None else " (rebuilt from its per-seed numbers)")
-    return {(r["student"], r["method"], r["seed"], r.get("variant")): dict(r, restored_from=r.get("restored_from",
-                                                                                                   source))
+    return {(r["student"], r["method"], r["seed"], r.get("variant")):
+            dict(r, restored_from=r.get("restored_from", source), weights_sha256=r.get("weights_sha256") or "not kept")
             for r in records}
 
 
 def restore_row(path: Path, record: Optional[Dict[str, Any]], accepts: Callable[[Dict[str, Any]], bool]) -> bool:
-    """Write a committed ``record`` to the run directory's missing row file ``path`` when it still holds for this
-    run (``accepts``: same settings, same method configuration). Its weights were never committed, so an attack the
-    row lacks is added by retraining it."""
-    if path.exists() or record is None or not accepts(record):
+    """Write a committed ``record`` to the run directory's row file ``path`` (missing, or not holding for this run:
+    the caller decides) when the record holds for this run (``accepts``: same settings, same method configuration).
+    Its weights were never committed, so an attack the row lacks is added by retraining it."""
+    if record is None or not accepts(record):
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)  # a killed run leaves no half-written row
     return True

@@ -34,7 +34,7 @@ def test_a_clean_clone_rewrites_the_committed_table_from_its_records(reproduce, 
     shutil.copy(TABLE, out / TABLE.name)
     committed = json.loads(TABLE.read_text())
     log = _table_only(reproduce, out, tmp_path / "runs", capsys)
-    assert "restored from the committed table fashion_mnist.json" in log
+    assert "restored from the table fashion_mnist.json" in log
     written = json.loads((out / TABLE.name).read_text())
     # the same rows and per-seed numbers as the committed table, with nothing in the run directory before
     assert _student_rows(written) == _student_rows(committed) and _student_rows(written)
@@ -81,15 +81,64 @@ def test_rows_made_with_other_settings_are_not_restored(reproduce, tmp_path, cap
     (out / TABLE.name).write_text(json.dumps(table))
     runs = tmp_path / "runs2"
     log = _table_only(reproduce, out, runs, capsys)
-    assert "2 rows of the committed table fashion_mnist.json were made with other settings" in log
+    assert "2 rows of the table fashion_mnist.json were made with other settings" in log
     assert not (runs / f"{stale['student']}__ardir__seed{stale['seed']}.json").exists()
     assert not (runs / f"{stale_config['student']}__iad__seed{stale_config['seed']}.json").exists()
     assert (runs / "cnn_small__at__seed0.json").exists()
-    # --force reruns rows: it restores none
-    forced = tmp_path / "runs3"
-    assert reproduce.parse_args(["fashion-mnist", "--force"]).force
-    _table_only(reproduce, out, forced, capsys, "--force")
-    assert not list(forced.glob("*__seed*.json"))
+
+
+def test_a_row_file_that_no_longer_holds_gives_way_to_the_committed_record(reproduce, tmp_path, capsys):
+    """A run directory left by a dry run (other epochs) or by an older library: its file is replaced by the
+    committed record where that one holds, so the row is neither lost from the table nor retrained."""
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(TABLE, out / TABLE.name)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    committed = reproduce.table_records.committed_records(TABLE, lambda m, v: None)
+    at0 = dict(committed[("cnn_small", "at", 0, None)])
+    at0["settings"] = dict(at0["settings"], epochs=1)
+    (runs / "cnn_small__at__seed0.json").write_text(json.dumps(at0))
+    (runs / "cnn_small__iad__seed0.json").write_text("{ half-written")
+    log = _table_only(reproduce, out, runs, capsys)
+    assert "(2 of them over row files that did not hold for this run)" in log
+    row = json.loads((runs / "cnn_small__at__seed0.json").read_text())
+    assert row["settings"]["epochs"] == 10 and row["accuracy"] == committed[("cnn_small", "at", 0, None)]["accuracy"]
+    written = json.loads((out / TABLE.name).read_text())
+    at = next(r for r in written["rows"] if r["method"] == "at")
+    assert at["seeds"] == [0, 1, 2] and "cnn_small__at__seed0" not in written["meta"].get("partial", [])
+
+
+def test_records_keep_what_the_table_leaves_out(reproduce, tmp_path, capsys):
+    """A run on another AutoAttack subset size shows no AutoAttack cell, but the records it writes keep each row
+    as its file has it; and the teacher's record is kept too."""
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(TABLE, out / TABLE.name)
+    _table_only(reproduce, out, tmp_path / "runs", capsys, "--aa-size", "500")
+    written = json.loads((out / TABLE.name).read_text())
+    at = next(r for r in written["rows"] if r["method"] == "at")
+    assert not at["per_seed"].get("autoattack")
+    kept = [r for r in written["records"] if r["method"] == "at"]
+    assert len(kept) == 3 and all("autoattack" in r["accuracy"] and r["aa_size"] == 1000 for r in kept)
+    assert any(r["method"] == "teacher" for r in written["records"])
+
+
+def test_an_unreadable_table_is_one_sentence_and_left_alone(reproduce, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    conflicted = "<<<<<<< HEAD\n" + TABLE.read_text() + "=======\n{}\n>>>>>>> other\n"
+    (out / TABLE.name).write_text(conflicted)
+    with pytest.raises(SystemExit) as exit_:
+        _table_only(reproduce, out, tmp_path / "runs", capsys)
+    assert "cannot read the table" in str(exit_.value) and "git checkout --" in str(exit_.value)
+    assert (out / TABLE.name).read_text() == conflicted  # never overwritten
+
+
+def test_force_with_table_only_is_refused(reproduce, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["fashion-mnist", "--force", "--table-only"])
+    assert "--force with --table-only" in capsys.readouterr().err
 
 
 def test_the_teacher_row_marks_attacks_on_other_subsets(reproduce):

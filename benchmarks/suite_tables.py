@@ -153,5 +153,5 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
         record["published"] = {f"{s}/{m}": v for (s, m), v in published.items()}
         record["published_source"] = meta.get("published_source")
     if records is not None:
-        record["records"] = [r for r in records if r.get("method") != "teacher"]
+        record["records"] = list(records)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
