@@ -213,6 +213,14 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     assert stale["method_config"]["kl_reduction"] == "batchmean"
     stale["method_config"]["kl_reduction"] = "mean"
     row.write_text(json.dumps(stale))
+    # the table this suite wrote still holds the row as it was: the stale file gives way to it, nothing retrains
+    _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", "--seeds", "1", "--methods", "ardir")
+    log = capsys.readouterr().out
+    assert "1 of them over row files that did not hold for this run" in log and ": training" not in log
+    assert json.loads(row.read_text())["method_config"]["kl_reduction"] == "batchmean"
+    # without that table, the stale row is retrained
+    row.write_text(json.dumps(stale))
+    (out / "fashion_mnist_same_data.json").unlink()
     _dry_run(reproduce, tmp_path, "fashion-mnist-same-data", "--seeds", "1", "--methods", "ardir")
     log = capsys.readouterr().out
     assert "has other method settings (this ardir builds the method differently); rerunning" in log
