@@ -878,14 +878,12 @@ def collect_rows(run: SuiteRun) -> List[Dict[str, Any]]:
     found = []
     if not args.no_teacher_eval and not args.ablation and run.teacher_eval.exists():
         rec = json.loads(run.teacher_eval.read_text())
-        if stored_key(rec) == run.key:
+        if _still_holds(run, rec):
             found.append(rec)
     for f in sorted(run.run_dir.glob("*__seed*.json")):
         rec = json.loads(f.read_text())
-        variant = rec.get("variant") if rec.get("variant") in ABLATIONS else None
-        if stored_key(rec) == run.key and (rec.get("variant") is not None) == args.ablation \
-                and rec["student"] in settings["students"] and same_method(rec.get("method_config"), method_config(
-                    settings, rec["method"], ablation_arguments(variant)), rec["method"]):
+        if _still_holds(run, rec) and (rec.get("variant") is not None) == args.ablation \
+                and rec["student"] in settings["students"]:
             found.append(rec)
     return found
 
