@@ -463,15 +463,24 @@ def test_train_teacher_adds_autoattack_to_the_shipped_manifest(tmp_path, monkeyp
     fake = torch.utils.data.TensorDataset(torch.rand(6, 1, 28, 28), torch.arange(6) % 10)
     monkeypatch.setattr(module.data, "get_loaders", lambda *a, **k: argparse.Namespace(
         test=torch.utils.data.DataLoader(fake, batch_size=3)))
+    state = tmp_path / "state" / "cnn_xlarge-at-aa4.json"
+    monkeypatch.setattr(module, "autoattack_state", lambda name, n: tmp_path / "state" / f"{name}-aa{n}.json")
     before = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
     module.main(["--autoattack-only", "--aa-size", "4", "--threads", "1"])
     after = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
+    assert state.exists()  # the resume state, batch by batch
     assert after["sha256"] == before["sha256"] == module.zoo.file_sha256(tmp_path / "fashion-mnist" / "cnn_xlarge-at.pt")
     ev = after["evaluation"]
     assert 0 <= ev["accuracy"]["autoattack"] <= ev["accuracy"]["natural_aa_subset"] <= 100
     assert ev["subsets"]["autoattack"].startswith("random 4 of 6")
     assert ev["accuracy"]["pgd20"] == before["evaluation"]["accuracy"]["pgd20"]  # the rest is kept
     assert "--autoattack-only --aa-size 4" in ev["autoattack_made_by"]["command"]
+    earlier_total = before["evaluation"]["seconds_total"] - before["evaluation"]["seconds"]["autoattack"]
+    assert ev["seconds_total"] == pytest.approx(earlier_total + ev["seconds"]["autoattack"], abs=0.1)
+    module.main(["--autoattack-only", "--aa-size", "4", "--threads", "1"])  # resumes: every batch is done
+    again = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())["evaluation"]
+    assert again["accuracy"] == ev["accuracy"] and again["seconds"]["autoattack"] == ev["seconds"]["autoattack"]
+    assert again["seconds_total"] == ev["seconds_total"]  # the replaced AutoAttack's seconds are not added twice
     with pytest.raises(SystemExit):
         module.main(["--autoattack-only", "--aa-size", "0"])
 
