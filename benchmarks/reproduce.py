@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -128,25 +128,28 @@ def missing_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> bool:
 
 def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optional[str]) -> Tuple[str, str]:
     """What a run does with the row JSON at ``path``: ``"reuse"`` it, add ``"autoattack"`` to it from the weights
-    it saved, or ``"rerun"`` it; and the sentence that says why."""
+    it saved, or ``"rerun"`` it; and the sentence that says why (:data:`ROW_ACTIONS` says what is done)."""
     if not path.exists():
         return "rerun", f"{path.name} not run yet"
     done = json.loads(path.read_text())
     if stored_key(done) != row_key(settings):
-        return "rerun", f"{path.name} has other settings; rerunning"
+        return "rerun", f"{path.name} has other settings"
     config = method_config(settings, method, ablation_arguments(variant))
     if not same_method(done.get("method_config"), config, method):
-        return "rerun", f"{path.name} has other method settings (this ardir builds the method differently); rerunning"
+        return "rerun", f"{path.name} has other method settings (this ardir builds the method differently)"
     if not missing_autoattack(done, settings):
         return "reuse", f"done before, reusing {path.name} (--force reruns it)"
     size = "all" if settings["aa_size"] is None else settings["aa_size"]
     weights = path.with_suffix(".pt")
     if weights.exists() and done.get("weights_sha256") not in (None, zoo.file_sha256(weights)):
-        return "rerun", f"{weights.name} is not the student {path.name} recorded (another run wrote it); rerunning"
+        return "rerun", f"{weights.name} is not the student {path.name} recorded (another run wrote it)"
     if weights.exists():
-        return "autoattack", f"{path.name} has no AutoAttack on {size} images; adding it from {weights.name} " \
-                             "(no retraining)"
-    return "rerun", f"{path.name} has no AutoAttack on {size} images and no saved weights to add it from; rerunning"
+        return "autoattack", f"{path.name} has no AutoAttack on {size} images; its weights {weights.name} are kept"
+    return "rerun", f"{path.name} has no AutoAttack on {size} images and no saved weights to add it from"
+
+
+ROW_ACTIONS = {"rerun": "rerunning", "autoattack": "adding it from them (no retraining)"}
+"""What a run does with a row :func:`row_status` does not reuse (``--table-only``: nothing)."""
 
 
 def shown_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
@@ -427,9 +430,10 @@ def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
             "command": info["made_by"]}
 
 
-def other_subsets(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, int]:
-    """The attacks of a row measured on another number of test images than the suite's (``{metric: images}``),
-    from the row's ``subsets`` (``"random N of M (seed S)"``; a key may name several attacks, ``"pgd20/cw30"``)."""
+def other_subsets(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Union[int, str]]:
+    """The attacks of a row measured on another number of test images than the suite's (``{metric: images}``, or
+    ``"all"``), from the row's ``subsets`` (``"random N of M (seed S)"`` or ``"all"``; a key may name several
+    attacks, ``"pgd20/cw30"``)."""
     sizes = {}
     for names, text in rec.get("subsets", {}).items():
         found = re.match(r"random (\d+) of", str(text))
@@ -437,6 +441,8 @@ def other_subsets(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, in
             suite_size = settings["aa_size"] if name == "autoattack" else settings["eval_size"]
             if found and int(found.group(1)) != suite_size:
                 sizes[name] = int(found.group(1))
+            elif text == "all" and suite_size:  # the whole test set, where the suite measures a subset
+                sizes[name] = "all"
     return sizes
 
 
@@ -806,9 +812,10 @@ def plan_run(args: argparse.Namespace, log) -> SuiteRun:
                     key=row_key(settings), teacher_eval=teacher_eval)
 
 
-def describe_teacher(run: SuiteRun) -> None:
+def describe_teacher(run: SuiteRun, records: Sequence[Dict[str, Any]] = ()) -> None:
     """Fill in the table's line on the teacher: a shipped teacher's summary, the spec of another one, or the
-    trained teacher's model, method and training time. Read again at every write: a worker may have trained it
+    trained teacher's model, method and training time (its cache's, else its row's in ``records``, as restored
+    from the table on a checkout without the cache). Read again at every write: a worker may have trained it
     meanwhile."""
     settings, meta = run.settings, run.meta
     if settings["teacher"] and zoo.is_shipped(settings["teacher"]):
@@ -818,9 +825,13 @@ def describe_teacher(run: SuiteRun) -> None:
     elif settings["teacher"]:
         meta["teacher"] = f"{settings['teacher']}"
     else:
-        cached = cached_teacher(settings, run.teacher_dir) or {}
+        cached = cached_teacher(settings, run.teacher_dir)
+        row = next((r for r in records if r.get("method") == "teacher"), {})
+        seconds = (cached or row).get("train_seconds")
+        where = (f"cached in {run.teacher_dir / 'teacher.pt'}" if cached else
+                 "not cached here (a rerun of a student row trains it again)")
         meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
-                           f"({cached.get('train_seconds', '?')} s), cached in {run.teacher_dir / 'teacher.pt'}")
+                           f"({'?' if seconds is None else seconds} s), {where}")
 
 
 def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequence[str] = ()) -> None:
@@ -829,7 +840,7 @@ def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequ
     row it lists, run or not; the wall time so far and the ``footer`` lines below."""
     args, settings, meta = run.args, run.settings, run.meta
     if not args.template:
-        describe_teacher(run)
+        describe_teacher(run, records)
     rows = summarize([shown_autoattack(r, settings) for r in records], run.metrics)
     for row in rows:  # the teacher's manifest may state an attack on another subset than the students'
         if row["method"] == "teacher":
@@ -928,6 +939,10 @@ def restore_committed_rows(run: SuiteRun) -> None:
         run.log(f"{len(restored)} rows restored from the table {table_json.name} into {run.run_dir}"
                 + (f" ({len(stale)} of them over row files that did not hold for this run)" if stale else "")
                 + " (their weights were not kept: an attack a row lacks is added by retraining it)")
+    if len(restored) < len(replaceable) and run.args.table_only:  # it would write the table without them
+        sys.exit(f"reproduce.py: error: {len(replaceable) - len(restored)} rows of the table {table_json} were made "
+                 "with other settings or method configurations than this ardir's, and --table-only would drop them "
+                 "from it; rerun them (the same command without --table-only), or git rm the table to start afresh")
     if len(restored) < len(replaceable):
         run.log(f"{len(replaceable) - len(restored)} rows of the table {table_json.name} were made with other "
                 "settings or method configurations than this run's and are not restored (git keeps that table)")
@@ -971,6 +986,8 @@ def pending_rows(run: SuiteRun) -> List[PendingJob]:
         path = run.run_dir / f"{stem}.json"
         if path.exists() and not run.args.force:
             status, why = row_status(path, run.settings, method, variant)
+            if status != "reuse":
+                why += "; " + ("not done: --table-only runs nothing" if run.args.table_only else ROW_ACTIONS[status])
             run.log(f"{stem}: {why}")
             if status == "reuse":
                 continue

@@ -402,7 +402,8 @@ def test_a_finished_row_gains_autoattack_from_its_saved_weights(reproduce, tmp_p
     capsys.readouterr()
     out, _ = _dry_run(reproduce, tmp_path, "fashion-mnist", *args, "--aa-size", "2")
     log = capsys.readouterr().out
-    assert "has no AutoAttack on 2 images; adding it from cnn_small__natural__seed0.pt (no retraining)" in log
+    assert ("has no AutoAttack on 2 images; its weights cnn_small__natural__seed0.pt are kept; adding it from them "
+            "(no retraining)") in log
     after = json.loads(row.read_text())
     assert after["aa_size"] == 2 and "autoattack" in after["accuracy"]
     assert after["subsets"]["autoattack"].startswith("random 2 of")

@@ -80,8 +80,10 @@ def test_rows_made_with_other_settings_are_not_restored(reproduce, tmp_path, cap
     stale_config["method_config"] = dict(stale_config["method_config"], kl_reduction="mean")
     (out / TABLE.name).write_text(json.dumps(table))
     runs = tmp_path / "runs2"
-    log = _table_only(reproduce, out, runs, capsys)
-    assert "2 rows of the table fashion_mnist.json were made with other settings" in log
+    with pytest.raises(SystemExit) as exc:  # --table-only would drop them: it refuses (a run would rerun them)
+        _table_only(reproduce, out, runs, capsys)
+    assert "2 rows of the table" in str(exc.value) and "were made with other settings" in str(exc.value)
+    assert "31 rows restored" in capsys.readouterr().out
     assert not (runs / f"{stale['student']}__ardir__seed{stale['seed']}.json").exists()
     assert not (runs / f"{stale_config['student']}__iad__seed{stale_config['seed']}.json").exists()
     assert (runs / "cnn_small__at__seed0.json").exists()
@@ -148,3 +150,41 @@ def test_the_teacher_row_marks_attacks_on_other_subsets(reproduce):
     assert reproduce.other_subsets(rec, settings) == {"pgd20": 1000, "cw30": 1000, "autoattack": 100}
     same = {"subsets": {"autoattack": "random 1000 of 10000 (seed 0)", "pgd20": "all"}}
     assert reproduce.other_subsets(same, settings) == {}
+    on_subset = reproduce.resolve(reproduce.SUITES["fashion-mnist"],
+                                  reproduce.parse_args(["fashion-mnist", "--eval-size", "500"]))
+    assert reproduce.other_subsets(rec, on_subset) == {"natural": "all", "pgd20": 1000, "cw30": 1000,
+                                                       "autoattack": 100}  # the whole set, where the rows see 500
+
+
+def test_a_restored_trained_teacher_states_its_training_time(reproduce, tmp_path):
+    """A suite whose teacher it trains itself (the 'same data' protocol), rewritten on a checkout without the
+    cached teacher: the header takes the teacher's training time from its restored row, and says it is not cached."""
+    name = "fashion_mnist_same_data.json"
+    table = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    teacher = next(r for r in table["rows"] if r["method"] == "teacher")  # an old-format table: no records
+    table["meta"]["settings"]["suite"] = "fashion-mnist-same-data"  # made before the suite had this name
+    table["rows"] = [r for r in table["rows"] if r["method"] in ("teacher", "at")]
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / name).write_text(json.dumps(table))
+    assert reproduce.main(["fashion-mnist-same-data", "--table-only", "--output", str(out),
+                           "--run-dir", str(tmp_path / "runs")]) == 0
+    header = next(line for line in (out / name.replace(".json", ".md")).read_text().splitlines()
+                  if line.startswith("- Teacher:"))
+    assert f"({teacher['train_seconds']} s), not cached here" in header and "?" not in header
+
+
+def test_table_only_refuses_to_drop_rows_that_no_longer_hold(reproduce, tmp_path, capsys):
+    """--table-only runs nothing, so a committed row that does not hold for this ardir (here: the table was made
+    under another suite name) would vanish from the rewritten table: it refuses, and the table is left as it was."""
+    name = "fashion_mnist_same_data.json"
+    table = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    table["meta"]["settings"]["suite"] = "fashion-mnist-earlier"
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / name).write_text(json.dumps(table))
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["fashion-mnist-same-data", "--table-only", "--output", str(out),
+                        "--run-dir", str(tmp_path / "runs")])
+    assert "--table-only would drop them" in str(exc.value) and json.loads((out / name).read_text()) == table
+    assert not (out / name.replace(".json", ".md")).exists()
