@@ -828,7 +828,8 @@ def describe_teacher(run: SuiteRun, records: Sequence[Dict[str, Any]] = ()) -> N
         cached = cached_teacher(settings, run.teacher_dir)
         row = next((r for r in records if r.get("method") == "teacher"), {})
         seconds = (cached or row).get("train_seconds")
-        where = (f"cached in {run.teacher_dir / 'teacher.pt'}" if cached else
+        cache = (run.teacher_dir / "teacher.pt").resolve()
+        where = (f"cached in {cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}" if cached else
                  "not cached here (a rerun of a student row trains it again)")
         meta["teacher"] = (f"{settings['teacher_model']} trained with {settings['teacher_method']} "
                            f"({'?' if seconds is None else seconds} s), {where}")
