@@ -782,7 +782,22 @@ def table_meta(args: argparse.Namespace, suite: Suite, settings: Dict[str, Any],
                                 "holds out the shipped teacher's own validation split), never on the test set: "
                                 "this table chooses ARDIR's defaults, and only the chosen configuration is then "
                                 "reported on the test set (the method table).")
+        meta["notes"] = [n for n in meta["notes"] if not n.startswith("Δ vs AT")]  # the method table's
+    meta["notes"].append(evaluation_note(settings, "validation split" if args.ablation else "test set"))
     return meta
+
+
+def evaluation_note(settings: Dict[str, Any], where: str) -> str:
+    """The table's sentence on what each attack was measured on, from the run's settings (``--aa-size``,
+    ``--eval-size``) rather than the suite's defaults."""
+    seeded = f"(seed {settings['eval_seed']}, the same for every row)"
+    others = ("the other attacks on the whole " + where if settings["eval_size"] is None else
+              f"the other attacks on a fixed random {settings['eval_size']} images of the {where} {seeded}")
+    aa, kind = settings["aa_size"], "standard L2" if settings.get("norm") == "l2" else "standard"
+    if aa == 0:
+        return f"No AutoAttack in this run (--aa-size 0); {others}."
+    on = f"the whole {where}" if aa is None else f"a fixed random {aa} images of the {where} {seeded}"
+    return f"AutoAttack ({kind}, ardir engine) on {on}; {others}."
 
 
 def table_title(args: argparse.Namespace, suite: Suite) -> str:
@@ -860,10 +875,12 @@ def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequ
             if (s, m) not in have:
                 rows.append({"student": s, "method": m, "variant": None, "seeds": [], "cells": {}})
     total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in records)
-    cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records)
+    timed = [r for r in records if r.get("train_cpu_seconds") or r.get("eval_cpu_seconds")]  # restored rows: none
+    cpu = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in timed)
     meta["wall_time"] = "" if args.template else (
-        f"{total:.0f} s summed over the rows below (teacher training and evaluation included; "
-        f"{cpu:.0f} CPU-seconds of this process where recorded)" +
+        f"{total:.0f} s summed over the rows below (teacher training and evaluation included" +
+        (f"; {cpu:.0f} CPU-seconds in the {len(timed)} of {len(records)} row runs that recorded them)" if timed
+         else ")") +
         ("" if args.table_only else f"; this invocation {time.time() - run.started:.0f} s"))
     meta["footer"] = list(footer)
     students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]

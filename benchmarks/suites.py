@@ -176,10 +176,8 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "with the batch-mean KL. AdaAD and MTARD at their reference settings (AdaAD alpha 1, the KL / C "
                  "of its CIFAR-10 script; MTARD's adaptive weights, KL / C); MTARD's natural teacher is the "
                  "shipped fashion-mnist:cnn_xlarge-natural (the same network trained without attack on the same "
-                 "59,000 images).",
-                 "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
-                 "same for every row); the other attacks on the full 10,000-image test set. evaluate()'s sanity "
-                 "checks are off: AutoAttack's black-box Square already catches masked gradients.",
+                 "59,000 images). evaluate()'s sanity checks are off: AutoAttack's black-box Square already "
+                 "catches masked gradients.",
                  "Δ vs AT: the row's AutoAttack (where measured) and CW∞-30 accuracy minus AT's, paired by seed "
                  "(same data subset and order), mean ± std over the seeds.")),
     Suite(name="fashion-mnist-l2", dataset="fashion-mnist", results_name="fashion_mnist_l2", num_classes=10, in_chans=1,
@@ -198,9 +196,8 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "under L2 PGD) with step eps/4 = 0.375, on a fixed random 1,000 test images (seed 0).",
                  "The teacher is the shipped L-inf teacher (no L2 teacher is shipped): what it hands down was "
                  "learnt under another threat model. Its row is measured here, under L2, on the same 1,000 images.",
-                 "AutoAttack: the standard L2 version (ardir engine) on the same seeded 1,000 test images, for "
-                 "every row, the teacher's included (--no-teacher-eval skips the teacher's, which costs about as "
-                 "much as the students' rows together on two CPU cores).")),
+                 "Every row has AutoAttack's standard L2 version, the teacher's included (--no-teacher-eval skips "
+                 "the teacher's, which costs about as much as the students' rows together on two CPU cores).")),
     Suite(name="fashion-mnist-same-data", dataset="fashion-mnist", results_name="fashion_mnist_same_data", num_classes=10, in_chans=1,
           eps=0.1, step_size=0.025, steps=10, eval_step_size=0.025,
           teacher_model="cnn_large", teacher_method="trades", teacher_epochs=10, teacher_spec=None,
@@ -223,9 +220,7 @@ SUITES: Dict[str, Suite] = {s.name: s for s in [
                  "CPU cores (measured: 1 h 54 min with --workers 2).",
                  "The teacher's row: natural, FGSM and PGD-20 on the full test set (CW∞ and AutoAttack on the "
                  "teacher would cost as much as five student rows). evaluate()'s sanity checks are off (--no-checks "
-                 "is implied): AutoAttack's black-box Square already catches masked gradients.",
-                 "AutoAttack (standard, ardir engine) on a fixed random subset of 1000 test images (seed 0, the "
-                 "same for every row); the other attacks on the full 10,000-image test set.")),
+                 "is implied): AutoAttack's black-box Square already catches masked gradients.")),
 ]}
 
 ABLATIONS: Dict[str, Dict[str, Any]] = {

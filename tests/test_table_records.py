@@ -172,6 +172,9 @@ def test_a_restored_trained_teacher_states_its_training_time(reproduce, tmp_path
     header = next(line for line in (out / name.replace(".json", ".md")).read_text().splitlines()
                   if line.startswith("- Teacher:"))
     assert f"({teacher['train_seconds']} s), not cached here" in header and "?" not in header
+    wall = next(line for line in (out / name.replace(".json", ".md")).read_text().splitlines()
+                if line.startswith("- Wall time:"))
+    assert wall.endswith("(teacher training and evaluation included)")  # rebuilt rows recorded no CPU time
 
 
 def test_table_only_refuses_to_drop_rows_that_no_longer_hold(reproduce, tmp_path, capsys):
@@ -188,3 +191,21 @@ def test_table_only_refuses_to_drop_rows_that_no_longer_hold(reproduce, tmp_path
                         "--run-dir", str(tmp_path / "runs")])
     assert "--table-only would drop them" in str(exc.value) and json.loads((out / name).read_text()) == table
     assert not (out / name.replace(".json", ".md")).exists()
+
+
+def test_the_evaluation_line_follows_the_run_not_the_suite_defaults(reproduce):
+    """The header's sentence on what the attacks ran on comes from the run's settings: an ablation is scored on the
+    validation split, --aa-size 0 has no AutoAttack, --eval-size a subset; the method table's Δ note is not an
+    ablation's."""
+    def meta(*argv):
+        args = reproduce.parse_args(["fashion-mnist", *argv])
+        suite = reproduce.SUITES["fashion-mnist"]
+        return reproduce.table_meta(args, suite, reproduce.resolve(suite, args), reproduce.torch.device("cpu"))
+    default = meta()["notes"]
+    assert default[-1] == ("AutoAttack (standard, ardir engine) on a fixed random 1000 images of the test set (seed 0, "
+                           "the same for every row); the other attacks on the whole test set.")
+    assert any(n.startswith("Δ vs AT") for n in default)
+    ablation = meta("--ablation", "--aa-size", "0", "--eval-size", "500")["notes"]
+    assert ablation[-1] == ("No AutoAttack in this run (--aa-size 0); the other attacks on a fixed random 500 images "
+                            "of the validation split (seed 0, the same for every row).")
+    assert not any(n.startswith("Δ vs AT") or "test images" in n for n in ablation)
