@@ -427,7 +427,7 @@ def shipped_teacher_row(spec: str, student: str) -> Dict[str, Any]:
     return {"student": student, "method": "teacher", "seed": 0, "accuracy": accuracy,
             "subsets": ev["subsets"], "flags": [], "train_seconds": info["training"]["seconds"],
             "eval_seconds": ev["seconds_total"], "train_cpu_seconds": 0.0, "eval_cpu_seconds": 0.0,
-            "command": info["made_by"]}
+            "command": info["made_by"], "commit": info.get("commit")}
 
 
 def other_subsets(rec: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Union[int, str]]:
@@ -827,6 +827,21 @@ def plan_run(args: argparse.Namespace, log) -> SuiteRun:
                     key=row_key(settings), teacher_eval=teacher_eval)
 
 
+def row_commits(records: Sequence[Dict[str, Any]]) -> str:
+    """Which commits the rows ran at, with how many row runs each (a table rewritten by --table-only, or from a
+    committed table, carries rows of earlier commits): ``"12 at 31f3049, 17 at 6635d8b or earlier (rebuilt)"``."""
+    counts: Dict[str, int] = {}
+    for rec in records:
+        if rec.get("commit"):
+            label = "at " + rec["commit"][:7] + (" with uncommitted changes" if "uncommitted" in rec["commit"] else "")
+        elif rec.get("table_commit"):
+            label = f"at {rec['table_commit'][:7]} or earlier (rebuilt from the table of that commit)"
+        else:
+            label = "not recorded"
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n} {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def describe_teacher(run: SuiteRun, records: Sequence[Dict[str, Any]] = ()) -> None:
     """Fill in the table's line on the teacher: a shipped teacher's summary, the spec of another one, or the
     trained teacher's model, method and training time (its cache's, else its row's in ``records``, as restored
@@ -882,6 +897,7 @@ def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequ
         (f"; {cpu:.0f} CPU-seconds in the {len(timed)} of {len(records)} row runs that recorded them)" if timed
          else ")") +
         ("" if args.table_only else f"; this invocation {time.time() - run.started:.0f} s"))
+    meta["row_commits"] = row_commits(records)
     meta["footer"] = list(footer)
     students = [f"{settings['teacher_model']} (teacher)"] + settings["students"]
     write_table(run.out_path, run.title, meta, rows, run.metrics, None if args.ablation else run.published,

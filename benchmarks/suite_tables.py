@@ -113,7 +113,9 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     if meta.get("reduced"):
         lines += ["**REDUCED run** — not the suite's protocol; it differs in:", ""]
         lines += [f"- {d}" for d in meta["reduced"]] + [""]
-    for key, label in [("command", "Command"), ("commit", "Git commit"), ("date", "Date (UTC)"),
+    for key, label in [("command", "Command"), ("commit", "Git commit"),
+                       ("row_commits", "Rows' commits (row runs)"),
+                       ("date", "Date (UTC)"),
                        ("machine", "Machine"), ("wall_time", "Wall time"), ("teacher", "Teacher")]:
         if meta.get(key):
             value = f"`{meta[key]}`" if key in ("command", "commit") else meta[key]

@@ -23,10 +23,12 @@ def rebuilt_records(table: Dict[str, Any], config_of: ConfigOf) -> list:
     """One record per (row, seed) of a table written before ``records`` were kept: its per-seed accuracies, the
     table's settings, and the method configuration ``config_of(method, variant)`` gives, today's: such a table does
     not say which configuration its rows ran with (it showed only rows whose configuration held when it was
-    written), so a rebuilt record says it was rebuilt (``restored_from``) and that its weights are not kept. A row's
+    written), so a rebuilt record says it was rebuilt (``restored_from``), that its weights are not kept, and the
+    commit that wrote its table (``table_commit``: the row ran at or before it). A row's
     times were kept as totals over its seeds, so a row of several seeds gets its total split evenly and says so
     (``seconds_split_evenly``); the table's sums stay exact."""
     settings = table.get("meta", {}).get("settings", {})
+    table_commit = table.get("meta", {}).get("commit") or "unknown"
     records = []
     for row in table.get("rows", []):
         seeds = row.get("seeds") or []
@@ -39,7 +41,8 @@ def rebuilt_records(table: Dict[str, Any], config_of: ConfigOf) -> list:
             rec = {"student": row["student"], "method": row["method"], "seed": seed, "accuracy": accuracy,
                    "settings": settings, "method_config": config_of(row["method"], row.get("variant")),
                    "command": re.sub(r"--seeds \d+", f"--seeds {seed}", row.get("command", "")),
-                   "weights_sha256": "not kept"}  # a stray <row>.pt is then not taken for its weights
+                   "weights_sha256": "not kept",  # a stray <row>.pt is then not taken for its weights
+                   "table_commit": table_commit}  # the row ran at or before the commit that wrote its table
             if row.get("variant") is not None:
                 rec["variant"] = row["variant"]
             if "autoattack" in accuracy:

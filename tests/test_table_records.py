@@ -209,3 +209,15 @@ def test_the_evaluation_line_follows_the_run_not_the_suite_defaults(reproduce):
     assert ablation[-1] == ("No AutoAttack in this run (--aa-size 0); the other attacks on a fixed random 500 images "
                             "of the validation split (seed 0, the same for every row).")
     assert not any(n.startswith("Δ vs AT") or "test images" in n for n in ablation)
+
+
+def test_the_header_counts_the_commits_the_rows_ran_at(reproduce):
+    records = [{"commit": "31f3049c78"}, {"commit": "31f3049c78"}, {"commit": "abcdef123 (+ uncommitted changes)"},
+               {"table_commit": "6635d8b977"}, {}]
+    assert reproduce.row_commits(records) == (
+        "2 at 31f3049, 1 at abcdef1 with uncommitted changes, "
+        "1 at 6635d8b or earlier (rebuilt from the table of that commit), 1 not recorded")
+    rebuilt = reproduce.table_records.rebuilt_records(
+        {"meta": {"commit": "6635d8b977", "settings": {}}, "rows": [
+            {"student": "s", "method": "at", "seeds": [0], "per_seed": {"natural": [50.0]}}]}, lambda m, v: None)
+    assert rebuilt[0]["table_commit"] == "6635d8b977" and "commit" not in rebuilt[0]
