@@ -973,13 +973,24 @@ def restore_committed_rows(run: SuiteRun) -> None:
         run.log(f"{len(restored)} rows restored from the table {table_json.name} into {run.run_dir}"
                 + (f" ({len(stale)} of them over row files that did not hold for this run)" if stale else "")
                 + " (their weights were not kept: an attack a row lacks is added by retraining it)")
-    if len(restored) < len(replaceable) and run.args.table_only:  # it would write the table without them
-        sys.exit(f"reproduce.py: error: {len(replaceable) - len(restored)} rows of the table {table_json} were made "
-                 "with other settings or method configurations than this ardir's, and --table-only would drop them "
-                 "from it; rerun them (the same command without --table-only), or git rm the table to start afresh")
+    if run.args.table_only:
+        refuse_dropping_rows(run, committed, table_json)
     if len(restored) < len(replaceable):
         run.log(f"{len(replaceable) - len(restored)} rows of the table {table_json.name} were made with other "
                 "settings or method configurations than this run's and are not restored (git keeps that table)")
+
+
+def refuse_dropping_rows(run: SuiteRun, committed: Dict[Job, Dict[str, Any]], table_json: Path) -> None:
+    """``--table-only`` runs nothing: exit with one sentence, the table untouched, when the rewritten table would
+    lack committed rows (made with other settings or method configurations, for other students than this
+    invocation's, or the teacher's under --no-teacher-eval)."""
+    shown = {(r["student"], r["method"], r["seed"], r.get("variant")) for r in collect_rows(run)}
+    dropped = [job for job in committed if job not in shown]
+    if dropped:
+        sys.exit(f"reproduce.py: error: --table-only would drop {len(dropped)} rows of the table {table_json} "
+                 f"(e.g. {row_stem(*dropped[0])}) that this invocation does not show: they were made with other "
+                 "settings, method configurations or students than its own, or it skips the teacher; rewrite "
+                 "the table with the command that made it (its header's), or git rm it to start afresh")
 
 
 def _holds_on_disk(run: SuiteRun, path: Path) -> bool:

@@ -27,7 +27,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -86,14 +85,17 @@ def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
               "seconds": dict(attacked.seconds),
               "settings": {"eps": EPS, "step_size": EVAL_STEP, "autoattack": "standard, ardir engine"}}
     if args.aa_size:  # hours on two CPU cores for this network (Square's 5,000 queries): --aa-size 0 skips it
-        record_autoattack(result, teacher, loaders.test, args.aa_size, autoattack_state(args.name, args.aa_size))
+        state = autoattack_state(args.name, args.aa_size, zoo.file_sha256(zoo.WEIGHTS_DIR / "fashion-mnist" /
+                                                                           f"{args.name}.pt"))
+        record_autoattack(result, teacher, loaders.test, args.aa_size, state)
     return result
 
 
-def autoattack_state(name: str, n: int) -> Path:
+def autoattack_state(name: str, n: int, sha256: str) -> Path:
     """Where the teacher's AutoAttack records each finished batch of ``AA_BATCH`` images: in the repository (not in
-    the ignored ``benchmarks/runs``), so that hours of it survive a killed run or a fresh checkout once committed."""
-    return ROOT / "benchmarks" / "results" / "teacher_autoattack" / f"{name}-aa{n}.json"
+    the ignored ``benchmarks/runs``), so that hours of it survive a killed run or a fresh checkout once committed.
+    Named by the weights' hash, so a retrained teacher starts its own."""
+    return ROOT / "benchmarks" / "results" / "teacher_autoattack" / f"{name}-{sha256[:12]}-aa{n}.json"
 
 
 def record_autoattack(evaluation: dict, teacher: torch.nn.Module, test_loader, n: int, state: Path) -> float:
@@ -119,7 +121,7 @@ def add_autoattack(args: argparse.Namespace) -> None:
     ev = info["evaluation"]
     earlier = ev["seconds"].get("autoattack") or 0.0  # an AutoAttack on fewer images, which this one replaces
     seconds = record_autoattack(ev, zoo.load_shipped(name), loaders.test, args.aa_size,
-                                autoattack_state(args.name, args.aa_size))
+                                autoattack_state(args.name, args.aa_size, info["sha256"]))
     ev["seconds_total"] = round(ev["seconds_total"] - earlier + seconds, 1)
     ev["autoattack_made_by"] = {
         "command": f"python {shlex.join(['benchmarks/train_teacher.py'] + args.argv)}",
@@ -190,8 +192,9 @@ def main(argv=None) -> None:
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)  # usable now; the accuracies follow
     print(f"shipped {manifest['name']}: {weights} ({manifest['bytes']} bytes, sha256 {manifest['sha256'][:12]}); "
           "evaluating", flush=True)
-    tic = time.time()
-    manifest["evaluation"] = {**evaluate(teacher, args), "seconds_total": round(time.time() - tic, 1)}
+    evaluation = evaluate(teacher, args)  # its AutoAttack seconds count an interrupted run's too (resumed)
+    manifest["evaluation"] = {**evaluation, "seconds_total": round(sum(
+        s for s in evaluation["seconds"].values() if s is not None), 1)}
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
     print(json.dumps(manifest["evaluation"]["accuracy"], indent=2))
 

@@ -464,9 +464,10 @@ def test_train_teacher_adds_autoattack_to_the_shipped_manifest(tmp_path, monkeyp
     fake = torch.utils.data.TensorDataset(torch.rand(6, 1, 28, 28), torch.arange(6) % 10)
     monkeypatch.setattr(module.data, "get_loaders", lambda *a, **k: argparse.Namespace(
         test=torch.utils.data.DataLoader(fake, batch_size=3)))
-    state = tmp_path / "state" / "cnn_xlarge-at-aa4.json"
-    monkeypatch.setattr(module, "autoattack_state", lambda name, n: tmp_path / "state" / f"{name}-aa{n}.json")
+    monkeypatch.setattr(module, "ROOT", tmp_path)  # the resume state goes under ROOT/benchmarks/results
     before = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
+    state = tmp_path / "benchmarks" / "results" / "teacher_autoattack" / \
+        f"cnn_xlarge-at-{before['sha256'][:12]}-aa4.json"
     module.main(["--autoattack-only", "--aa-size", "4", "--threads", "1"])
     after = json.loads((tmp_path / "fashion-mnist" / "cnn_xlarge-at.json").read_text())
     assert state.exists()  # the resume state, batch by batch

@@ -82,7 +82,7 @@ def test_rows_made_with_other_settings_are_not_restored(reproduce, tmp_path, cap
     runs = tmp_path / "runs2"
     with pytest.raises(SystemExit) as exc:  # --table-only would drop them: it refuses (a run would rerun them)
         _table_only(reproduce, out, runs, capsys)
-    assert "2 rows of the table" in str(exc.value) and "were made with other settings" in str(exc.value)
+    assert "--table-only would drop 2 rows of the table" in str(exc.value)
     assert "31 rows restored" in capsys.readouterr().out
     assert not (runs / f"{stale['student']}__ardir__seed{stale['seed']}.json").exists()
     assert not (runs / f"{stale_config['student']}__iad__seed{stale_config['seed']}.json").exists()
@@ -189,7 +189,7 @@ def test_table_only_refuses_to_drop_rows_that_no_longer_hold(reproduce, tmp_path
     with pytest.raises(SystemExit) as exc:
         reproduce.main(["fashion-mnist-same-data", "--table-only", "--output", str(out),
                         "--run-dir", str(tmp_path / "runs")])
-    assert "--table-only would drop them" in str(exc.value) and json.loads((out / name).read_text()) == table
+    assert "--table-only would drop 22 rows" in str(exc.value) and json.loads((out / name).read_text()) == table
     assert not (out / name.replace(".json", ".md")).exists()
 
 
@@ -221,3 +221,22 @@ def test_the_header_counts_the_commits_the_rows_ran_at(reproduce):
         {"meta": {"commit": "6635d8b977", "settings": {}}, "rows": [
             {"student": "s", "method": "at", "seeds": [0], "per_seed": {"natural": [50.0]}}]}, lambda m, v: None)
     assert rebuilt[0]["table_commit"] == "6635d8b977" and "commit" not in rebuilt[0]
+
+
+def test_table_only_refuses_to_drop_rows_of_students_or_a_teacher_it_does_not_show(reproduce, tmp_path, capsys):
+    """Rows that hold but that this invocation would not show (another student, the teacher under
+    --no-teacher-eval) would vanish from the rewritten table just the same: refused."""
+    out = tmp_path / "results"
+    out.mkdir()
+    table = json.loads(TABLE.read_text())
+    other = dict(next(r for r in table["records"] if r["method"] == "at"), student="cnn_tiny")
+    table["records"].append(other)
+    (out / TABLE.name).write_text(json.dumps(table))
+    with pytest.raises(SystemExit) as exc:
+        _table_only(reproduce, out, tmp_path / "runs", capsys)
+    assert "would drop 1 rows" in str(exc.value) and "cnn_tiny__at__seed" in str(exc.value)
+    shutil.copy(TABLE, out / TABLE.name)
+    with pytest.raises(SystemExit) as exc:
+        _table_only(reproduce, out, tmp_path / "runs2", capsys, "--no-teacher-eval")
+    assert "would drop 1 rows" in str(exc.value) and "teacher" in str(exc.value)
+    assert json.loads((out / TABLE.name).read_text()) == json.loads(TABLE.read_text())
