@@ -46,8 +46,8 @@ from ardir.teachers import TeacherNotFoundError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite's own modules beside it
 import table_records  # noqa: E402
-from suites import (ABLATION_METHODS, ABLATIONS, IAD_WARMUP_FRACTION, METRICS, PUBLISHED,  # noqa: E402
-                    PUBLISHED_SOURCES, ROW_NAMES, SUITES, Suite, ablation_arguments, base_method)
+from suites import (ABLATION_METHODS, ABLATIONS, HEADERS, IAD_WARMUP_FRACTION, L2_HEADERS,  # noqa: E402
+                    METRICS, PUBLISHED, PUBLISHED_SOURCES, ROW_NAMES, SUITES, Suite, ablation_arguments, base_method)
 from suite_tables import (add_differences, difference_metrics, format_cell, strongest_metric,  # noqa: E402,F401
                     summarize, write_table)
 
@@ -827,6 +827,20 @@ def plan_run(args: argparse.Namespace, log) -> SuiteRun:
                     key=row_key(settings), teacher_eval=teacher_eval)
 
 
+def teacher_lead(rows: Sequence[Dict[str, Any]], names: Dict[str, str]) -> str:
+    """How far the teacher is ahead of the AT student (its mean over the seeds) under each attack both rows have,
+    strongest first: what a teacher has to hand down (``""`` when either row is missing)."""
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+    at = next((r for r in rows if r["method"] == "at" and r.get("variant") is None), None)
+    if not teacher or not at:
+        return ""
+    leads = [f"{names.get(m, m)} {teacher['mean'][m] - at['mean'][m]:+.2f} ({teacher['mean'][m]:.2f} against "
+             f"{at['mean'][m]:.2f})" for m in ("autoattack", "cw30", "pgd20", "natural")
+             if m in teacher["mean"] and m in at["mean"]]
+    return ", ".join(leads) + (" (where the teacher's cell names another subset, the two were measured on "
+                               "different test images)") if leads else ""
+
+
 def row_commits(records: Sequence[Dict[str, Any]]) -> str:
     """Which commits the rows ran at, with how many row runs each (a table rewritten by --table-only, or from a
     committed table, carries rows of earlier commits): ``"12 at 31f3049, 17 at 6635d8b or earlier (rebuilt)"``."""
@@ -882,6 +896,7 @@ def write_suite_table(run: SuiteRun, records: List[Dict[str, Any]], footer: Sequ
     if not args.ablation:
         for metric in difference_metrics(rows):
             add_differences(rows, metric)
+        meta["teacher_lead"] = teacher_lead(rows, L2_HEADERS if settings.get("norm") == "l2" else HEADERS)
     if run.published is not None and not args.ablation:  # every row of the suite appears, run or not
         have = {(r["student"], r["method"]) for r in rows}
         wanted = [(f"{settings['teacher_model']} (teacher)", "teacher")] * (not args.no_teacher_eval)

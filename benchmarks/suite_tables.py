@@ -116,7 +116,8 @@ def write_table(path: Path, title: str, meta: Dict[str, Any], rows: List[Dict[st
     for key, label in [("command", "Command"), ("commit", "Git commit"),
                        ("row_commits", "Rows' commits (row runs)"),
                        ("date", "Date (UTC)"),
-                       ("machine", "Machine"), ("wall_time", "Wall time"), ("teacher", "Teacher")]:
+                       ("machine", "Machine"), ("wall_time", "Wall time"), ("teacher", "Teacher"),
+                       ("teacher_lead", "Teacher minus the AT student")]:
         if meta.get(key):
             value = f"`{meta[key]}`" if key in ("command", "commit") else meta[key]
             lines.append(f"- {label}: {value}")

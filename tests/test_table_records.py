@@ -240,3 +240,14 @@ def test_table_only_refuses_to_drop_rows_of_students_or_a_teacher_it_does_not_sh
         _table_only(reproduce, out, tmp_path / "runs2", capsys, "--no-teacher-eval")
     assert "would drop 1 rows" in str(exc.value) and "teacher" in str(exc.value)
     assert json.loads((out / TABLE.name).read_text()) == json.loads(TABLE.read_text())
+
+
+def test_the_header_states_the_teachers_lead_over_the_at_student(reproduce):
+    rows = [{"method": "teacher", "mean": {"natural": 80.0, "pgd20": 63.7, "autoattack": 62.1}},
+            {"method": "at", "variant": None, "mean": {"natural": 74.25, "pgd20": 57.94, "autoattack": 56.0}},
+            {"method": "ardir", "mean": {"natural": 74.0, "pgd20": 58.7, "autoattack": 57.0}}]
+    lead = reproduce.teacher_lead(rows, reproduce.HEADERS)
+    assert lead.startswith("AutoAttack +6.10 (62.10 against 56.00), PGD-20 +5.76 (63.70 against 57.94), "
+                           "Natural +5.75 (80.00 against 74.25)")
+    assert reproduce.teacher_lead(rows[1:], reproduce.HEADERS) == ""  # no teacher row: no line
+    assert json.loads(TABLE.read_text())["meta"]["teacher_lead"].startswith("AutoAttack ")  # the committed table
