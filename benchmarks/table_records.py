@@ -65,6 +65,10 @@ def committed_records(table_json: Path, config_of: ConfigOf) -> Dict[Job, Dict[s
         raise ValueError("not a table: its JSON is not an object")
     kept = table.get("records")
     records = kept if kept is not None else rebuilt_records(table, config_of)
+    for r in records:  # a hand-edited or truncated record: the table cannot be read, rather than a KeyError
+        missing = [k for k in ("student", "method", "seed", "accuracy") if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"a row record lacks {', '.join(missing)}")
     source = f"{table_json.name}" + ("" if kept is not None else " (rebuilt from its per-seed numbers)")
     return {(r["student"], r["method"], r["seed"], r.get("variant")):
             dict(r, restored_from=r.get("restored_from", source), weights_sha256=r.get("weights_sha256") or "not kept")

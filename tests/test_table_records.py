@@ -251,3 +251,33 @@ def test_the_header_states_the_teachers_lead_over_the_at_student(reproduce):
                            "Natural +5.75 (80.00 against 74.25)")
     assert reproduce.teacher_lead(rows[1:], reproduce.HEADERS) == ""  # no teacher row: no line
     assert json.loads(TABLE.read_text())["meta"]["teacher_lead"].startswith("AutoAttack ")  # the committed table
+
+
+def test_an_added_autoattack_replaces_the_seconds_of_the_one_it_replaces(reproduce, monkeypatch, tmp_path):
+    """A row's evaluation time keeps its other attacks' seconds and the new AutoAttack's, not the replaced one's."""
+    import argparse
+    monkeypatch.setattr(reproduce, "loaders_for", lambda *a: argparse.Namespace(test=None, val=None))
+    monkeypatch.setattr(reproduce, "suite_model", lambda *a: reproduce.torch.nn.Linear(1, 1))
+    monkeypatch.setattr(reproduce.ardir.checkpoint, "load_checkpoint", lambda path: {
+        "weight": reproduce.torch.zeros(1, 1), "bias": reproduce.torch.zeros(1)})
+    monkeypatch.setattr(reproduce, "evaluate_autoattack", lambda *a: {
+        "accuracy": {"autoattack": 40.0, "natural_aa_subset": 70.0}, "seconds": {"autoattack": 0.0},
+        "flags": [], "subsets": {"autoattack": "random 5 of 10 (seed 0)"}})
+    rec = {"student": "cnn_small", "seed": 0, "accuracy": {"natural": 70.0, "autoattack": 50.0},
+           "attack_seconds": {"natural": 1.0, "autoattack": 100.0}, "eval_seconds": 101.0, "eval_cpu_seconds": 0.0}
+    settings = {"aa_size": 5}
+    after = reproduce.add_autoattack(rec, tmp_path / "w.pt", settings, None, "cpu", False)
+    assert after["accuracy"]["autoattack"] == 40.0 and after["aa_size"] == 5
+    assert after["eval_seconds"] < 5  # the 100 s of the replaced AutoAttack are gone, the natural 1 s kept
+    assert after["eval_seconds"] >= 1.0 and rec["eval_seconds"] == 101.0  # the caller's record is untouched
+
+
+def test_a_record_missing_its_keys_stops_the_run_with_one_sentence(reproduce, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    table = json.loads(TABLE.read_text())
+    del table["records"][3]["seed"]
+    (out / TABLE.name).write_text(json.dumps(table))
+    with pytest.raises(SystemExit) as exc:
+        _table_only(reproduce, out, tmp_path / "runs", capsys)
+    assert "cannot read the table" in str(exc.value) and "a row record lacks seed" in str(exc.value)
