@@ -839,8 +839,10 @@ def teacher_lead(rows: Sequence[Dict[str, Any]], names: Dict[str, str]) -> str:
     leads = [f"{names.get(m, m)} {teacher['mean'][m] - at['mean'][m]:+.2f} ({teacher['mean'][m]:.2f} against "
              f"{at['mean'][m]:.2f})" for m in ("autoattack", "cw30", "pgd20", "natural")
              if m in teacher["mean"] and m in at["mean"]]
-    return ", ".join(leads) + (" (where the teacher's cell names another subset, the two were measured on "
-                               "different test images)") if leads else ""
+    if not leads:
+        return ""
+    return ", ".join(leads) + " (where the teacher's cell names another subset, the two were measured on different " \
+                              "test images)"
 
 
 def row_commits(records: Sequence[Dict[str, Any]]) -> str:

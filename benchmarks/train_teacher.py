@@ -69,7 +69,9 @@ def train(args: argparse.Namespace) -> float:
     return round(sum(r.get("seconds", 0.0) for r in records if "epoch" in r), 1)
 
 
-def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
+def evaluate(teacher: torch.nn.Module, args: argparse.Namespace, sha256: str) -> dict:
+    """The teacher's accuracies on the test set (natural on all of it, the attacks on the seeded subsets), the
+    AutoAttack resuming from the state named by the shipped weights' ``sha256``."""
     loaders = data.get_loaders("fashion-mnist", batch_size=500, val_size=0, seed=0)
     common = dict(eps=EPS, step_size=EVAL_STEP, seed=0, progress=False, warn=False, checks=False)
     natural = ardir.evaluate(teacher, loaders.test, attacks=("natural",), **common)
@@ -85,8 +87,7 @@ def evaluate(teacher: torch.nn.Module, args: argparse.Namespace) -> dict:
               "seconds": dict(attacked.seconds),
               "settings": {"eps": EPS, "step_size": EVAL_STEP, "autoattack": "standard, ardir engine"}}
     if args.aa_size:  # hours on two CPU cores for this network (Square's 5,000 queries): --aa-size 0 skips it
-        state = autoattack_state(args.name, args.aa_size, zoo.file_sha256(zoo.WEIGHTS_DIR / "fashion-mnist" /
-                                                                           f"{args.name}.pt"))
+        state = autoattack_state(args.name, args.aa_size, sha256)  # the shipped weights' hash
         record_autoattack(result, teacher, loaders.test, args.aa_size, state)
     return result
 
@@ -192,7 +193,7 @@ def main(argv=None) -> None:
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)  # usable now; the accuracies follow
     print(f"shipped {manifest['name']}: {weights} ({manifest['bytes']} bytes, sha256 {manifest['sha256'][:12]}); "
           "evaluating", flush=True)
-    evaluation = evaluate(teacher, args)  # its AutoAttack seconds count an interrupted run's too (resumed)
+    evaluation = evaluate(teacher, args, manifest["sha256"])  # its AutoAttack seconds count an interrupted run's too (resumed)
     manifest["evaluation"] = {**evaluation, "seconds_total": round(sum(
         s for s in evaluation["seconds"].values() if s is not None), 1)}
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
