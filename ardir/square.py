@@ -12,7 +12,11 @@ A sample leaves the batch once its margin is not positive (the official code doe
 The random draws are the official ones, in the same order, from the global CPU generator seeded with ``seed``,
 and they do not depend on the batch, so a sample's path is the official one. What differs is bookkeeping: the
 active samples are kept in compact tensors (re-indexed only when one succeeds) instead of gathered and
-scattered at every query, and the blends are ``torch.where`` (exactly the official ``m * a + (1 - m) * b``).
+scattered at every query, the blends are ``torch.where`` (exactly the official ``m * a + (1 - m) * b``), and a
+proposal the box leaves equal to a sample's best point is not sent to the model (on a Fashion-MNIST student
+about a fifth of the queries: its pixels were already on the square's side, or at 0 or 1), since its margin is
+the known best one and the official rule keeps the point either way (``m_new < m_min`` fails, and the margin of
+an active point is positive).
 """
 from __future__ import annotations
 
@@ -55,6 +59,21 @@ def accept(m_new: torch.Tensor, m_min: torch.Tensor, x_new: torch.Tensor, best: 
     return torch.where(improved, m_new, m_min), torch.where(improved.view(-1, 1, 1, 1), x_new, best)
 
 
+def _margin_of_moved(model: nn.Module, x_new: torch.Tensor, best: torch.Tensor, y: torch.Tensor,
+                     m_min: torch.Tensor) -> torch.Tensor:
+    """The margin at ``x_new`` (N,), queried only for the rows the square moved: where the box leaves a point's
+    window where it was (its pixels already on the square's side of the ball, or at 0 or 1), the proposal is its
+    best point, whose margin ``m_min`` is known, and :func:`accept` keeps the point either way."""
+    moved = (x_new != best).flatten(1).any(1)
+    with torch.no_grad():
+        if bool(moved.all()):
+            return margin(model, x_new, y)
+        m_new = m_min.clone()
+        if bool(moved.any()):
+            m_new[moved] = margin(model, x_new[moved], y[moved])
+    return m_new
+
+
 def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,
                p_init: float = 0.8) -> Tuple[torch.Tensor, torch.Tensor]:
     """One Square restart on ``x`` (N, C, H, W): ``(best points, margin)``; margin <= 0 where it succeeded."""
@@ -76,8 +95,7 @@ def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         delta = torch.zeros([c, h, w])
         delta[:, vh:vh + side, vw:vw + side] = 2.0 * eps * _signs([c, 1, 1])
         x_new = torch.clamp(torch.min(torch.max(best + delta.to(device), low), high), 0.0, 1.0)
-        with torch.no_grad():
-            m_new = margin(model, x_new, ya)
+        m_new = _margin_of_moved(model, x_new, best, ya, m_min)
         m_min, best = accept(m_new, m_min, x_new, best)
         done = m_min <= 0.0
         if done.any():

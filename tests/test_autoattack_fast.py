@@ -141,6 +141,33 @@ def test_square_matches_the_official_code_per_sample(setup):
     assert torch.equal(ours, theirs)
 
 
+def test_square_skips_only_the_queries_that_move_nothing(setup, monkeypatch):
+    """Half the pixels at 0 or 1, as a Fashion-MNIST background: many proposals leave a point where it was. Those
+    rows are not sent to the model, and the points are still the official code's, query for query."""
+    module = _official()
+    model, x, y = setup
+    x = x.clone()
+    x[:, :, :4] = (x[:, :, :4] > 0.5).float()
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    ref = module.square.SquareAttack(model, p_init=0.8, n_queries=300, eps=0.05, norm="Linf", n_restarts=1, seed=4,
+                                     device="cpu", resc_schedule=False)
+    theirs = ref.perturb(x.clone(), y.clone())
+    queried, moved, active = [], [], []
+    real_margin, real_accept = square.margin, square.accept
+
+    def accept(m_new, m_min, x_new, best):
+        moved.append(int((x_new != best).flatten(1).any(1).sum()))
+        active.append(len(x_new))
+        return real_accept(m_new, m_min, x_new, best)
+    monkeypatch.setattr(square, "margin", lambda m, xs, ys: queried.append(len(xs)) or real_margin(m, xs, ys))
+    monkeypatch.setattr(square, "accept", accept)
+    ours = square.square(model, x, y, 0.05, seed=4, n_queries=300)
+    assert torch.equal(ours, theirs)
+    assert sum(queried[1:]) == sum(moved) < sum(active)  # queried[0]: the margin of the start
+
+
 def test_square_schedule_is_the_official_one():
     assert [square.p_selection(0.8, it) for it in (0, 10, 11, 50, 51, 4999)] == \
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 128]
