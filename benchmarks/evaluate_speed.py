@@ -4,7 +4,8 @@ The same model and points are attacked by both engines in one run, alternated pe
 first on even steps, the official code first on odd ones), so a busy machine slows both alike. Each engine
 keeps its own mask of points still robust and attacks only those, as AutoAttack does. Printed and written as
 Markdown rows to ``--results`` (default ``benchmarks/results/evaluate_speed.md``): seconds per component, the
-robust accuracy of each engine, and the number of samples whose final verdict differs. The file's (and the
+robust accuracy of each engine, and the number of samples whose final verdict differs; it also prints how many
+images the ardir engine passed through the model per component (forward passes, and those with a gradient). The file's (and the
 output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir seconds, all
 components).
 
@@ -51,10 +52,25 @@ def points(dataset: str, n: int, seed: int):
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
+class Counted(torch.nn.Module):
+    """``model``, counting the images it is called on: ``forwards`` in all, ``gradients`` of them with autograd
+    recording (each followed by one backward pass in these attacks)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.forwards, self.gradients = model, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += len(x)
+        self.gradients += len(x) if torch.is_grad_enabled() and x.requires_grad else 0
+        return self.model(x)
+
+
 def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10, norm: str = "linf") -> Dict:
-    """Both engines, alternated per batch and component, in ``norm`` ("linf" or "l2"): seconds per component and
-    final masks."""
+    """Both engines, alternated per batch and component, in ``norm`` ("linf" or "l2"): seconds per component,
+    final masks, and the images the ardir engine passed through the model per component (forward, gradient)."""
     engines = ("ardir", "official")
+    passes = {c: [0, 0] for c in aa.STANDARD}
     seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
     final = {e: [] for e in engines}
     step = 0
@@ -74,18 +90,22 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                         continue
                     t0 = time.perf_counter()
                     if engine == "ardir":
-                        attack = aa._ardir_component(name, fast, eps, classes, seed, norm)
+                        counted = Counted(fast)
+                        attack = aa._ardir_component(name, counted, eps, classes, seed, norm)
                     else:
                         attack = aa._official_component(name, model, eps, classes, seed, [], norm)
                     with torch.enable_grad():
                         adv = attack(x[todo], y[todo])
                     seconds[engine][name] += time.perf_counter() - t0
+                    if engine == "ardir":
+                        passes[name][0] += counted.forwards
+                        passes[name][1] += counted.gradients
                     robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps, norm)
                 print(f"  batch {start // batch}: {name}: " + ", ".join(
                     f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
             for e in engines:
                 final[e].append(robust[e])
-    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}}
+    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes}
 
 
 def write(path: Path, rows: List[str], speedup: float) -> None:
@@ -149,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     f"{args.batch_size} | {args.norm}, {args.eps:g} | {e} | " + " | ".join(f"{secs[e][c]:.1f}" for c in aa.STANDARD)
                     + f" | {total[e]:.1f} | {acc:.2f} | {differ} | {commit()} | `{command}` |")
         print(rows[-1])
+    work = ", ".join(f"{c} {f:,} ({g:,} with a gradient)" for c, (f, g) in result["passes"].items())
+    print(f"images through the model, ardir engine: {work}")
     write(Path(args.results), rows, speedup)
     print(f"{LAST}{speedup:.2f}")
 

@@ -44,6 +44,9 @@ def test_both_engines_attack_under_l2_with_the_same_verdicts(speed, tiny):
     assert all(out["seconds"][e][c] > 0 for e in ("ardir", "official") for c in ("apgd-ce", "apgd-t"))
     # an L-inf check of L2 points this far out would call them invalid (still robust): the norm is passed on
     assert not out["robust"]["ardir"].any()
+    # the images through the model are counted: APGD-CE ran on the six with gradients, Square not at all
+    forwards, gradients = out["passes"]["apgd-ce"]
+    assert forwards >= gradients >= 6 and out["passes"]["square"] == [0, 0]
 
 
 def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
