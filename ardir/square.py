@@ -14,9 +14,10 @@ and they do not depend on the batch, so a sample's path is the official one. Wha
 active samples are kept in compact tensors (re-indexed only when one succeeds) instead of gathered and
 scattered at every query, the blends are ``torch.where`` (exactly the official ``m * a + (1 - m) * b``), and a
 proposal the box leaves equal to a sample's best point is not sent to the model (on a Fashion-MNIST student
-about a fifth of the queries: its pixels were already on the square's side, or at 0 or 1), since its margin is
+about a quarter of the queries: its pixels were already on the square's side, or at 0 or 1), since its margin is
 the known best one and the official rule keeps the point either way (``m_new < m_min`` fails, and the margin of
-an active point is positive).
+an active point is positive, so ``m_new <= 0`` fails too). The moved rows are queried as a batch of varying
+size, so on a GPU a path is the official one up to float rounding.
 """
 from __future__ import annotations
 
@@ -63,13 +64,15 @@ def _margin_of_moved(model: nn.Module, x_new: torch.Tensor, best: torch.Tensor, 
                      m_min: torch.Tensor) -> torch.Tensor:
     """The margin at ``x_new`` (N,), queried only for the rows the square moved: where the box leaves a point's
     window where it was (its pixels already on the square's side of the ball, or at 0 or 1), the proposal is its
-    best point, whose margin ``m_min`` is known, and :func:`accept` keeps the point either way."""
-    moved = (x_new != best).flatten(1).any(1)
+    best point, whose margin ``m_min`` is known, and :func:`accept` keeps the point either way. This assumes a
+    deterministic model (as every shortcut of the ardir engine does): a randomized one could answer a repeated query
+    differently."""
+    moved = (x_new != best).flatten(1).any(1).nonzero().flatten()  # one host synchronisation
     with torch.no_grad():
-        if bool(moved.all()):
+        if len(moved) == len(x_new):
             return margin(model, x_new, y)
         m_new = m_min.clone()
-        if bool(moved.any()):
+        if len(moved):
             m_new[moved] = margin(model, x_new[moved], y[moved])
     return m_new
 

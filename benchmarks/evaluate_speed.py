@@ -5,9 +5,9 @@ first on even steps, the official code first on odd ones), so a busy machine slo
 keeps its own mask of points still robust and attacks only those, as AutoAttack does. Printed and written as
 Markdown rows to ``--results`` (default ``benchmarks/results/evaluate_speed.md``): seconds per component, the
 robust accuracy of each engine, and the number of samples whose final verdict differs; it also prints how many
-images the ardir engine passed through the model per component (forward passes, and those with a gradient). The file's (and the
-output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir seconds, all
-components).
+images the ardir engine passed through the model per component (forward passes, and those with a gradient).
+The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
+seconds, all components).
 
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
     python benchmarks/evaluate_speed.py --checkpoint benchmarks/runs/fashion-mnist/cnn_small__at__seed0.pt \

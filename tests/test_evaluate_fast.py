@@ -36,7 +36,7 @@ def test_gradient_attacks_on_the_fast_copy_keep_the_verdicts(model, name, loss, 
         y = model(x).argmax(1)
     runner = attacks._build(name, attacks.Context(model, EPS, EPS / 4, 10, "ardir"))
     fast, _ = runner.run(x, y, seed=5)
-    assert runner.attack.model is not model  # it attacked the folded copy
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.attack.model.modules())  # the folded copy
     torch.manual_seed(5)
     step = EPS if name == "fgsm" else EPS / 4
     adv = ardir.PGD(model, eps=EPS, step_size=step, steps=steps, loss=loss, random_start=start)(x, y)
@@ -55,3 +55,24 @@ def test_a_model_registered_for_compilation_is_attacked_as_it_is(model, monkeypa
         assert runner.attack.model is model
     finally:
         compile_for_attack(model, enable=False)
+
+
+def test_runners_share_one_copy_and_never_climb_stale_weights(model):
+    """Two runners of one model attack one copy; once the model's weights change, the next batch gets a new one."""
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    ctx = attacks.Context(model, EPS, EPS / 4, 10, "ardir")
+    pgd, cw = attacks._build("pgd3", ctx), attacks._build("cw3", ctx)
+    pgd.run(x, y, seed=0)
+    cw.run(x, y, seed=0)
+    assert pgd.attack.model is cw.attack.model
+    first = pgd.attack.model
+    pgd.run(x, y, seed=1)
+    assert pgd.attack.model is first  # nothing changed: no new copy
+    with torch.no_grad():
+        model.fc.weight.mul_(-1.0)
+    pgd.run(x, y, seed=0)
+    assert pgd.attack.model is not first
+    with torch.no_grad():
+        assert torch.allclose(pgd.attack.model(x), model(x), atol=1e-5)
