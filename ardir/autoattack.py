@@ -35,8 +35,10 @@ import contextlib
 import copy
 import functools
 import importlib
+import itertools
 import logging
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -123,6 +125,26 @@ def fast_model(model: nn.Module, sample: Optional[torch.Tensor] = None) -> nn.Mo
     if model_device(model).type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
         return fast if fast is not None else model
     return (fast if fast is not None else copy.deepcopy(model)).to(memory_format=torch.channels_last)
+
+
+_FAST_COPIES: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def cached_fast_model(model: nn.Module, sample: Optional[torch.Tensor] = None) -> nn.Module:
+    """:func:`fast_model` of ``model``, made once and shared by every attack on it (AutoAttack's ardir engine,
+    ``evaluate()``'s FGSM, PGD and CW), made again whenever a parameter or buffer of ``model`` changes (moved,
+    loaded or trained), a module's train/eval flag flips or a hook is added or removed, so it never attacks a stale
+    function. ``sample`` checks the first copy (see :func:`fast_model`)."""
+    modules = list(model.modules())
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    key = (tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors),
+           tuple(m.training for m in modules),
+           tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in modules))
+    cached = _FAST_COPIES.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, fast_model(model, sample))
+        _FAST_COPIES[model] = cached
+    return cached[1]
 
 
 def _folded(model: nn.Module, sample: Optional[torch.Tensor]) -> Optional[nn.Module]:
@@ -348,7 +370,7 @@ class AutoAttack:
         with model_mode(self.model, "eval"):
             with torch.no_grad():
                 robust = self.model(images).argmax(1) == labels
-            model = fast_model(self.model, images[:8]) if self.engine == "ardir" else self.model
+            model = cached_fast_model(self.model, images[:8]) if self.engine == "ardir" else self.model
             for name in self.attacks:  # the official driver gives every component the same seed
                 if name in done:
                     robust &= done[name].to(robust.device)

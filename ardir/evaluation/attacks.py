@@ -30,9 +30,7 @@ component alone (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab-t``, ``square``).
 """
 from __future__ import annotations
 
-import itertools
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -40,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import PGD, _unwrap, attack_module
-from ..autoattack import COMPONENTS, STANDARD, AutoAttack, fast_model, still_correct
+from ..autoattack import COMPONENTS, STANDARD, AutoAttack, cached_fast_model, still_correct
 from ..registry import Registry
 from ._helpers import _fmt_eps
 
@@ -102,26 +100,14 @@ class _Natural(Runner):
             return self.model(images).argmax(1) == labels, {}
 
 
-_FAST_COPIES: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
-
-
 def _attacked_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
-    """What the gradient attacks climb: :func:`~ardir.autoattack.fast_model` (BatchNorm folded, channels-last on
-    the CPU; the same function up to float rounding; on a Fashion-MNIST student it made PGD-20 and CW∞-30 in
-    ``evaluate()`` about 1.3x faster), as AutoAttack's ardir engine attacks it; ``model`` itself when it is
-    registered with :func:`~ardir.attacks.compile_for_attack` (a copy would lose its compiled twin). One copy per
-    model, shared by every runner and made again whenever a parameter or buffer of ``model`` has changed (moved,
-    loaded or trained), so an attack never climbs stale weights. Every verdict is still taken on ``model``."""
+    """What the gradient attacks climb: the model's :func:`~ardir.autoattack.cached_fast_model` (BatchNorm folded,
+    channels-last on the CPU; the same function up to float rounding; on a Fashion-MNIST student it made PGD-20 and
+    CW∞-30 in ``evaluate()`` about 1.3x faster), the copy AutoAttack's ardir engine attacks; ``model`` itself when
+    it is registered with :func:`~ardir.attacks.compile_for_attack` (a copy would lose its compiled twin). Every
+    verdict is still taken on ``model``."""
     base = _unwrap(model)
-    if attack_module(model) is not base:
-        return model
-    tensors = itertools.chain(base.parameters(), base.buffers())
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-    cached = _FAST_COPIES.get(base)
-    if cached is None or cached[0] != key:
-        cached = (key, fast_model(base, sample))
-        _FAST_COPIES[base] = cached
-    return cached[1]
+    return model if attack_module(model) is not base else cached_fast_model(base, sample)
 
 
 class _PGDRunner(Runner):
