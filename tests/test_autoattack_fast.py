@@ -277,3 +277,25 @@ def test_fast_model_is_a_channels_last_copy(tiny):
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+def test_cached_fast_model_is_made_again_when_the_model_changes(tiny):
+    """One copy while nothing changes; a new one once a weight, a train/eval flag or a hook changes."""
+    model = tiny().eval()
+    first = aa.cached_fast_model(model)
+    assert aa.cached_fast_model(model) is first
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    second = aa.cached_fast_model(model)
+    assert second is not first and torch.equal(second.fc.bias, model.fc.bias)
+    third = aa.cached_fast_model(model.train())
+    assert third is not second and any(isinstance(m, torch.nn.BatchNorm2d) for m in third.modules())
+    model.eval()
+    handle = model.fc.register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        hooked = aa.cached_fast_model(model)
+        x = torch.rand(4, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(hooked(x), model(x), atol=1e-5)  # the hook's doubling is kept
+    finally:
+        handle.remove()
