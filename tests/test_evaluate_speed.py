@@ -46,7 +46,7 @@ def test_both_engines_attack_under_l2_with_the_same_verdicts(speed, tiny):
     assert not out["robust"]["ardir"].any()
     # the images through the model are counted: APGD-CE ran on the six with gradients, Square not at all
     forwards, gradients = out["passes"]["apgd-ce"]
-    assert forwards >= gradients >= 6 and out["passes"]["square"] == [0, 0]
+    assert forwards >= gradients >= 6 and out["passes"]["square"] == [0, 0] and out["calls"] >= 2
 
 
 def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
@@ -61,3 +61,14 @@ def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
     speed.write(path, ["| next row |"], 1.2)  # the same layout again: no second header
     assert path.read_text().splitlines().count(first) == 1
     assert set(aa.STANDARD) <= set(speed.HEADER.replace(" s |", " |").replace("|", " ").split())
+
+
+def test_the_pass_floor_prices_each_counted_pass_at_the_measured_cost(speed, tiny):
+    torch.manual_seed(0)
+    model = tiny(width=8, num_classes=10).eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
+    costs = speed.pass_costs(model, x, y, batch=4, repeats=1)
+    assert costs["gradient"] > 0 and costs["forward"] > 0 and costs["forward_flops"] > 0
+    assert not model.training and all(p.grad is None for p in model.parameters())  # no weight gradient left behind
+    floor = speed.floor_seconds({"apgd-ce": [10, 4], "square": [7, 0]}, {"forward": 1.0, "gradient": 3.0})
+    assert floor == {"apgd-ce": 6 * 1.0 + 4 * 3.0, "square": 7.0}
