@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import os
@@ -126,9 +127,11 @@ def missing_autoattack(rec: Dict[str, Any], settings: Dict[str, Any]) -> bool:
     return settings["aa_size"] != 0 and autoattack_size(rec) != settings["aa_size"]
 
 
-def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optional[str]) -> Tuple[str, str]:
+def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optional[str],
+               teacher_dir: Path) -> Tuple[str, str]:
     """What a run does with the row JSON at ``path``: ``"reuse"`` it, add ``"autoattack"`` to it from the weights
-    it saved, or ``"rerun"`` it; and the sentence that says why (:data:`ROW_ACTIONS` says what is done)."""
+    it saved, or ``"rerun"`` it; and the sentence that says why (:data:`ROW_ACTIONS` says what is done). A trained
+    teacher is the one cached in ``teacher_dir``."""
     if not path.exists():
         return "rerun", f"{path.name} not run yet"
     done = json.loads(path.read_text())
@@ -137,6 +140,9 @@ def row_status(path: Path, settings: Dict[str, Any], method: str, variant: Optio
     config = method_config(settings, method, ablation_arguments(variant))
     if not same_method(done.get("method_config"), config, method):
         return "rerun", f"{path.name} has other method settings (this ardir builds the method differently)"
+    teacher_changed = other_teacher(done, settings, teacher_dir)
+    if teacher_changed:
+        return "rerun", f"{path.name} {teacher_changed}"
     if not missing_autoattack(done, settings):
         return "reuse", f"done before, reusing {path.name} (--force reruns it)"
     size = "all" if settings["aa_size"] is None else settings["aa_size"]
@@ -214,6 +220,42 @@ def cached_teacher(settings: Dict[str, Any], run_dir: Path) -> Optional[Dict[str
     return meta if meta.get("settings") == _teacher_key(settings) else None
 
 
+def trained_teacher_sha256(settings: Dict[str, Any], run_dir: Path) -> Optional[str]:
+    """The sha256 of the teacher this run trains and caches in ``run_dir``: its file's, when it is cached with these
+    settings; None when it is still to be trained, or when the suite loads its teacher (``--teacher``: the spec is
+    in every row's settings) instead."""
+    if settings["teacher"] is not None:
+        return None
+    meta = cached_teacher(settings, run_dir)
+    if meta is None:
+        return None
+    return meta.get("weights_sha256") or _file_sha256(run_dir / "teacher.pt")  # a cache made before it was recorded
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return zoo.file_sha256(path)
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()  # a rewritten file is hashed afresh
+    return _cached_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def other_teacher(rec: Dict[str, Any], settings: Dict[str, Any], run_dir: Path) -> Optional[str]:
+    """Why a record was not made with the teacher this run distils from (None when it was, or cannot be told):
+    a row distilled from, or a teacher's row evaluating, a trained teacher whose weights are not the cached one
+    (deleted and trained anew, say). Records made before rows kept the teacher's sha256 cannot be told apart."""
+    made_with = rec.get("teacher_sha256")
+    if made_with is None or settings["teacher"] is not None:
+        return None
+    current = trained_teacher_sha256(settings, run_dir)
+    if made_with == current:
+        return None
+    now = f"the cached one is {current[:12]}" if current else "none is cached: a new one is trained"
+    return f"was made with another trained teacher (sha256 {made_with[:12]}; {now})"
+
+
 def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str], device: torch.device,
                 progress: bool, log) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The suite's teacher: loaded from ``settings["teacher"]``, or trained once and cached in ``run_dir``."""
@@ -254,6 +296,7 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
             "train_cpu_seconds": round(time.process_time() - cpu, 1), "history": _jsonable(history)}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(teacher.state_dict(), path)  # the weights before the record that vouches for them
+    meta["weights_sha256"] = zoo.file_sha256(path)  # what the rows distilled from it record (other_teacher)
     atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
     return teacher.eval().requires_grad_(False), meta
@@ -399,8 +442,9 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
                "eval_cpu_seconds": round(time.process_time() - cpu, 1), "settings": key,
                "aa_size": 0 if own else settings["aa_size"],
                "command": "(evaluated by the suite's command; the shipped teacher)" if settings["teacher"] else
-               "(trained by any row's command when missing; cached)"}
-    elif not args.force and row_status(path, settings, method, variant)[0] == "autoattack":
+               "(trained by any row's command when missing; cached)",
+               "teacher_sha256": trained_teacher_sha256(settings, teacher_dir)}
+    elif not args.force and row_status(path, settings, method, variant, teacher_dir)[0] == "autoattack":
         rec = add_autoattack(json.loads(path.read_text()), path.with_suffix(".pt"), settings, args.data_dir, device,
                              progress)
         rec["autoattack_commit"] = git_commit()
@@ -408,7 +452,8 @@ def run_job(argv: Sequence[str], job: Tuple[Path, str, str, int, Optional[str]],
         rec = run_row(settings, student, method, seed, teacher, args.data_dir, device, progress,
                       ablation_arguments(variant), validation=variant is not None, weights=path.with_suffix(".pt"))
         rec.update(variant=variant, settings=key, command=row_command(args, student, method, seed, variant),
-                   method_config=method_config(settings, method, ablation_arguments(variant)))
+                   method_config=method_config(settings, method, ablation_arguments(variant)),
+                   teacher_sha256=trained_teacher_sha256(settings, teacher_dir) if _needs_teacher(job) else None)
         rec["commit"] = git_commit()
     rec["torch_threads"] = torch.get_num_threads()
     atomic_write_text(json.dumps(rec, indent=2), path)  # a killed run leaves no half-written row behind
@@ -958,8 +1003,10 @@ def _config_of(settings: Dict[str, Any], method: str, variant: Optional[str]) ->
 
 
 def _still_holds(run: SuiteRun, rec: Dict[str, Any]) -> bool:
-    """Whether a committed row's record holds for this run: the same settings and, for a student's row, the same
-    method configuration."""
+    """Whether a committed row's record holds for this run: the same settings, the same trained teacher when it
+    names one (:func:`other_teacher`) and, for a student's row, the same method configuration."""
+    if other_teacher(rec, run.settings, run.teacher_dir):
+        return False
     if rec["method"] == "teacher":
         return stored_key(rec) == run.key
     return stored_key(rec) == run.key and same_method(rec.get("method_config"), _config_of(
@@ -1035,6 +1082,10 @@ def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
     measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
     if rec is None or stored_key(rec) != run.key or (missing_autoattack(rec, settings) and measures_aa):
         return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
+    changed = other_teacher(rec, settings, run.teacher_dir)
+    if changed:
+        run.log(f"{teacher_eval.name} {changed}; evaluating the teacher again")
+        return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
     return None
 
 
@@ -1049,7 +1100,7 @@ def pending_rows(run: SuiteRun) -> List[PendingJob]:
         stem = row_stem(student, method, seed, variant, run.args.precision)
         path = run.run_dir / f"{stem}.json"
         if path.exists() and not run.args.force:
-            status, why = row_status(path, run.settings, method, variant)
+            status, why = row_status(path, run.settings, method, variant, run.teacher_dir)
             if status != "reuse":
                 why += "; " + ("not done: --table-only runs nothing" if run.args.table_only else ROW_ACTIONS[status])
             run.log(f"{stem}: {why}")

@@ -227,6 +227,49 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
     assert json.loads(row.read_text())["method_config"]["kl_reduction"] == "batchmean"
 
 
+@pytest.mark.slow
+def test_rows_of_a_teacher_trained_anew_are_not_mixed_with_the_old_ones(reproduce, tmp_path, capsys):
+    """A suite that trains its own teacher records the teacher's sha256 in the rows distilled from it and in the
+    teacher's row; once that teacher is gone (deleted, trained anew), those rows and the teacher's evaluation are
+    made again with the new one, not shown beside rows of another teacher."""
+    args = ("fashion-mnist-same-data", "--seeds", "0", "--methods", "natural", "ardir")
+    out, runs = _dry_run(reproduce, tmp_path, *args)
+    sha = json.loads((runs / "teacher.json").read_text())["weights_sha256"]
+    assert sha == reproduce.zoo.file_sha256(runs / "teacher.pt")
+    ardir_row, natural_row = runs / "cnn_small__ardir__seed0.json", runs / "cnn_small__natural__seed0.json"
+    assert json.loads(ardir_row.read_text())["teacher_sha256"] == sha
+    assert json.loads((runs / "teacher_eval.json").read_text())["teacher_sha256"] == sha
+    assert json.loads(natural_row.read_text())["teacher_sha256"] is None  # no teacher: nothing to tie it to
+    natural_before = natural_row.read_text()
+    (runs / "teacher.pt").unlink()
+    capsys.readouterr()
+    _dry_run(reproduce, tmp_path, *args)
+    log = capsys.readouterr().out
+    assert f"was made with another trained teacher (sha256 {sha[:12]}; none is cached: a new one is trained)" in log
+    assert "evaluating the teacher again" in log and "cnn_small__natural__seed0: done before" in log
+    new = json.loads((runs / "teacher.json").read_text())["weights_sha256"]
+    assert json.loads(ardir_row.read_text())["teacher_sha256"] == new
+    assert json.loads((runs / "teacher_eval.json").read_text())["teacher_sha256"] == new
+    assert natural_row.read_text() == natural_before
+
+
+def test_a_record_of_another_trained_teacher_does_not_hold(reproduce, tmp_path):
+    settings = reproduce.resolve(reproduce.SUITES["fashion-mnist-same-data"],
+                                 reproduce.parse_args(["fashion-mnist-same-data"]))
+    (tmp_path / "teacher.pt").write_bytes(b"weights")
+    meta = {"settings": reproduce._teacher_key(settings)}
+    (tmp_path / "teacher.json").write_text(json.dumps(meta))  # cached before the sha256 was recorded: hashed now
+    sha = reproduce.zoo.file_sha256(tmp_path / "teacher.pt")
+    assert reproduce.trained_teacher_sha256(settings, tmp_path) == sha
+    assert reproduce.other_teacher({"teacher_sha256": sha}, settings, tmp_path) is None
+    assert reproduce.other_teacher({}, settings, tmp_path) is None  # a record older than the field: cannot tell
+    assert "the cached one is " + sha[:12] in reproduce.other_teacher({"teacher_sha256": "ab" * 32}, settings, tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"other weights")  # rewritten in place: hashed afresh
+    assert reproduce.other_teacher({"teacher_sha256": sha}, settings, tmp_path) is not None
+    loaded = dict(settings, teacher="some/checkpoint.pt")  # a loaded teacher: its spec is in the row's settings
+    assert reproduce.other_teacher({"teacher_sha256": "ab" * 32}, loaded, tmp_path) is None
+
+
 def test_rows_record_the_methods_library_defaults(reproduce):
     settings = reproduce.resolve(reproduce.SUITES["fashion-mnist"], reproduce.parse_args(["fashion-mnist"]))
     iad = reproduce.method_config(settings, "iad")
