@@ -6,9 +6,10 @@ keeps its own mask of points still robust and attacks only those, as AutoAttack 
 Markdown rows to ``--results`` (default ``benchmarks/results/evaluate_speed.md``): seconds per component, the
 robust accuracy of each engine, and the number of samples whose final verdict differs; it also prints how many
 images the ardir engine passed through the model per component (forward passes, and those with a gradient),
-and the floor those passes set: each counted pass priced at the model's own cost per image, measured in the same
-run (a forward-only pass, and a forward with the input gradient of the cross-entropy), so ``ardir s / floor s``
-is what the engine adds beyond the model calls the official settings prescribe. The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
+and the floor those passes set: each component's counted passes priced at the model's own cost per image at that
+component's mean batch, measured in the same run (a forward-only pass, and a forward with the input gradient of the
+cross-entropy), so ``ardir s / floor s`` is what the engine adds beyond the model calls the official settings
+prescribe. The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
 seconds, all components).
 
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
@@ -28,14 +29,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ardir import autoattack as aa, cli  # noqa: E402
 from ardir.attacks import model_mode  # noqa: E402
-from throughput import commit, device_name, matmul_peak  # noqa: E402
+from throughput import commit, device_name, matmul_peak, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ("| date (UTC) | device | threads | n | batch | norm, eps | engine | " + " | ".join(f"{c} s" for c in aa.STANDARD)
@@ -56,63 +57,79 @@ def points(dataset: str, n: int, seed: int):
 
 class Counted(torch.nn.Module):
     """``model``, counting the images it is called on: ``forwards`` in all, ``gradients`` of them with autograd
-    recording (each followed by one backward pass in these attacks), and the ``calls``."""
+    recording (each followed by one backward pass in these attacks), and the calls of each kind
+    (``forward_calls`` without a gradient, ``gradient_calls``)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.forwards, self.gradients, self.calls = model, 0, 0, 0
+        self.model, self.forwards, self.gradients, self.forward_calls, self.gradient_calls = model, 0, 0, 0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forwards += len(x)
-        self.calls += 1
-        self.gradients += len(x) if torch.is_grad_enabled() and x.requires_grad else 0
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.gradients += len(x)
+            self.gradient_calls += 1
+        else:
+            self.forward_calls += 1
         return self.model(x)
 
+    def counts(self) -> List[int]:
+        return [self.forwards, self.gradients, self.forward_calls, self.gradient_calls]
 
-def pass_costs(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
-               repeats: int = 3) -> Dict[str, float]:
+
+def pass_cost(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, gradient: bool,
+              repeats: int = 3) -> float:
     """Seconds per image of ``model`` (best of ``repeats`` sweeps over ``images`` in chunks of ``batch``): a
-    forward-only pass under inference mode (Square's queries, the engines' checks) and a forward with the input
-    gradient of the cross-entropy (an APGD or FAB step's model call), plus the FLOPs of one image's forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    forward-only pass under ``no_grad`` (Square's queries, the engines' tests), or with ``gradient`` a forward with
+    the input gradient of the cross-entropy (an APGD or FAB step's model call)."""
     def forward(x, y):
-        with torch.inference_mode():
+        with torch.no_grad():
             model(x)
 
     def gradient(x, y):
         x = x.clone().requires_grad_(True)
         torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), x)
 
-    costs = {}
+    fn = gradient if gradient else forward
+    best = float("inf")
     with model_mode(model, "eval"):
-        for name, fn in (("forward", forward), ("gradient", gradient)):
-            fn(images[:batch], labels[:batch])  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for start in range(0, len(images), batch):
-                    fn(images[start:start + batch], labels[start:start + batch])
-                best = min(best, time.perf_counter() - t0)
-            costs[name] = best / len(images)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(images[:1])
-    costs["forward_flops"] = counter.get_total_flops()
-    return costs
+        fn(images[:batch], labels[:batch])  # warm-up
+        for _ in range(repeats):
+            sync(images.device)
+            t0 = time.perf_counter()
+            for start in range(0, len(images), batch):
+                fn(images[start:start + batch], labels[start:start + batch])
+            sync(images.device)
+            best = min(best, time.perf_counter() - t0)
+    return best / len(images)
 
 
-def floor_seconds(passes, costs: Dict[str, float]) -> Dict[str, float]:
-    """Per component: its counted passes priced at ``costs`` (a gradient pass includes its forward)."""
-    return {c: (f - g) * costs["forward"] + g * costs["gradient"] for c, (f, g) in passes.items()}
+def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs of one image's forward pass (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), model_mode(model, "eval"):
+        model(images[:1])
+    return counter.get_total_flops()
+
+
+def floor_seconds(passes: Dict[str, List[int]], cost: Callable[[int, bool], float]) -> Dict[str, float]:
+    """Per component: its counted passes (forwards, gradients, forward-only calls, gradient calls) priced at
+    ``cost(batch, gradient)`` seconds per image, each kind at the component's mean batch of that kind (a gradient
+    pass includes its forward)."""
+    floor = {}
+    for name, (forwards, gradients, forward_calls, gradient_calls) in passes.items():
+        only = forwards - gradients
+        floor[name] = (only * cost(max(1, round(only / forward_calls)), False) if only else 0.0) + \
+            (gradients * cost(max(1, round(gradients / gradient_calls)), True) if gradients else 0.0)
+    return floor
 
 
 def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10, norm: str = "linf") -> Dict:
     """Both engines, alternated per batch and component, in ``norm`` ("linf" or "l2"): seconds per component,
-    final masks, and the images the ardir engine passed through the model per component (forward, gradient)."""
+    final masks, and per component what the ardir engine passed through the model (:meth:`Counted.counts`)."""
     engines = ("ardir", "official")
-    passes = {c: [0, 0] for c in aa.STANDARD}
-    calls = 0
+    passes = {c: [0, 0, 0, 0] for c in aa.STANDARD}
     seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
     final = {e: [] for e in engines}
     step = 0
@@ -140,16 +157,13 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                         adv = attack(x[todo], y[todo])
                     seconds[engine][name] += time.perf_counter() - t0
                     if engine == "ardir":
-                        passes[name][0] += counted.forwards
-                        passes[name][1] += counted.gradients
-                        calls += counted.calls
+                        passes[name] = [a + b for a, b in zip(passes[name], counted.counts())]
                     robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps, norm)
                 print(f"  batch {start // batch}: {name}: " + ", ".join(
                     f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
             for e in engines:
                 final[e].append(robust[e])
-    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes,
-            "calls": calls}
+    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes}
 
 
 def write(path: Path, rows: List[str], speedup: float) -> None:
@@ -206,10 +220,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     total = {e: sum(secs[e].values()) for e in secs}
     speedup = total["official"] / total["ardir"]
     when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
-    # priced at the batch the ardir engine's model calls had on average (the points still robust, not --batch-size)
-    per_call = max(1, round(sum(f for f, _ in result["passes"].values()) / max(result["calls"], 1)))
-    costs = pass_costs(aa.fast_model(model), images, labels, per_call)
-    floor = floor_seconds(result["passes"], costs)
+    fast, costs = aa.fast_model(model), {}
+
+    def cost(batch: int, gradient: bool) -> float:  # at the batches the engine's calls had (points still robust)
+        if (batch, gradient) not in costs:
+            costs[batch, gradient] = pass_cost(fast, images, labels, batch, gradient)
+        return costs[batch, gradient]
+    floor = floor_seconds(result["passes"], cost)
     floor_cell = {"ardir": f"{sum(floor.values()):.1f}", "official": "-"}  # the passes counted are ardir's
     rows = []
     for e in ("official", "ardir"):
@@ -218,12 +235,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                     f"{args.batch_size} | {args.norm}, {args.eps:g} | {e} | " + " | ".join(f"{secs[e][c]:.1f}" for c in aa.STANDARD)
                     + f" | {total[e]:.1f} | {floor_cell[e]} | {acc:.2f} | {differ} | {commit()} | `{command}` |")
         print(rows[-1])
-    work = ", ".join(f"{c} {f:,} ({g:,} with a gradient)" for c, (f, g) in result["passes"].items())
+    work = ", ".join(f"{c} {f:,} ({g:,} with a gradient; {fc:,} + {gc:,} calls)"
+                     for c, (f, g, fc, gc) in result["passes"].items())
     print(f"images through the model, ardir engine: {work}")
-    print(f"the model's cost per image (batch {per_call}, the engine's mean per call): forward {costs['forward'] * 1e6:.1f} us "
-          f"({costs['forward_flops'] / costs['forward'] / 1e9:.1f} GFLOP/s; {costs['forward_flops'] / 1e6:.2f} MFLOP), "
-          f"forward + input gradient {costs['gradient'] * 1e6:.1f} us; fp32 matmul peak measured "
-          f"{matmul_peak(device, torch.float32) / 1e9:.1f} GFLOP/s")
+    print("the model's seconds per image at the engine's mean batches: " + ", ".join(
+        f"{'gradient' if g else 'forward'} at {b}: {t * 1e6:.1f} us" for (b, g), t in sorted(costs.items())))
+    print(f"the forward's {forward_flops(fast, images) / 1e6:.2f} MFLOP per image at the best forward rate: "
+          f"{forward_flops(fast, images) / min(t for (_, g), t in costs.items() if not g) / 1e9:.1f} GFLOP/s "
+          f"(fp32 matmul peak measured: {matmul_peak(device, torch.float32) / 1e9:.1f} GFLOP/s)"
+          if any(not g for _, g in costs) else "")
     print("ardir s / pass floor s: " + ", ".join(f"{c} {secs['ardir'][c]:.1f} / {floor[c]:.1f} = "
                                                  f"{secs['ardir'][c] / max(floor[c], 1e-9):.2f}" for c in aa.STANDARD))
     write(Path(args.results), rows, speedup)

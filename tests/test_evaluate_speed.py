@@ -45,8 +45,9 @@ def test_both_engines_attack_under_l2_with_the_same_verdicts(speed, tiny):
     # an L-inf check of L2 points this far out would call them invalid (still robust): the norm is passed on
     assert not out["robust"]["ardir"].any()
     # the images through the model are counted: APGD-CE ran on the six with gradients, Square not at all
-    forwards, gradients = out["passes"]["apgd-ce"]
-    assert forwards >= gradients >= 6 and out["passes"]["square"] == [0, 0] and out["calls"] >= 2
+    forwards, gradients, forward_calls, gradient_calls = out["passes"]["apgd-ce"]
+    assert forwards >= gradients >= 6 and out["passes"]["square"] == [0, 0, 0, 0]
+    assert gradient_calls >= 1 and gradients / gradient_calls <= 6  # at most the six points per call
 
 
 def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
@@ -63,12 +64,29 @@ def test_rows_of_a_new_layout_start_their_own_table(speed, tmp_path):
     assert set(aa.STANDARD) <= set(speed.HEADER.replace(" s |", " |").replace("|", " ").split())
 
 
-def test_the_pass_floor_prices_each_counted_pass_at_the_measured_cost(speed, tiny):
+def test_the_pass_floor_prices_each_kind_of_pass_at_its_own_mean_batch(speed, tiny):
     torch.manual_seed(0)
     model = tiny(width=8, num_classes=10).eval()
     x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
-    costs = speed.pass_costs(model, x, y, batch=4, repeats=1)
-    assert costs["gradient"] > 0 and costs["forward"] > 0 and costs["forward_flops"] > 0
+    for gradient in (False, True):
+        assert speed.pass_cost(model, x, y, batch=4, gradient=gradient, repeats=1) > 0
     assert not model.training and all(p.grad is None for p in model.parameters())  # no weight gradient left behind
-    floor = speed.floor_seconds({"apgd-ce": [10, 4], "square": [7, 0]}, {"forward": 1.0, "gradient": 3.0})
-    assert floor == {"apgd-ce": 6 * 1.0 + 4 * 3.0, "square": 7.0}
+    assert speed.forward_flops(model, x) > 0
+    asked = []
+
+    def cost(batch, gradient):
+        asked.append((batch, gradient))
+        return 3.0 if gradient else 1.0
+    # apgd-ce: 4 gradient images in 2 calls, 6 forward-only in 3 calls; square: 7 forward-only images in 7 calls
+    floor = speed.floor_seconds({"apgd-ce": [10, 4, 3, 2], "square": [7, 0, 7, 0], "fab-t": [0, 0, 0, 0]}, cost)
+    assert floor == {"apgd-ce": 6 * 1.0 + 4 * 3.0, "square": 7.0, "fab-t": 0.0}
+    assert asked == [(2, False), (2, True), (1, False)]
+
+
+def test_counted_tells_forward_only_calls_from_gradient_calls(speed, tiny):
+    counted = speed.Counted(tiny(width=8, num_classes=10).eval())
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        counted(x)
+    counted(x[:3].clone().requires_grad_(True))
+    assert counted.counts() == [8, 3, 1, 1]
