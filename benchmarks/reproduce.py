@@ -212,24 +212,24 @@ def _teacher_key(settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def cached_teacher(settings: Dict[str, Any], run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The record of the teacher cached in ``run_dir`` when it was trained with these settings, else None."""
+    """The record of the teacher cached in ``run_dir`` when it was trained with these settings and its file is the
+    one the record vouches for (its sha256, where recorded), else None."""
     path, meta_path = run_dir / "teacher.pt", run_dir / "teacher.json"
     if not (path.exists() and meta_path.exists()):
         return None
     meta = json.loads(meta_path.read_text())
-    return meta if meta.get("settings") == _teacher_key(settings) else None
+    if meta.get("settings") != _teacher_key(settings):
+        return None
+    return meta if meta.get("weights_sha256") in (None, _file_sha256(path)) else None
 
 
 def trained_teacher_sha256(settings: Dict[str, Any], run_dir: Path) -> Optional[str]:
-    """The sha256 of the teacher this run trains and caches in ``run_dir``: its file's, when it is cached with these
-    settings; None when it is still to be trained, or when the suite loads its teacher (``--teacher``: the spec is
-    in every row's settings) instead."""
-    if settings["teacher"] is not None:
+    """The sha256 of the teacher this run trains and caches in ``run_dir``, when it is cached with these settings;
+    None when it is still to be trained, or when the suite loads its teacher (``--teacher``: the spec is in every
+    row's settings) instead."""
+    if settings["teacher"] is not None or cached_teacher(settings, run_dir) is None:
         return None
-    meta = cached_teacher(settings, run_dir)
-    if meta is None:
-        return None
-    return meta.get("weights_sha256") or _file_sha256(run_dir / "teacher.pt")  # a cache made before it was recorded
+    return _file_sha256(run_dir / "teacher.pt")
 
 
 @functools.lru_cache(maxsize=8)
@@ -243,17 +243,34 @@ def _file_sha256(path: Path) -> str:
 
 
 def other_teacher(rec: Dict[str, Any], settings: Dict[str, Any], run_dir: Path) -> Optional[str]:
-    """Why a record was not made with the teacher this run distils from (None when it was, or cannot be told):
-    a row distilled from, or a teacher's row evaluating, a trained teacher whose weights are not the cached one
-    (deleted and trained anew, say). Records made before rows kept the teacher's sha256 cannot be told apart."""
+    """Why a record was not made with the teacher cached in ``run_dir`` (None when it was, or cannot be told): a row
+    distilled from, or a teacher's row evaluating, a trained teacher whose weights are not the cached one (trained
+    anew after the file was deleted, say). While no teacher is cached (a clean clone) a record holds: which rows
+    the next teacher leaves stale is known once it is trained (:func:`rows_of_another_teacher`). Records made
+    before rows kept the teacher's sha256 cannot be told apart."""
     made_with = rec.get("teacher_sha256")
-    if made_with is None or settings["teacher"] is not None:
+    current = None if made_with is None else trained_teacher_sha256(settings, run_dir)
+    if current is None or made_with == current:
         return None
-    current = trained_teacher_sha256(settings, run_dir)
-    if made_with == current:
-        return None
-    now = f"the cached one is {current[:12]}" if current else "none is cached: a new one is trained"
-    return f"was made with another trained teacher (sha256 {made_with[:12]}; {now})"
+    return f"was made with another trained teacher (sha256 {made_with[:12]}; the cached one is {current[:12]})"
+
+
+def rows_of_another_teacher(run: "SuiteRun", pending: Sequence["PendingJob"]) -> List["PendingJob"]:
+    """The jobs, beyond ``pending``, whose finished rows the teacher now cached leaves stale (they were distilled
+    from, or evaluate, another one): run once a teacher has been trained, so its rows are made again with it."""
+    queued = {job[0] for job in pending}
+    jobs = [(run.run_dir / f"{row_stem(*job, run.args.precision)}.json", *job) for job in run.jobs]
+    if teacher_job_wanted(run):
+        jobs.insert(0, (run.teacher_eval, run.settings["teacher_model"] + " (teacher)", "teacher", 0, None))
+    stale = []
+    for job in jobs:
+        if job[0] in queued or not job[0].exists() or not _needs_teacher(job):
+            continue
+        why = other_teacher(json.loads(job[0].read_text()), run.settings, run.teacher_dir)
+        if why:
+            run.log(f"{job[0].stem}: {why}; " + ("evaluating it again" if job[2] == "teacher" else "rerunning"))
+            stale.append(job)
+    return stale
 
 
 def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str], device: torch.device,
@@ -277,7 +294,8 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
         log(f"teacher: reusing {path}")
         return teacher.eval().requires_grad_(False), meta
     if path.exists():
-        log(f"teacher: {path} was trained with other settings; training a new one")
+        log(f"teacher: {path} was trained with other settings, or is not the file {meta_path.name} vouches for; "
+            "training a new one")
     torch.manual_seed(0)  # the shared teacher: seed 0
     teacher = suite_model(settings, settings["teacher_model"]).to(device)
     loaders = loaders_for(settings, 0, data_dir)
@@ -526,9 +544,10 @@ def _cost_rank(job: Tuple[Path, str, str, int, Optional[str]]) -> int:
 
 
 def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int, Optional[str]]], workers: int,
-                   teacher_ready: bool, log, on_row) -> None:
+                   teacher_ready: bool, log, on_row, stale_after_teacher) -> None:
     """Run ``jobs`` (in this order, as cores free up) in ``workers`` spawned processes. A teacher that still has
-    to be trained is trained first, in one of them, alongside the jobs that need no teacher; the others wait."""
+    to be trained is trained first, in one of them, alongside the jobs that need no teacher; the others wait. The
+    teacher trained, the jobs ``stale_after_teacher(jobs so far)`` returns (rows it leaves stale) join the queue."""
     import concurrent.futures
     import multiprocessing
     queue = list(jobs)
@@ -552,6 +571,7 @@ def run_in_workers(argv: Sequence[str], jobs: Sequence[Tuple[Path, str, str, int
                 if job is None:
                     teacher_ready = True
                     log(f"teacher: trained in {result['train_seconds']} s")
+                    queue += stale_after_teacher(list(jobs))
                 else:
                     _log_record(log, job[0].stem, result)
                     on_row()
@@ -1043,7 +1063,8 @@ def restore_committed_rows(run: SuiteRun) -> None:
         refuse_dropping_rows(run, committed, table_json)
     if len(restored) < len(replaceable):
         run.log(f"{len(replaceable) - len(restored)} rows of the table {table_json.name} were made with other "
-                "settings or method configurations than this run's and are not restored (git keeps that table)")
+                "settings, method configurations or trained teacher than this run's and are not restored (git keeps "
+                "that table)")
 
 
 def refuse_dropping_rows(run: SuiteRun, committed: Dict[Job, Dict[str, Any]], table_json: Path) -> None:
@@ -1055,7 +1076,7 @@ def refuse_dropping_rows(run: SuiteRun, committed: Dict[Job, Dict[str, Any]], ta
     if dropped:
         sys.exit(f"reproduce.py: error: --table-only would drop {len(dropped)} rows of the table {table_json} "
                  f"(e.g. {row_stem(*dropped[0])}) that this invocation does not show: they were made with other "
-                 "settings, method configurations or students than its own, or it skips the teacher; rewrite "
+                 "settings, method configurations, students or trained teacher than its own, or it skips the teacher; rewrite "
                  "the table with the command that made it (its header's), or git rm it to start afresh")
 
 
@@ -1067,12 +1088,17 @@ def _holds_on_disk(run: SuiteRun, path: Path) -> bool:
         return False
 
 
+def teacher_job_wanted(run: SuiteRun) -> bool:
+    """Whether the table has a teacher's row."""
+    return not (run.args.no_teacher_eval or run.args.ablation)
+
+
 def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
     """The teacher's evaluation, when the table has a teacher's row and its file is missing, was made with other
     settings or lacks the AutoAttack it should have. A shipped teacher's row is its manifest's: written here, from
     the shipped file, with nothing to run."""
-    args, settings, teacher_eval = run.args, run.settings, run.teacher_eval
-    if args.no_teacher_eval or args.ablation:
+    settings, teacher_eval = run.settings, run.teacher_eval
+    if not teacher_job_wanted(run):
         return None
     rec = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
     if uses_manifest(settings):  # its manifest's numbers, always the shipped file's: nothing to run
@@ -1084,7 +1110,7 @@ def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
         return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
     changed = other_teacher(rec, settings, run.teacher_dir)
     if changed:
-        run.log(f"{teacher_eval.name} {changed}; evaluating the teacher again")
+        run.log(f"{teacher_eval.stem}: {changed}; evaluating it again")
         return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
     return None
 
@@ -1130,6 +1156,7 @@ def run_pending(run: SuiteRun, pending: List[PendingJob], argv: List[str]) -> No
     if args.workers == 1 or len(pending) <= 1:
         teacher = get_teacher(settings, run.teacher_dir, args.data_dir, run.device, args.progress, run.log)[0] \
             if needs_teacher else None
+        pending += rows_of_another_teacher(run, pending) if needs_teacher else []
         for job in pending:
             run.log(f"{job[0].stem}: {'evaluating' if job[2] == 'teacher' else 'training'}")
             _log_record(run.log, job[0].stem, run_job(argv, job, teacher=teacher, workers=1))
@@ -1137,7 +1164,8 @@ def run_pending(run: SuiteRun, pending: List[PendingJob], argv: List[str]) -> No
     else:
         ready = not needs_teacher or settings["teacher"] is not None or cached_teacher(settings, run.teacher_dir)
         run_in_workers(argv, pending, args.workers, bool(ready), run.log,
-                       lambda: write_suite_table(run, collect_rows(run)))
+                       lambda: write_suite_table(run, collect_rows(run)),
+                       lambda queued: rows_of_another_teacher(run, queued))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -230,27 +230,50 @@ def test_fashion_mnist_dry_run_resumes(reproduce, tmp_path, capsys):
 @pytest.mark.slow
 def test_rows_of_a_teacher_trained_anew_are_not_mixed_with_the_old_ones(reproduce, tmp_path, capsys):
     """A suite that trains its own teacher records the teacher's sha256 in the rows distilled from it and in the
-    teacher's row; once that teacher is gone (deleted, trained anew), those rows and the teacher's evaluation are
-    made again with the new one, not shown beside rows of another teacher."""
+    teacher's row; when another teacher is cached, those rows and the teacher's evaluation are made again with it.
+    With none cached (a clean clone) the rows hold, --table-only included, until a run trains one: then the rows
+    it leaves stale are made again in that same run."""
     args = ("fashion-mnist-same-data", "--seeds", "0", "--methods", "natural", "ardir")
     out, runs = _dry_run(reproduce, tmp_path, *args)
     sha = json.loads((runs / "teacher.json").read_text())["weights_sha256"]
     assert sha == reproduce.zoo.file_sha256(runs / "teacher.pt")
     ardir_row, natural_row = runs / "cnn_small__ardir__seed0.json", runs / "cnn_small__natural__seed0.json"
+    teacher_row = runs / "teacher_eval.json"
     assert json.loads(ardir_row.read_text())["teacher_sha256"] == sha
-    assert json.loads((runs / "teacher_eval.json").read_text())["teacher_sha256"] == sha
+    assert json.loads(teacher_row.read_text())["teacher_sha256"] == sha
     assert json.loads(natural_row.read_text())["teacher_sha256"] is None  # no teacher: nothing to tie it to
     natural_before = natural_row.read_text()
-    (runs / "teacher.pt").unlink()
+    # another teacher cached (its record vouching for it): the rows of the first are made again
+    state = torch.load(runs / "teacher.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, runs / "teacher.pt")
+    other = reproduce.zoo.file_sha256(runs / "teacher.pt")
+    meta = json.loads((runs / "teacher.json").read_text())
+    (runs / "teacher.json").write_text(json.dumps(dict(meta, weights_sha256=other)))
     capsys.readouterr()
     _dry_run(reproduce, tmp_path, *args)
     log = capsys.readouterr().out
-    assert f"was made with another trained teacher (sha256 {sha[:12]}; none is cached: a new one is trained)" in log
-    assert "evaluating the teacher again" in log and "cnn_small__natural__seed0: done before" in log
-    new = json.loads((runs / "teacher.json").read_text())["weights_sha256"]
-    assert json.loads(ardir_row.read_text())["teacher_sha256"] == new
-    assert json.loads((runs / "teacher_eval.json").read_text())["teacher_sha256"] == new
+    why = f"was made with another trained teacher (sha256 {sha[:12]}; the cached one is {other[:12]})"
+    assert f"cnn_small__ardir__seed0.json {why}; rerunning" in log and f"teacher_eval: {why}; evaluating it again" in log
+    assert "teacher: reusing" in log and "cnn_small__natural__seed0: done before" in log
+    assert json.loads(ardir_row.read_text())["teacher_sha256"] == other
+    assert json.loads(teacher_row.read_text())["teacher_sha256"] == other
     assert natural_row.read_text() == natural_before
+    # no teacher cached: the rows hold (the table is rewritten from them) until one is trained
+    (runs / "teacher.pt").unlink()
+    _dry_run(reproduce, tmp_path, *args, "--table-only")
+    md, _ = _table(out / "fashion_mnist_same_data.md")
+    assert "| cnn_small | ardir | 0 |" in md and "| cnn_large (teacher) | teacher | 0 |" in md
+    ardir_row.unlink()
+    (out / "fashion_mnist_same_data.json").unlink()  # no committed copy of the row to restore
+    capsys.readouterr()
+    _dry_run(reproduce, tmp_path, *args)
+    log = capsys.readouterr().out
+    new = json.loads((runs / "teacher.json").read_text())["weights_sha256"]
+    assert new != other and "teacher: training" in log
+    assert f"teacher_eval: was made with another trained teacher (sha256 {other[:12]}; the cached one is " \
+        f"{new[:12]}); evaluating it again" in log
+    assert json.loads(teacher_row.read_text())["teacher_sha256"] == new
+    assert json.loads(ardir_row.read_text())["teacher_sha256"] == new
 
 
 def test_a_record_of_another_trained_teacher_does_not_hold(reproduce, tmp_path):
@@ -266,6 +289,10 @@ def test_a_record_of_another_trained_teacher_does_not_hold(reproduce, tmp_path):
     assert "the cached one is " + sha[:12] in reproduce.other_teacher({"teacher_sha256": "ab" * 32}, settings, tmp_path)
     (tmp_path / "teacher.pt").write_bytes(b"other weights")  # rewritten in place: hashed afresh
     assert reproduce.other_teacher({"teacher_sha256": sha}, settings, tmp_path) is not None
+    # a file its record does not vouch for is no cached teacher (a run trains a new one); meanwhile: cannot tell
+    (tmp_path / "teacher.json").write_text(json.dumps(dict(meta, weights_sha256=sha)))
+    assert reproduce.cached_teacher(settings, tmp_path) is None
+    assert reproduce.other_teacher({"teacher_sha256": "ab" * 32}, settings, tmp_path) is None
     loaded = dict(settings, teacher="some/checkpoint.pt")  # a loaded teacher: its spec is in the row's settings
     assert reproduce.other_teacher({"teacher_sha256": "ab" * 32}, loaded, tmp_path) is None
 
