@@ -408,15 +408,38 @@ def add_autoattack(rec: Dict[str, Any], weights: Path, settings: Dict[str, Any],
     return rec
 
 
+SCALED_DOWN = ("steps", "teacher_epochs", "epochs", "batch_size", "train_size", "attacks", "eval_size",
+               "limit_batches", "fake_data", "checks")
+"""Settings whose departure from the suite makes rows that are not the suite's (a dry run, a quick look): such a
+run keeps its rows, teacher and table apart from the suite's unless ``--run-dir``/``--output`` say otherwise."""
+
+
+def scaled_down(args: argparse.Namespace) -> List[str]:
+    """The :data:`SCALED_DOWN` settings this command line changes from its suite's."""
+    suite = SUITES[args.suite]
+    settings, base = resolve(suite, args), resolve(suite, parse_args([suite.name]))
+    return [key for key in SCALED_DOWN if settings[key] != base[key]]
+
+
 def run_dirs(args: argparse.Namespace) -> Tuple[Path, Path]:
     """Where a run keeps its row JSON files, and where its teacher (``teacher.pt``, shared by every run) lives."""
     if args.run_dir:
         return Path(args.run_dir), Path(args.run_dir)
     base = ROOT / "benchmarks" / "runs"
-    fake = "-fake" if args.fake_data else ""
+    apart = "-fake" if args.fake_data else "-reduced" if scaled_down(args) else ""
     rows = args.suite + ("-ablation" if args.ablation else "") + \
-        (f"-{args.precision}" if args.precision != "fp32" else "") + fake
-    return base / rows, base / (args.suite + fake)
+        (f"-{args.precision}" if args.precision != "fp32" else "") + apart
+    return base / rows, base / (args.suite + apart)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where the tables go: ``--output``; by default benchmarks/results, or for a scaled-down run (which would
+    replace the suite's committed table with its own rows) a ``tables`` folder in its run directory."""
+    if args.output is not None:
+        return Path(args.output) if Path(args.output).is_absolute() else ROOT / args.output
+    if scaled_down(args):
+        return run_dirs(args)[0] / "tables"
+    return ROOT / DEFAULT_OUTPUT
 
 
 def _job_setup(argv: Sequence[str], workers: int) -> Tuple[argparse.Namespace, Dict[str, Any], torch.device]:
@@ -701,7 +724,7 @@ def _overrides(args: argparse.Namespace) -> List[str]:
     for name in ("epochs", "teacher_epochs", "train_size", "batch_size", "eval_size", "aa_size", "limit_batches",
                  "train_steps", "teacher", "natural_teacher", "data_dir", "output", "run_dir"):
         value = getattr(args, name)
-        if value is not None and not (name == "output" and value == DEFAULT_OUTPUT):
+        if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
     if args.attacks is not None:
         out += ["--attacks", *args.attacks]
@@ -741,7 +764,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher")
     p.add_argument("--ablation", action="store_true", help="run the ARDIR ablation instead of the method table")
     p.add_argument("--variants", nargs="+", help="ablation variants (labels of ABLATIONS; default: all)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the tables go")
+    p.add_argument("--output", help=f"where the tables go (default {DEFAULT_OUTPUT}; a run scaled down from the "
+                   "suite's settings: a tables folder in its run directory)")
     p.add_argument("--run-dir", help="per-row JSON and the teacher (default: benchmarks/runs/<suite>[-ablation])")
     p.add_argument("--force", action="store_true", help="rerun rows whose JSON exists (to check a row's numbers)")
     p.add_argument("--table-only", action="store_true",
@@ -826,7 +850,7 @@ def suite_jobs(args: argparse.Namespace, suite: Suite, settings: Dict[str, Any],
         name = suite.results_name
     if args.precision != "fp32":
         name += f"_{args.precision}"
-    out_path = ROOT / args.output / name if not Path(args.output).is_absolute() else Path(args.output) / name
+    out_path = output_dir(args) / name
     return methods, jobs, out_path
 
 
@@ -883,6 +907,10 @@ def plan_run(args: argparse.Namespace, log) -> SuiteRun:
     device = torch.device(args.device)
     methods, jobs, out_path = suite_jobs(args, suite, settings, log)
     run_dir, teacher_dir = run_dirs(args)
+    if scaled_down(args) and not (args.output and args.run_dir):
+        log(f"a scaled-down run ({', '.join(scaled_down(args))} not the suite's): its rows go to {run_dir}, its "
+            f"teacher to {teacher_dir} and its table to {out_path.parent}, apart from the suite's (--run-dir and "
+            "--output choose)")
     started = time.time()
     meta = table_meta(args, suite, settings, device)
     metrics = [m for m in METRICS if m in settings["attacks"] or (m == "autoattack" and settings["aa_size"] != 0)]

@@ -631,3 +631,24 @@ def test_same_images_takes_the_teachers_autoattack_only_from_the_same_images(tmp
     assert same["accuracy"]["autoattack"] == 57.0 and calls == [("natural", "pgd20")]
     other = module.evaluate_teacher("fashion-mnist:x", 50)
     assert other["accuracy"]["autoattack"] == 50.0 and calls[-1] == module.ATTACKS
+
+
+def test_a_scaled_down_run_keeps_its_rows_teacher_and_table_apart_from_the_suites(reproduce, tmp_path):
+    """A dry run or quick look (fewer epochs, fake data, other attacks...) never replaces the suite's committed table
+    or its row files and cached teacher; picking rows (seeds, methods, students), a teacher or the AutoAttack size
+    does not scale a run down."""
+    def dirs(*argv):
+        args = reproduce.parse_args(["fashion-mnist-same-data", *argv])
+        return reproduce.scaled_down(args), reproduce.run_dirs(args), reproduce.output_dir(args)
+
+    runs = reproduce.ROOT / "benchmarks" / "runs"
+    assert dirs("--seeds", "0", "--methods", "ardir", "--students", "cnn_small", "--aa-size", "0",
+                "--teacher", "x.pt") == ([], (runs / "fashion-mnist-same-data",) * 2,
+                                         reproduce.ROOT / "benchmarks" / "results")
+    keys, (rows, teacher), out = dirs("--epochs", "1", "--attacks", "natural")
+    assert keys == ["teacher_epochs", "epochs", "attacks"]
+    assert rows == teacher == runs / "fashion-mnist-same-data-reduced" and out == rows / "tables"
+    _, (rows, teacher), out = dirs("--fake-data")
+    assert rows == runs / "fashion-mnist-same-data-fake" and out == rows / "tables"
+    _, (rows, _), out = dirs("--fake-data", "--run-dir", str(tmp_path), "--output", "elsewhere")
+    assert rows == tmp_path and out == reproduce.ROOT / "elsewhere"
