@@ -113,6 +113,23 @@ def _resume_point(output_dir: Path):
     return None, mid, cfg.load_toml(saved)
 
 
+def interrupted(output_dir: Path, epoch: int) -> str:
+    """What to tell a user who stopped a run during ``epoch`` (1-based): what ``--resume`` would continue from, as
+    :func:`_resume_point` chooses it, or that nothing usable is saved yet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            state, mid, _ = _resume_point(output_dir)
+        except CLIError:
+            return (f"interrupted during epoch {epoch}, before anything was saved (no last.pt, no checkpoint in "
+                    f"{output_dir / 'checkpoints'}): run it again without --resume to start over")
+    if mid is not None:
+        where = f"{mid[0]} (epoch {int(mid[1]['epoch']) + 1}, step {mid[1]['step']})"
+    else:
+        where = f"{output_dir / 'last.pt'} (after epoch {state['epoch']}, step {state['step']})"
+    return f"interrupted during epoch {epoch}; `ardir train --output-dir {output_dir} --resume` continues from {where}"
+
+
 def restore_trainer(trainer, state: Optional[Mapping[str, Any]], mid, last: Path) -> None:
     """Put ``trainer`` where the run stopped (:func:`_resume_point`): at the Trainer's mid-epoch checkpoint ``mid``
     when it is further on, else at ``last.pt``'s trainer state, its random states included."""

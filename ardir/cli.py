@@ -57,8 +57,8 @@ from . import models, tensorboard
 from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
-from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, restore_trainer, run_state,
-                          save_last)
+from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, interrupted,
+                          restore_trainer, run_state, save_last)
 from ._run_lock import run_lock
 from .checkpoint import CheckpointError, atomic_write_text, list_checkpoints, remove_stale_temporaries, save_finite
 from .teachers import TeacherNotFoundError, load_teacher
@@ -303,8 +303,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        raise CLIError(f"interrupted during epoch {trainer.epoch + 1}; `ardir train --output-dir {output_dir} "
-                       f"--resume` continues from last.pt (epoch {trainer.epoch})") from None
+        raise CLIError(interrupted(output_dir, trainer.epoch + 1)) from None
     finally:
         if joined:
             distributed.cleanup()

@@ -109,7 +109,9 @@ def test_resume_after_an_interruption_continues_exactly(teacher_run, tmp_path, m
     with monkeypatch.context() as m:
         _interrupt_on_epoch(m, 2)
         assert run(*args, "--output-dir", tmp_path / "b") == 130
-    assert "--resume" in capsys.readouterr().err
+    # the message names what --resume continues from, as it is on disk
+    assert (f"interrupted during epoch 2; `ardir train --output-dir {tmp_path / 'b'} --resume` continues from "
+            f"{tmp_path / 'b' / 'last.pt'} (after epoch 1, step ") in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
     torch.manual_seed(123)  # the resumed run must not depend on the process's RNG
     assert run("train", "--output-dir", tmp_path / "b", "--resume", "--quiet") == 0
