@@ -148,6 +148,22 @@ def restore_trainer(trainer, state: Optional[Mapping[str, Any]], mid, last: Path
     trainer.last_checkpoint = last
 
 
+RESTORED = ("lr", "momentum", "weight_decay", "milestones", "lr_gamma")
+"""Settings a resumed run takes from its checkpoint (the optimiser's and the learning-rate schedule's state)."""
+
+
+def refuse_restored_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """On ``--resume``: a flag or ``--config`` value that would change a setting the checkpoint restores
+    (:data:`RESTORED`) is a :class:`CLIError`, rather than dropped while ``config.toml`` recorded it."""
+    for key in RESTORED:
+        value = given.get(key)
+        if value is not None and value != saved.get(key):
+            flag = cfg.schema()[key].flag
+            raise CLIError(f"--resume: {flag} {value!r} differs from the run's {saved.get(key)!r}: a resumed run "
+                           "continues its checkpoint's optimiser and learning-rate schedule; start a new run (another "
+                           "--output-dir) to change it")
+
+
 def _check_saved_paths(config: Mapping[str, Any], given: Mapping[str, Any], output_dir: Path) -> None:
     """On ``--resume``: a path the run recorded, not given again now, that this run reads and that no longer exists
     is a :class:`CLIError` naming ``DIR/config.toml`` and the flag that overrides it."""

@@ -58,7 +58,7 @@ from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name,
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
 from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, interrupted,
-                          restore_trainer, run_state, save_last)
+                          refuse_restored_changes, restore_trainer, run_state, save_last)
 from ._run_lock import run_lock
 from .checkpoint import CheckpointError, atomic_write_text, list_checkpoints, remove_stale_temporaries, save_finite
 from .teachers import TeacherNotFoundError, load_teacher
@@ -250,6 +250,7 @@ def _train_locked(flags: Mapping[str, Any], file_values: Mapping[str, Any], outp
     state = mid = None
     if resume:
         state, mid, saved = _resume_point(output_dir)
+        refuse_restored_changes(saved, {**file_values, **flags})
         config = cfg.resolve(saved, file_values, flags)
         _check_saved_paths(config, {**file_values, **flags}, output_dir)
     else:

@@ -135,3 +135,21 @@ def test_pgd_names_ardirs_spelling_of_torchattacks_alpha():
                                         r"step_size=0.01"):
         ardir.PGD(TinyNet(), eps=0.1, alpha=0.01)
     assert ardir.PGD(TinyNet(), eps=0.1, step_size=0.01).step_size == 0.01
+
+
+def test_resume_refuses_a_flag_that_its_checkpoint_would_override(tmp_path, capsys):
+    """The optimiser and the learning-rate schedule come back from the checkpoint: a new --lr (or momentum, weight
+    decay, milestones, gamma) on --resume is refused in one sentence instead of being dropped while config.toml
+    recorded it; the same value again, or a longer --epochs, resumes."""
+    from ardir import cli
+    out = tmp_path / "run"
+    args = ["train", *map(str, SMALL), "--method", "at", "--epochs", "1", "--lr", "0.01", "--output-dir", str(out),
+            "--quiet"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    for flag, value in (("--lr", "0.5"), ("--momentum", "0.5"), ("--milestones", "1"), ("--lr-gamma", "0.5")):
+        assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: {flag} " in err and "start a new run (another --output-dir) to change it" in err
+        assert "Traceback" not in err
+    assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2", "--lr", "0.01", "--quiet"]) == 0
