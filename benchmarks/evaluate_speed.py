@@ -82,15 +82,15 @@ def pass_cost(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Seconds per image of ``model`` (best of ``repeats`` sweeps over ``images`` in chunks of ``batch``): a
     forward-only pass under ``no_grad`` (Square's queries, the engines' tests), or with ``gradient`` a forward with
     the input gradient of the cross-entropy (an APGD or FAB step's model call)."""
-    def forward(x, y):
+    def forward_only(x, y):
         with torch.no_grad():
             model(x)
 
-    def gradient(x, y):
+    def with_gradient(x, y):
         x = x.clone().requires_grad_(True)
         torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), x)
 
-    fn = gradient if gradient else forward
+    fn = with_gradient if gradient else forward_only
     best = float("inf")
     with model_mode(model, "eval"):
         fn(images[:batch], labels[:batch])  # warm-up
@@ -185,7 +185,7 @@ def write(path: Path, rows: List[str], speedup: float) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an ardir run checkpoint (or any load_teacher spec)")
     parser.add_argument("--model", help="the architecture of a weights-only file (e.g. a suite row's .pt)")
     parser.add_argument("--dataset", default="fashion-mnist")

@@ -68,8 +68,10 @@ def test_the_pass_floor_prices_each_kind_of_pass_at_its_own_mean_batch(speed, ti
     torch.manual_seed(0)
     model = tiny(width=8, num_classes=10).eval()
     x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
-    for gradient in (False, True):
-        assert speed.pass_cost(model, x, y, batch=4, gradient=gradient, repeats=1) > 0
+    for gradient in (False, True):  # each kind times the pass it names: 1 warm-up + 3 chunks of 4, once
+        counted = speed.Counted(model)
+        assert speed.pass_cost(counted, x, y, batch=4, gradient=gradient, repeats=1) > 0
+        assert counted.counts() == ([16, 16, 0, 4] if gradient else [16, 0, 4, 0])
     assert not model.training and all(p.grad is None for p in model.parameters())  # no weight gradient left behind
     assert speed.forward_flops(model, x) > 0
     asked = []
