@@ -38,6 +38,7 @@ from :mod:`ardir.config` (Trainer and method signatures), so ``ardir train --hel
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import json
 import os
@@ -87,8 +88,10 @@ def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ardir`` argument parser; ``train``'s flags are generated from :func:`ardir.config.schema`."""
-    parser = argparse.ArgumentParser(prog="ardir", description="Adversarially robust knowledge distillation: "
+    parser = argparse.ArgumentParser(prog="ardir", allow_abbrev=False, description="Adversarially robust knowledge distillation: "
                                      "train, evaluate, plot, list a model's layers.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"ardir {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,layers}")
 
     train_p = sub.add_parser("train", help="train a model (a teacher with --method trades/at, or distil a student)",
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot_p.add_argument("directory", help="a run directory")
     plot_p.add_argument("--output-dir", default=None, help="where the PNG files go (default: the run directory)")
     add_layers_parser(sub)
+    for command in sub.choices.values():
+        command.allow_abbrev = False  # "--epoch" is a typo to report, not "--epochs"
+    parser.commands = sub.choices
     return parser
 
 
@@ -350,7 +356,13 @@ def _summary(output_dir: Path, logger: RunLogger) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ardir`` console script; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, with its usage, and the closest flags
+        command = parser.commands[args.command]
+        flags = [f for action in command._actions for f in action.option_strings]
+        close = {x: difflib.get_close_matches(x.split("=")[0], flags, n=1) for x in extra if x.startswith("--")}
+        hint = "".join(f"; did you mean {c[0]} for {x}?" for x, c in close.items() if c)
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     options = cfg.schema()
     try:
         if args.command == "train":

@@ -740,7 +740,7 @@ DEFAULT_OUTPUT = "benchmarks/results"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=sorted(SUITES))
     p.add_argument("--methods", nargs="+", choices=ROW_NAMES, help="rows to run (default: all the suite's)")
     p.add_argument("--students", nargs="+", help="students (default: the suite's)")

@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+import ardir
 from ardir import cli
 from ardir import config as cfg
 from ardir.checkpoint import load_checkpoint
@@ -391,3 +392,22 @@ def test_a_data_set_brings_its_usual_radius(tmp_path):
     config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
     assert config["eps"] == 0.1 and config["step_size"] == 0.025
     assert "fashion-mnist" in " ".join(cfg.schema()["eps"].help.split())
+
+
+def test_a_mistyped_flag_or_trainer_argument_is_named_with_the_closest(capsys, tmp_path):
+    """No prefix matching: ``--epoch`` is an error naming ``--epochs`` (said by the subcommand, with its usage),
+    as ``Trainer(epoch=...)`` names the Trainer's ``epochs``; ``--version`` says the version."""
+    for argv, said in ((["train", "--epoch", "3", "--output-dir", str(tmp_path / "run")],
+                        "ardir train: error: unrecognized arguments: --epoch 3; did you mean --epochs for --epoch?"),
+                       (["eval", "--bogus"], "ardir eval: error: unrecognized arguments: --bogus")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"ardir {ardir.__version__}"
+    model = ardir.models.create("cnn_small", in_chans=1)
+    loader = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
+    with pytest.raises(TypeError, match=r"did you mean 'epochs' \(an argument of ardir.Trainer\) for 'epoch'\?"):
+        ardir.Trainer(model, loader, method="at", epoch=3)

@@ -6,6 +6,8 @@ fixed order, so that of several mistakes the same one is reported first.
 from __future__ import annotations
 
 import collections.abc
+import difflib
+import inspect
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
@@ -77,8 +79,18 @@ def build_method(method: Union[str, Method], kwargs: Dict[str, Any]) -> Method:
 
 def method_and_teacher(trainer: Type, method: Union[str, Method, None], kwargs: Dict[str, Any],
                        teacher: Optional[nn.Module]) -> Tuple[Method, Optional[nn.Module]]:
-    """The method ``trainer`` (a Trainer class) runs, and the teacher it uses: None for a method using none."""
-    built = build_method(method or trainer.default_method, kwargs)
+    """The method ``trainer`` (a Trainer class) runs, and the teacher it uses: None for a method using none. A
+    keyword that is no method argument but close to one of the Trainer's own (``epoch``) is named as that."""
+    try:
+        built = build_method(method or trainer.default_method, kwargs)
+    except TypeError as error:
+        own = [p for p in inspect.signature(trainer.__init__).parameters if p not in ("self", "method_kwargs")]
+        close = {k: difflib.get_close_matches(k, own, n=1, cutoff=0.75) for k in kwargs}
+        hint = " ".join(f"did you mean {c[0]!r} (an argument of ardir.{trainer.__name__}) for {k!r}?"
+                        for k, c in close.items() if c)
+        if not hint:
+            raise
+        raise TypeError(f"{hint} ({error})") from None
     if trainer.preset and built.name != trainer.default_method:
         raise TypeError(f"{trainer.__name__} always trains {trainer.default_method!r}; for "
                         f"{built.name!r} use ardir.Trainer(..., method={built.name!r})")
