@@ -6,10 +6,10 @@ keeps its own mask of points still robust and attacks only those, as AutoAttack 
 Markdown rows to ``--results`` (default ``benchmarks/results/evaluate_speed.md``): seconds per component, the
 robust accuracy of each engine, and the number of samples whose final verdict differs; it also prints how many
 images the ardir engine passed through the model per component (forward passes, and those with a gradient),
-and the floor those passes set: each component's counted passes priced at the model's own cost per image at that
-component's mean batch, measured in the same run (a forward-only pass, and a forward with the input gradient of the
-cross-entropy), so ``ardir s / floor s`` is what the engine adds beyond the model calls the official settings
-prescribe. The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
+and the floor those calls set: each model call the ardir engine made priced at what a call of its size and kind
+costs the model alone (a forward-only pass, or a forward with the input gradient of the cross-entropy), timed in
+the same run at a grid of batch sizes and interpolated, so ``ardir s / floor s`` is what the engine adds beyond
+the model calls the official settings prescribe. The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
 seconds, all components).
 
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
@@ -24,6 +24,7 @@ subset="random")``), Fashion-MNIST by default.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import shlex
 import sys
@@ -57,24 +58,23 @@ def points(dataset: str, n: int, seed: int):
 
 class Counted(torch.nn.Module):
     """``model``, counting the images it is called on: ``forwards`` in all, ``gradients`` of them with autograd
-    recording (each followed by one backward pass in these attacks), and the calls of each kind
-    (``forward_calls`` without a gradient, ``gradient_calls``)."""
+    recording (each followed by one backward pass in these attacks), and ``calls[gradient][batch size]``."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.forwards, self.gradients, self.forward_calls, self.gradient_calls = model, 0, 0, 0, 0
+        self.model, self.forwards, self.gradients = model, 0, 0
+        self.calls: Dict[bool, collections.Counter] = {False: collections.Counter(), True: collections.Counter()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forwards += len(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            self.gradients += len(x)
-            self.gradient_calls += 1
-        else:
-            self.forward_calls += 1
+        gradient = torch.is_grad_enabled() and x.requires_grad
+        self.gradients += len(x) if gradient else 0
+        self.calls[gradient][len(x)] += 1
         return self.model(x)
 
     def counts(self) -> List[int]:
-        return [self.forwards, self.gradients, self.forward_calls, self.gradient_calls]
+        """``[forwards, gradients, forward-only calls, gradient calls]``."""
+        return [self.forwards, self.gradients, sum(self.calls[False].values()), sum(self.calls[True].values())]
 
 
 def pass_cost(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, gradient: bool,
@@ -113,16 +113,30 @@ def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def floor_seconds(passes: Dict[str, List[int]], cost: Callable[[int, bool], float]) -> Dict[str, float]:
-    """Per component: its counted passes (forwards, gradients, forward-only calls, gradient calls) priced at
-    ``cost(batch, gradient)`` seconds per image, each kind at the component's mean batch of that kind (a gradient
-    pass includes its forward)."""
-    floor = {}
-    for name, (forwards, gradients, forward_calls, gradient_calls) in passes.items():
-        only = forwards - gradients
-        floor[name] = (only * cost(max(1, round(only / forward_calls)), False) if only else 0.0) + \
-            (gradients * cost(max(1, round(gradients / gradient_calls)), True) if gradients else 0.0)
-    return floor
+GRID = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256)
+"""Batch sizes at which a call's cost is timed (per-image costs fall steeply over the small sizes)."""
+
+
+def call_seconds(cost: Callable[[int, bool], float], batch: int, gradient: bool, grid=GRID) -> float:
+    """Seconds of one call of ``batch`` images: ``batch * cost(b, gradient)`` at the grid sizes, linear in between
+    (beyond the grid: its last per-image cost)."""
+    if batch >= grid[-1]:
+        return batch * cost(grid[-1], gradient)
+    above = next(b for b in grid if b >= batch)
+    below = max([b for b in grid if b <= batch], default=above)
+    if above == below:
+        return batch * cost(batch, gradient)
+    t_low, t_high = below * cost(below, gradient), above * cost(above, gradient)
+    return t_low + (t_high - t_low) * (batch - below) / (above - below)
+
+
+def floor_seconds(calls: Dict[str, Dict[bool, Dict[int, int]]], cost: Callable[[int, bool], float]
+                  ) -> Dict[str, float]:
+    """Per component: its model calls (``calls[component][gradient][batch] = number``) priced by
+    :func:`call_seconds` (a gradient call includes its forward)."""
+    return {name: sum(n * call_seconds(cost, batch, gradient) for gradient, sizes in kinds.items()
+                      for batch, n in sizes.items())
+            for name, kinds in calls.items()}
 
 
 def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10, norm: str = "linf") -> Dict:
@@ -130,6 +144,7 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
     final masks, and per component what the ardir engine passed through the model (:meth:`Counted.counts`)."""
     engines = ("ardir", "official")
     passes = {c: [0, 0, 0, 0] for c in aa.STANDARD}
+    calls = {c: {False: collections.Counter(), True: collections.Counter()} for c in aa.STANDARD}
     seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
     final = {e: [] for e in engines}
     step = 0
@@ -158,12 +173,15 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                     seconds[engine][name] += time.perf_counter() - t0
                     if engine == "ardir":
                         passes[name] = [a + b for a, b in zip(passes[name], counted.counts())]
+                        for kind in (False, True):
+                            calls[name][kind].update(counted.calls[kind])
                     robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps, norm)
                 print(f"  batch {start // batch}: {name}: " + ", ".join(
                     f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
             for e in engines:
                 final[e].append(robust[e])
-    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes}
+    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes,
+            "calls": calls}
 
 
 def write(path: Path, rows: List[str], speedup: float) -> None:
@@ -222,11 +240,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
     fast, costs = aa.fast_model(model), {}
 
-    def cost(batch: int, gradient: bool) -> float:  # at the batches the engine's calls had (points still robust)
+    def cost(batch: int, gradient: bool) -> float:
         if (batch, gradient) not in costs:
-            costs[batch, gradient] = pass_cost(fast, images, labels, batch, gradient)
+            costs[batch, gradient] = pass_cost(fast, images[:max(256, 4 * batch)], labels[:max(256, 4 * batch)], batch,
+                                               gradient)
         return costs[batch, gradient]
-    floor = floor_seconds(result["passes"], cost)
+    floor = floor_seconds(result["calls"], cost)
     floor_cell = {"ardir": f"{sum(floor.values()):.1f}", "official": "-"}  # the passes counted are ardir's
     rows = []
     for e in ("official", "ardir"):
@@ -238,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     work = ", ".join(f"{c} {f:,} ({g:,} with a gradient; {fc:,} + {gc:,} calls)"
                      for c, (f, g, fc, gc) in result["passes"].items())
     print(f"images through the model, ardir engine: {work}")
-    print("the model's seconds per image at the engine's mean batches: " + ", ".join(
+    print("the model's seconds per image by batch size: " + ", ".join(
         f"{'gradient' if g else 'forward'} at {b}: {t * 1e6:.1f} us" for (b, g), t in sorted(costs.items())))
     print(f"the forward's {forward_flops(fast, images) / 1e6:.2f} MFLOP per image at the best forward rate: "
           f"{forward_flops(fast, images) / min(t for (_, g), t in costs.items() if not g) / 1e9:.1f} GFLOP/s "

@@ -72,17 +72,16 @@ def test_the_pass_floor_prices_each_kind_of_pass_at_its_own_mean_batch(speed, ti
         counted = speed.Counted(model)
         assert speed.pass_cost(counted, x, y, batch=4, gradient=gradient, repeats=1) > 0
         assert counted.counts() == ([16, 16, 0, 4] if gradient else [16, 0, 4, 0])
+        assert counted.calls[gradient] == {4: 4} and not counted.calls[not gradient]
     assert not model.training and all(p.grad is None for p in model.parameters())  # no weight gradient left behind
     assert speed.forward_flops(model, x) > 0
-    asked = []
-
-    def cost(batch, gradient):
-        asked.append((batch, gradient))
-        return 3.0 if gradient else 1.0
-    # apgd-ce: 4 gradient images in 2 calls, 6 forward-only in 3 calls; square: 7 forward-only images in 7 calls
-    floor = speed.floor_seconds({"apgd-ce": [10, 4, 3, 2], "square": [7, 0, 7, 0], "fab-t": [0, 0, 0, 0]}, cost)
-    assert floor == {"apgd-ce": 6 * 1.0 + 4 * 3.0, "square": 7.0, "fab-t": 0.0}
-    assert asked == [(2, False), (2, True), (1, False)]
+    per_call = {False: lambda b: 1.0 + b, True: lambda b: 3.0 + 3 * b}  # a fixed cost per call plus one per image
+    cost = (lambda batch, gradient: per_call[gradient](batch) / batch)
+    assert speed.call_seconds(cost, 3, False) == 4.0  # between the grid's 2 and 4: interpolated, exact for this
+    assert speed.call_seconds(cost, 300, True) == 300 * cost(256, True)  # beyond the grid: its last per-image cost
+    calls = {"apgd-ce": {False: {3: 2}, True: {2: 2}}, "square": {False: {1: 7}, True: {}}, "fab-t": {False: {}, True: {}}}
+    floor = speed.floor_seconds(calls, cost)
+    assert floor == {"apgd-ce": 2 * 4.0 + 2 * 9.0, "square": 7 * 2.0, "fab-t": 0.0}
 
 
 def test_counted_tells_forward_only_calls_from_gradient_calls(speed, tiny):
