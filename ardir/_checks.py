@@ -110,9 +110,17 @@ def logits_of(name: str, model: Any, images: Any) -> Any:
         with torch.no_grad():
             out = model(images)
     except (RuntimeError, ValueError, TypeError) as err:
+        params = model.parameters() if hasattr(model, "parameters") else ()
+        dtypes = sorted({str(p.dtype) for p in params if p.is_floating_point()})
+        if images.is_floating_point() and dtypes and str(images.dtype) not in dtypes:
+            hint = (f"the images are {images.dtype} but the model's parameters {', '.join(dtypes)}: convert them "
+                    "(images.float()), or the model (model.to(images.dtype))")
+        elif images.dim() != 4:
+            hint = "images must be shaped (N, C, H, W): add the channel dimension (images.unsqueeze(1))"
+        else:
+            hint = "check its input channels (ardir.models.create(..., in_chans=C)) and image size"
         raise ValueError(f"{name} cannot take the images, shaped {tuple(images.shape)} ({images.dtype}): "
-                         f"{str(err).splitlines()[0]} -- check its input channels (ardir.models.create(..., "
-                         "in_chans=C)) and image size") from err
+                         f"{str(err).splitlines()[0]} -- {hint}") from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"{name} must return logits shaped (N, num_classes), got {got}: wrap it so that forward "

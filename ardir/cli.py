@@ -88,7 +88,8 @@ def _add_option(group: argparse._ArgumentGroup, option: cfg.Option) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ardir`` argument parser; ``train``'s flags are generated from :func:`ardir.config.schema`."""
-    parser = argparse.ArgumentParser(prog="ardir", allow_abbrev=False, description="Adversarially robust knowledge distillation: "
+    parser = argparse.ArgumentParser(prog="ardir", allow_abbrev=False,
+                                     description="Adversarially robust knowledge distillation: "
                                      "train, evaluate, plot, list a model's layers.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"ardir {__version__}")

@@ -9,8 +9,8 @@ images the ardir engine passed through the model per component (forward passes, 
 and the floor those calls set: each model call the ardir engine made priced at what a call of its size and kind
 costs the model alone (a forward-only pass, or a forward with the input gradient of the cross-entropy), timed in
 the same run at a grid of batch sizes and interpolated, so ``ardir s / floor s`` is what the engine adds beyond
-the model calls the official settings prescribe. The file's (and the output's) last line is ``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir
-seconds, all components).
+the model calls the official settings prescribe. The file's (and the output's) last line is
+``autoattack_speedup_vs_official=<x.xx>`` (official seconds / ardir seconds, all components).
 
     python benchmarks/evaluate_speed.py --checkpoint /tmp/at_small/last.pt --n-examples 1000 --threads 1
     python benchmarks/evaluate_speed.py --checkpoint benchmarks/runs/fashion-mnist/cnn_small__at__seed0.pt \
@@ -203,7 +203,8 @@ def write(path: Path, rows: List[str], speedup: float) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an ardir run checkpoint (or any load_teacher spec)")
     parser.add_argument("--model", help="the architecture of a weights-only file (e.g. a suite row's .pt)")
     parser.add_argument("--dataset", default="fashion-mnist")

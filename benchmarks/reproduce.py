@@ -740,7 +740,8 @@ DEFAULT_OUTPUT = "benchmarks/results"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=sorted(SUITES))
     p.add_argument("--methods", nargs="+", choices=ROW_NAMES, help="rows to run (default: all the suite's)")
     p.add_argument("--students", nargs="+", help="students (default: the suite's)")
@@ -1104,8 +1105,9 @@ def refuse_dropping_rows(run: SuiteRun, committed: Dict[Job, Dict[str, Any]], ta
     if dropped:
         sys.exit(f"reproduce.py: error: --table-only would drop {len(dropped)} rows of the table {table_json} "
                  f"(e.g. {row_stem(*dropped[0])}) that this invocation does not show: they were made with other "
-                 "settings, method configurations, students or trained teacher than its own, or it skips the teacher; rewrite "
-                 "the table with the command that made it (its header's), or git rm it to start afresh")
+                 "settings, method configurations, students or trained teacher than its own, or it skips the "
+                 "teacher; rewrite the table with the command that made it (its header's), or git rm it to start "
+                 "afresh")
 
 
 def _holds_on_disk(run: SuiteRun, path: Path) -> bool:

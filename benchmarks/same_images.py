@@ -58,7 +58,8 @@ def evaluate_teacher(spec: str, n: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="seeded random test images (seed 0)")
     parser.add_argument("--teacher", default="fashion-mnist:cnn_xlarge-at")
     parser.add_argument("--rows", nargs="+", default=[], help="SUITE/ROW names under benchmarks/runs")

@@ -471,7 +471,8 @@ def _true_or_false(text: str) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="ardir", choices=["ardir", "ard", "rslad", "adaad", "mtard"])
     parser.add_argument("--pair", default="fmnist", choices=sorted(PAIRS),
                         help="fmnist: cnn_large -> cnn_small on 1x28x28; paper: wrn34_10 -> resnet18 on 3x32x32")

@@ -137,7 +137,8 @@ def git_commit() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="the shipped name (fashion-mnist:NAME; default MODEL-METHOD)")
     parser.add_argument("--model", default="cnn_xlarge", help="the architecture (ardir.models)")
     parser.add_argument("--method", choices=("at", "natural"), default="at",

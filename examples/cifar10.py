@@ -49,7 +49,8 @@ EPS, STEP = 8 / 255, 2 / 255
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before anything trains (a typo must not cost a teacher's training)."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="an existing copy of CIFAR-10 (else torchvision downloads)")
     parser.add_argument("--fake-data", action="store_true", help="random images of CIFAR-10's shape: a dry run")
     parser.add_argument("--teacher", default=None, help="PATH | model name | robustbench:NAME; default: train one "

@@ -58,7 +58,8 @@ def side_by_side(reports) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="an existing copy of Fashion-MNIST")
     parser.add_argument("--train-size", type=count, default=5000, help="training images used (of 60,000)")
     parser.add_argument("--test-size", type=count, default=1000,

@@ -277,6 +277,19 @@ def test_a_model_with_other_input_channels_is_named_not_a_conv_error():
         ardir.Trainer(TinyNet(), loader(), teacher=teacher, **FAST)
 
 
+def test_images_of_another_dtype_or_without_channels_are_named_as_such():
+    model = ardir.models.create("cnn_small", in_chans=1, width=4, num_classes=4).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"the images are torch.float64 but the model's parameters torch.float32: "
+                                         r"convert them \(images.float\(\)\)"):
+        ardir.evaluate(model, [(x.double(), y)], eps=0.1, attacks=("natural",), progress=False, checks=False)
+    with pytest.raises(ValueError, match=r"images must be shaped \(N, C, H, W\): add the channel dimension"):
+        ardir.evaluate(model, [(x[:, 0], y)], eps=0.1, attacks=("natural",), progress=False, checks=False)
+    with pytest.raises(ValueError, match=r"student cannot take the images.*torch.float64 but the model's"):
+        ardir.ATTrainer(ardir.models.create("cnn_small", in_chans=1, width=4, num_classes=4),
+                        [(x.double(), y)], **FAST)
+
+
 class TupleNet(TinyNet):
     def forward(self, x):
         return super().forward(x), x
