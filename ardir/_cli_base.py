@@ -3,6 +3,8 @@ is parsed (also used by examples/ and benchmarks/, through :mod:`ardir.cli`), an
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 from typing import Optional
 
 import torch
@@ -14,6 +16,23 @@ from . import models
 
 class CLIError(Exception):
     """A problem with the command line or the run directory, reported as one sentence (exit status 2)."""
+
+
+def _sentence(err: BaseException) -> str:
+    """An error as one sentence: an OS error without its ``[Errno N]`` prefix, naming its file once."""
+    if isinstance(err, OSError) and err.strerror:
+        name = os.fsdecode(err.filename) if err.filename is not None else None
+        return err.strerror if name is None or name in err.strerror else f"{err.strerror}: {name}"
+    return str(err)
+
+
+def unrecognized(command: argparse.ArgumentParser, extra) -> None:
+    """Exit through ``command``'s own parser (its usage, exit status 2) naming the ``extra`` arguments it does not
+    know and, for a mistyped flag, the closest one it does."""
+    flags = [f for action in command._actions for f in action.option_strings]
+    close = {x: difflib.get_close_matches(x.split("=")[0], flags, n=1) for x in extra if x.startswith("--")}
+    hint = "".join(f"; did you mean {c[0]} for {x}?" for x, c in close.items() if c)
+    command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------- arguments

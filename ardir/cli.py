@@ -38,7 +38,6 @@ from :mod:`ardir.config` (Trainer and method signatures), so ``ardir train --hel
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import json
 import os
@@ -55,7 +54,8 @@ from . import config as cfg
 from . import data as ardir_data
 from . import distributed
 from . import models, tensorboard
-from ._cli_base import CLIError, _device, _device_flag, _flag_type, attack_name, count, device_name, whole
+from ._cli_base import (CLIError, _device, _device_flag, _flag_type, _sentence, attack_name, count, device_name,
+                        unrecognized, whole)
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
 from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, interrupted,
@@ -358,12 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ardir`` console script; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # said by the subcommand's parser, with its usage, and the closest flags
-        command = parser.commands[args.command]
-        flags = [f for action in command._actions for f in action.option_strings]
-        close = {x: difflib.get_close_matches(x.split("=")[0], flags, n=1) for x in extra if x.startswith("--")}
-        hint = "".join(f"; did you mean {c[0]} for {x}?" for x, c in close.items() if c)
-        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    if extra:
+        unrecognized(parser.commands[args.command], extra)
     options = cfg.schema()
     try:
         if args.command == "train":
@@ -384,12 +380,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             FileNotFoundError, ImportError) as err:
         if os.environ.get("ARDIR_DEBUG"):
             raise
-        print(f"ardir {args.command}: error: {err}", file=sys.stderr)
+        print(f"ardir {args.command}: error: {_sentence(err)}", file=sys.stderr)
         return 130 if "interrupted" in str(err) else 2
     except (ValueError, TypeError, OSError) as err:  # the library's checks: one sentence naming the argument
         if os.environ.get("ARDIR_DEBUG"):
             raise
-        print(f"ardir {args.command}: error: {err} (set ARDIR_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"ardir {args.command}: error: {_sentence(err)} (set ARDIR_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # the run diverged: the message names the step and the last good checkpoint
         if os.environ.get("ARDIR_DEBUG"):

@@ -411,3 +411,10 @@ def test_a_mistyped_flag_or_trainer_argument_is_named_with_the_closest(capsys, t
     loader = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
     with pytest.raises(TypeError, match=r"did you mean 'epochs' \(an argument of ardir.Trainer\) for 'epoch'\?"):
         ardir.Trainer(model, loader, method="at", epoch=3)
+
+
+def test_a_missing_file_is_one_sentence_without_errno(tmp_path, capsys):
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nothere.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"ardir eval: error: checkpoint {tmp_path / 'nothere.pt'} does not exist" in err and "[Errno" not in err
+    assert cli._sentence(PermissionError(13, "Permission denied", "/x/y")) == "Permission denied: /x/y"
