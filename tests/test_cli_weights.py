@@ -41,6 +41,11 @@ def test_eval_loads_a_ddp_state_dict_and_writes_its_report(tmp_path, capsys):
     assert report["dataset"] == "cifar10" and report["eps_value"] == pytest.approx(8 / 255)
     assert "| Natural |" in (tmp_path / "sd_report.md").read_text()
     assert f"wrote {tmp_path / 'sd_report'}.md" in capsys.readouterr().out
+    # --output with a suffix: the files Report.save writes (r.md, r.json), and the message names them
+    assert run("eval", "--model", "resnet18", "--weights", weights, "--dataset", "cifar10", *TINY_EVAL,
+               "--output", tmp_path / "r.md") == 0
+    assert (tmp_path / "r.md").is_file() and (tmp_path / "r.json").is_file() and not (tmp_path / "r.md.md").exists()
+    assert f"wrote {tmp_path / 'r'}.md and {tmp_path / 'r'}.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
