@@ -139,7 +139,8 @@ def _format_record(record: Mapping[str, Any], epochs: int) -> str:
     line = f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4g}" + (f" ({terms})" if terms else "")
     if "val_pgd" in record:
         line += f"  val natural {record['val_natural']:.2f}%  pgd {record['val_pgd']:.2f}%"
-    return line + f"  lr {record['lr']:.3g}  {record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s"
+    skipped = f"  SKIPPED {record['skipped_batches']} non-finite batches" if record.get("skipped_batches") else ""
+    return line + f"  lr {record['lr']:.3g}  {record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s{skipped}"
 
 
 class RunLogger:

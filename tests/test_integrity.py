@@ -80,7 +80,11 @@ def test_cli_skip_policy_keeps_finite_buffers_and_a_finite_best(tmp_path, monkey
                                       "--output-dir", out]]) == 0
     for name in ("best.pt", "last.pt"):
         assert ck.first_non_finite(ck.load_checkpoint(out / name)) is None
-    assert [json.loads(x)["skipped_batches"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 0]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_batches"] for r in records] == [1, 0]
+    # the epoch's log line says so (not only metrics.jsonl); an epoch that skipped none says nothing of it
+    assert cli._format_record(records[0], 2).endswith("SKIPPED 1 non-finite batches")
+    assert "SKIPPED" not in cli._format_record(records[1], 2)
 
 
 def test_an_update_that_overflows_is_never_checkpointed(tmp_path):
