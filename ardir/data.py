@@ -145,11 +145,24 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("ARDIR_DATA_DIR") or "~/.cache/ardir/data").expanduser()
 
 
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the folders under it, deepest first, as far as they are empty (never a file)."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
+
+
 def _not_found(spec: DatasetSpec, split: str, looked: Sequence[Path],
                download_error: Optional[BaseException], how: str = "") -> DatasetNotFoundError:
     paths = ", ".join(str(p) for p in dict.fromkeys(looked))  # ordered, without repeats
     if download_error is not None:
-        tried = f"and downloading failed ({type(download_error).__name__}: {download_error})"
+        reason = (str(download_error).strip().splitlines() or [""])[0][:200]
+        tried = f"and downloading failed ({type(download_error).__name__}: {reason})"
+        how = how or "pass --data-dir pointing to an existing copy, or download it on a machine that is online"
     else:
         tried = "and download=False"
     how = how or "pass --data-dir pointing to an existing copy, or run once online with download=True"
@@ -194,9 +207,12 @@ def _load_tensors(spec: DatasetSpec, split: str, root: Path, download: bool,
                 return _to_nchw(images), torch.from_numpy(labels.astype(np.int64))
     looked.append(root / spec.torchvision_subdir)
     split_kwargs = {"split": split} if spec.split_arg == "split" else {"train": split == "train"}
+    made = None if root.exists() else next(p for p in (root, *root.parents) if p.parent.exists())
     try:
         dataset = spec.torchvision_cls(str(root), download=download, **split_kwargs)
     except (urllib.error.URLError, RuntimeError, OSError) as error:
+        if made is not None:  # a mistyped --data-dir: leave no empty folders made for the failed download behind
+            _remove_empty_dirs(made)
         raise _not_found(spec, split, looked, error if download else None) from error
     labels = getattr(dataset, "targets", None)
     if labels is None:

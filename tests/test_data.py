@@ -203,3 +203,29 @@ def test_every_spec_names_its_torchvision_class():
 def test_image_folder_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "train")):
         get_dataset("imagefolder", data_dir=tmp_path)
+
+
+def test_a_failed_download_leaves_no_folders_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """A mistyped data folder: the download torchvision tries fails (offline here, or a bad mirror); the folders it
+    made are removed again, a file already there is kept, and the message names the failure's first line."""
+    import dataclasses
+    import urllib.error
+
+    def offline(root, download, **kwargs):
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True)
+        raise urllib.error.URLError("no network\nsecond line")
+
+    import torchvision.datasets
+    monkeypatch.setattr(torchvision.datasets, "OfflineForTest", offline, raising=False)
+    spec = dataclasses.replace(DATASETS["cifar10"], torchvision_name="OfflineForTest")
+    with pytest.raises(DatasetNotFoundError) as err:
+        data._load_tensors(spec, "train", tmp_path / "typo" / "data", download=True)
+    assert not (tmp_path / "typo").exists()
+    message = str(err.value)
+    assert "downloading failed (URLError: <urlopen error no network)" in message and "second line" not in message
+    assert "download it on a machine that is online" in message and "download=True" not in message
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "note.txt").write_text("mine")
+    with pytest.raises(DatasetNotFoundError):
+        data._load_tensors(spec, "train", tmp_path / "kept" / "data", download=True)
+    assert (tmp_path / "kept" / "note.txt").read_text() == "mine" and not (tmp_path / "kept" / "data").exists()
