@@ -360,7 +360,8 @@ def get_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int 
     train_idx = train_idx[:limit]
     if len(train_idx) < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {len(train_idx)} training "
-                         f"images, so no full batch is left; lower batch_size or raise limit")
+                         f"images, so no full batch is left; lower batch_size (ardir train: --batch-size) or raise "
+                         "limit (--train-size)")
 
     common = dict(batch_size=batch_size, num_workers=num_workers,
                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)

@@ -644,3 +644,10 @@ def test_a_step_larger_than_the_radius_is_warned_about_once():
         ardir.PGD(model, eps=0.03, step_size=0.0075, steps=10)
     with pytest.warns(UserWarning, match="2.5 \\* eps / steps"):
         ardir.PGD(model, eps=0.5, step_size=0.6, steps=3, norm="l2")
+
+
+def test_a_mistyped_sweep_attack_is_named_as_sweep_attack():
+    model = ardir.models.create("cnn_small", in_chans=1, width=4, num_classes=4).eval()
+    with pytest.raises(ValueError, match=r"^sweep_attack='pgdx' is not a known attack.*did you mean 'pgd20'"):
+        ardir.evaluate(model, [(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))], sweep_attack="pgdx",
+                       progress=False)

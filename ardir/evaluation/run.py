@@ -159,8 +159,12 @@ def _attack_names(attacks: Union[str, Sequence[str]], sweep_attack: str) -> List
     attacks = list(attacks)
     if not attacks:
         raise ValueError("attacks is empty: give at least one attack name, e.g. ('natural', 'pgd20')")
-    for name in attacks + [sweep_attack]:
+    for name in attacks:
         parse_attack(name)  # fail on a typo before touching the data
+    try:
+        parse_attack(sweep_attack)
+    except ValueError as err:  # the registry's message names "attacks"
+        raise ValueError(str(err).replace("attacks=", "sweep_attack=", 1)) from None
     if parse_attack(sweep_attack)[0].pattern == r"natural|clean":
         raise ValueError("sweep_attack must be an attack, not 'natural'")
     return attacks

@@ -106,5 +106,5 @@ class Checkpoints:
     def _last_good(self) -> str:
         return (f"last good checkpoint: {self.last_checkpoint} (resume from it with Trainer.resume or --resume)"
                 if self.last_checkpoint is not None else
-                "no checkpoint was written yet (pass checkpoint_dir=... to keep some; ardir train keeps last.pt "
-                "after every epoch)")
+                "no checkpoint was written yet (pass checkpoint_dir=... to keep some, --checkpoint-every-steps N in "
+                "ardir train; ardir train keeps last.pt after every epoch)")
