@@ -3,9 +3,12 @@ is parsed (also used by examples/ and benchmarks/, through :mod:`ardir.cli`), an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
-from typing import Optional
+import signal
+import threading
+from typing import Iterator, Optional
 
 import torch
 
@@ -24,6 +27,23 @@ def _sentence(err: BaseException) -> str:
         name = os.fsdecode(err.filename) if err.filename is not None else None
         return err.strerror if name is None or name in err.strerror else f"{err.strerror}: {name}"
     return str(err)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (how schedulers pre-empt a job) stops the run as Ctrl-C does, so it says what ``--resume``
+    continues from and releases its lock, instead of dying silently. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def unrecognized(command: argparse.ArgumentParser, extra) -> None:

@@ -55,7 +55,7 @@ from . import data as ardir_data
 from . import distributed
 from . import models, tensorboard
 from ._cli_base import (CLIError, _device, _device_flag, _flag_type, _sentence, attack_name, count, device_name,
-                        unrecognized, whole)
+                        sigterm_as_interrupt, unrecognized, whole)
 from ._cli_eval import add_eval_parser, evaluate_checkpoint, evaluate_weights, report_path, run_eval
 from ._cli_layers import add_layers_parser, show_layers
 from ._cli_resume import (_best_so_far, _check_saved_paths, _resume_point, _sync_metrics, interrupted,
@@ -238,7 +238,7 @@ def train(flags: Mapping[str, Any], config_file: Optional[str] = None, resume: b
     say = (log or (lambda line: tqdm.write(line))) if main_process else (lambda line: None)
     file_values = cfg.load_toml(config_file) if config_file else {}
     output_dir = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.schema()["output_dir"].default)
-    with run_lock(output_dir, enabled=main_process, note=say):
+    with run_lock(output_dir, enabled=main_process, note=say), sigterm_as_interrupt():
         return _train_locked(flags, file_values, output_dir, resume, main_process, say)
 
 

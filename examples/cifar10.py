@@ -9,7 +9,7 @@
 3. evaluation of teacher and student on the 10,000 test images (natural, FGSM, PGD-20, CW-30, AutoAttack at
    eps = 8/255) and one table.
 
-The defaults are that protocol (days on one GPU). A dry run on CPU in seconds, as CI runs it::
+The defaults are that protocol (days on one GPU). A dry run on CPU (a minute or two), as CI runs it::
 
     python examples/cifar10.py --fake-data --epochs 1 --limit-batches 2
 

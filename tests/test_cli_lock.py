@@ -198,3 +198,19 @@ def test_the_lock_is_never_written_through_a_link(tmp_path):
     with RunLock(tmp_path / "run", note=lambda line: None):
         assert not target.exists()  # the dangling link was taken for a stale lock and removed, not followed
     assert not target.exists()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM: the run stops with the interrupted message (exit 130) and releases its lock; the
+    handler is the process's own again afterwards."""
+    import signal
+    from ardir.trainer import Trainer
+
+    def terminated(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "train_epoch", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert run("train", *TINY, "--epochs", 2, "--output-dir", out) == 130
+    assert "interrupted during epoch 1" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists() and signal.getsignal(signal.SIGTERM) == before
