@@ -194,4 +194,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, TypeError, OSError) as err:  # ardir's checks name the argument: one line, no traceback
-        sys.exit(f"cifar10.py: error: {err}")
+        print(f"cifar10.py: error: {err}", file=sys.stderr)
+        sys.exit(2)  # a usage error, as argparse exits

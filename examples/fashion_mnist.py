@@ -88,4 +88,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, TypeError, OSError) as err:  # ardir's checks name the argument: one line, no traceback
-        sys.exit(f"fashion_mnist.py: error: {err}")
+        print(f"fashion_mnist.py: error: {err}", file=sys.stderr)
+        sys.exit(2)  # a usage error, as argparse exits
