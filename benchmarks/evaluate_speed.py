@@ -56,25 +56,29 @@ def points(dataset: str, n: int, seed: int):
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
+def counts_of(calls: Dict[bool, Dict[int, int]]) -> List[int]:
+    """``[images through the model, those with a gradient, forward-only calls, gradient calls]`` of a histogram
+    ``calls[gradient][batch size] = number of calls``."""
+    images = {kind: sum(batch * n for batch, n in calls[kind].items()) for kind in (False, True)}
+    return [images[False] + images[True], images[True], sum(calls[False].values()), sum(calls[True].values())]
+
+
 class Counted(torch.nn.Module):
-    """``model``, counting the images it is called on: ``forwards`` in all, ``gradients`` of them with autograd
-    recording (each followed by one backward pass in these attacks), and ``calls[gradient][batch size]``."""
+    """``model``, counting its calls by kind and size: ``calls[gradient][batch size]``, ``gradient`` when autograd
+    records the call (each followed by one backward pass in these attacks)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.forwards, self.gradients = model, 0, 0
+        self.model = model
         self.calls: Dict[bool, collections.Counter] = {False: collections.Counter(), True: collections.Counter()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.forwards += len(x)
-        gradient = torch.is_grad_enabled() and x.requires_grad
-        self.gradients += len(x) if gradient else 0
-        self.calls[gradient][len(x)] += 1
+        self.calls[torch.is_grad_enabled() and x.requires_grad][len(x)] += 1
         return self.model(x)
 
     def counts(self) -> List[int]:
-        """``[forwards, gradients, forward-only calls, gradient calls]``."""
-        return [self.forwards, self.gradients, sum(self.calls[False].values()), sum(self.calls[True].values())]
+        """:func:`counts_of` its calls."""
+        return counts_of(self.calls)
 
 
 def pass_cost(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, gradient: bool,
@@ -141,9 +145,9 @@ def floor_seconds(calls: Dict[str, Dict[bool, Dict[int, int]]], cost: Callable[[
 
 def run(model, images, labels, eps: float, batch: int, seed: int, classes: int = 10, norm: str = "linf") -> Dict:
     """Both engines, alternated per batch and component, in ``norm`` ("linf" or "l2"): seconds per component,
-    final masks, and per component what the ardir engine passed through the model (:meth:`Counted.counts`)."""
+    final masks, and per component the ardir engine's model calls (``calls``, as :class:`Counted` keeps them) and
+    what they passed through the model (``passes``, :func:`counts_of`)."""
     engines = ("ardir", "official")
-    passes = {c: [0, 0, 0, 0] for c in aa.STANDARD}
     calls = {c: {False: collections.Counter(), True: collections.Counter()} for c in aa.STANDARD}
     seconds = {e: {c: 0.0 for c in aa.STANDARD} for e in engines}
     final = {e: [] for e in engines}
@@ -172,7 +176,6 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                         adv = attack(x[todo], y[todo])
                     seconds[engine][name] += time.perf_counter() - t0
                     if engine == "ardir":
-                        passes[name] = [a + b for a, b in zip(passes[name], counted.counts())]
                         for kind in (False, True):
                             calls[name][kind].update(counted.calls[kind])
                     robust[engine][todo] = aa.still_correct(model, x[todo], adv, y[todo], eps, norm)
@@ -180,8 +183,8 @@ def run(model, images, labels, eps: float, batch: int, seed: int, classes: int =
                     f"{e} {seconds[e][name]:.1f}s robust {int(robust[e].sum())}" for e in engines), flush=True)
             for e in engines:
                 final[e].append(robust[e])
-    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "passes": passes,
-            "calls": calls}
+    return {"seconds": seconds, "robust": {e: torch.cat(final[e]) for e in engines}, "calls": calls,
+            "passes": {c: counts_of(kinds) for c, kinds in calls.items()}}
 
 
 def write(path: Path, rows: List[str], speedup: float) -> None:
@@ -260,10 +263,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"images through the model, ardir engine: {work}")
     print("the model's seconds per image by batch size: " + ", ".join(
         f"{'gradient' if g else 'forward'} at {b}: {t * 1e6:.1f} us" for (b, g), t in sorted(costs.items())))
-    print(f"the forward's {forward_flops(fast, images) / 1e6:.2f} MFLOP per image at the best forward rate: "
-          f"{forward_flops(fast, images) / min(t for (_, g), t in costs.items() if not g) / 1e9:.1f} GFLOP/s "
-          f"(fp32 matmul peak measured: {matmul_peak(device, torch.float32) / 1e9:.1f} GFLOP/s)"
-          if any(not g for _, g in costs) else "")
+    flops, forward_costs = forward_flops(fast, images), [t for (_, g), t in costs.items() if not g]
+    if forward_costs:
+        print(f"the forward's {flops / 1e6:.2f} MFLOP per image at the best forward rate: "
+              f"{flops / min(forward_costs) / 1e9:.1f} GFLOP/s (fp32 matmul peak measured: "
+              f"{matmul_peak(device, torch.float32) / 1e9:.1f} GFLOP/s)")
     print("ardir s / pass floor s: " + ", ".join(f"{c} {secs['ardir'][c]:.1f} / {floor[c]:.1f} = "
                                                  f"{secs['ardir'][c] / max(floor[c], 1e-9):.2f}" for c in aa.STANDARD))
     write(Path(args.results), rows, speedup)
