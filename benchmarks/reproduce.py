@@ -84,14 +84,16 @@ REDUCIBLE = ("steps", "teacher_epochs", "teacher", "students", "epochs", "batch_
              "eval_size", "aa_size", "limit_batches", "fake_data", "checks", "precision")
 
 
+def changes(suite: Suite, settings: Dict[str, Any], keys: Sequence[str] = REDUCIBLE) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (this run's value, the suite's)}`` for the ``keys`` this run's ``settings`` set otherwise than the
+    suite's own protocol."""
+    base = resolve(suite, parse_args([suite.name]))
+    return {key: (settings[key], base[key]) for key in keys if settings[key] != base[key]}
+
+
 def departures(suite: Suite, settings: Dict[str, Any]) -> List[str]:
     """What this run changes from the suite's protocol (empty: the full suite)."""
-    base = resolve(suite, parse_args([suite.name]))
-    out = []
-    for key in REDUCIBLE:
-        if settings[key] != base[key]:
-            out.append(f"{key} = {settings[key]!r} (suite: {base[key]!r})")
-    return out
+    return [f"{key} = {ours!r} (suite: {theirs!r})" for key, (ours, theirs) in changes(suite, settings).items()]
 
 
 NOT_IN_ROW_KEY = ("students", "natural_teacher", "aa_size")
@@ -261,7 +263,7 @@ def rows_of_another_teacher(run: "SuiteRun", pending: Sequence["PendingJob"]) ->
     queued = {job[0] for job in pending}
     jobs = [(run.run_dir / f"{row_stem(*job, run.args.precision)}.json", *job) for job in run.jobs]
     if teacher_job_wanted(run):
-        jobs.insert(0, (run.teacher_eval, run.settings["teacher_model"] + " (teacher)", "teacher", 0, None))
+        jobs.insert(0, teacher_eval_job(run))
     stale = []
     for job in jobs:
         if job[0] in queued or not job[0].exists() or not _needs_teacher(job):
@@ -314,7 +316,7 @@ def get_teacher(settings: Dict[str, Any], run_dir: Path, data_dir: Optional[str]
             "train_cpu_seconds": round(time.process_time() - cpu, 1), "history": _jsonable(history)}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(teacher.state_dict(), path)  # the weights before the record that vouches for them
-    meta["weights_sha256"] = zoo.file_sha256(path)  # what the rows distilled from it record (other_teacher)
+    meta["weights_sha256"] = _file_sha256(path)  # what the rows distilled from it record (other_teacher)
     atomic_write_text(json.dumps(meta, indent=2), meta_path)
     log(f"teacher: trained in {meta['train_seconds']} s, saved to {path}")
     return teacher.eval().requires_grad_(False), meta
@@ -417,8 +419,7 @@ run keeps its rows, teacher and table apart from the suite's unless ``--run-dir`
 def scaled_down(args: argparse.Namespace) -> List[str]:
     """The :data:`SCALED_DOWN` settings this command line changes from its suite's."""
     suite = SUITES[args.suite]
-    settings, base = resolve(suite, args), resolve(suite, parse_args([suite.name]))
-    return [key for key in SCALED_DOWN if settings[key] != base[key]]
+    return list(changes(suite, resolve(suite, args), SCALED_DOWN))
 
 
 def run_dirs(args: argparse.Namespace) -> Tuple[Path, Path]:
@@ -908,8 +909,9 @@ def plan_run(args: argparse.Namespace, log) -> SuiteRun:
     device = torch.device(args.device)
     methods, jobs, out_path = suite_jobs(args, suite, settings, log)
     run_dir, teacher_dir = run_dirs(args)
-    if scaled_down(args) and not (args.output and args.run_dir):
-        log(f"a scaled-down run ({', '.join(scaled_down(args))} not the suite's): its rows go to {run_dir}, its "
+    scaled = scaled_down(args)
+    if scaled and not (args.output and args.run_dir):
+        log(f"a scaled-down run ({', '.join(scaled)} not the suite's): its rows go to {run_dir}, its "
             f"teacher to {teacher_dir} and its table to {out_path.parent}, apart from the suite's (--run-dir and "
             "--output choose)")
     started = time.time()
@@ -1123,6 +1125,11 @@ def teacher_job_wanted(run: SuiteRun) -> bool:
     return not (run.args.no_teacher_eval or run.args.ablation)
 
 
+def teacher_eval_job(run: SuiteRun) -> PendingJob:
+    """The teacher's evaluation as a job (its row file first)."""
+    return (run.teacher_eval, run.settings["teacher_model"] + " (teacher)", "teacher", 0, None)
+
+
 def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
     """The teacher's evaluation, when the table has a teacher's row and its file is missing, was made with other
     settings or lacks the AutoAttack it should have. A shipped teacher's row is its manifest's: written here, from
@@ -1137,11 +1144,11 @@ def teacher_job(run: SuiteRun) -> Optional[PendingJob]:
         atomic_write_text(json.dumps(rec, indent=2), teacher_eval)
     measures_aa = not (uses_manifest(settings) or settings["teacher_attacks"])  # else it never has this one
     if rec is None or stored_key(rec) != run.key or (missing_autoattack(rec, settings) and measures_aa):
-        return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
+        return teacher_eval_job(run)
     changed = other_teacher(rec, settings, run.teacher_dir)
     if changed:
         run.log(f"{teacher_eval.stem}: {changed}; evaluating it again")
-        return (teacher_eval, settings["teacher_model"] + " (teacher)", "teacher", 0, None)
+        return teacher_eval_job(run)
     return None
 
 
