@@ -217,5 +217,5 @@ def run_eval(args: argparse.Namespace):
     else:
         raise CLIError("pass --checkpoint FILE (an ardir run's best.pt or last.pt), or --weights FILE with --model "
                        "NAME and --dataset NAME (a model trained elsewhere)")
-    where = Path(args.output) if args.output else report_path(source)
-    return report, where.with_suffix("") if where.suffix in (".md", ".json") else where  # as Report.save names it
+    from .evaluation.report import report_stem
+    return report, report_stem(args.output) if args.output else report_path(source)

@@ -162,10 +162,10 @@ def _not_found(spec: DatasetSpec, split: str, looked: Sequence[Path],
     if download_error is not None:
         reason = (str(download_error).strip().splitlines() or [""])[0][:200]
         tried = f"and downloading failed ({type(download_error).__name__}: {reason})"
-        how = how or "pass --data-dir pointing to an existing copy, or download it on a machine that is online"
+        elsewhere = "download it on a machine that is online"
     else:
-        tried = "and download=False"
-    how = how or "pass --data-dir pointing to an existing copy, or run once online with download=True"
+        tried, elsewhere = "and download=False", "run once online with download=True"
+    how = how or f"pass --data-dir pointing to an existing copy, or {elsewhere}"
     if spec.install_hint:
         how += f", or `{spec.install_hint}`"
     return DatasetNotFoundError(

@@ -153,3 +153,21 @@ def test_resume_refuses_a_flag_that_its_checkpoint_would_override(tmp_path, caps
         assert f"--resume: {flag} " in err and "start a new run (another --output-dir) to change it" in err
         assert "Traceback" not in err
     assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2", "--lr", "0.01", "--quiet"]) == 0
+
+
+def test_an_interruption_mid_epoch_names_the_checkpoint_resume_continues_from(tmp_path, monkeypatch, capsys):
+    """Stopped in epoch 2 after mid-epoch checkpoints newer than last.pt: the message names that checkpoint (as
+    --resume chooses it), not last.pt."""
+    original = Trainer._guard_step
+
+    def stop_at_step_9(self, *args, **kwargs):
+        if self.step == 9:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "_guard_step", stop_at_step_9)
+    out = tmp_path / "run"
+    assert cli.main(["train", *SMALL, "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    newest = ck.list_checkpoints(out / "checkpoints")[0]
+    assert f"interrupted during epoch 2; `ardir train --output-dir {out} --resume` continues from {newest} " \
+           "(epoch 2, step 9)" in err

@@ -223,10 +223,15 @@ class Report:
 
         A ``.md`` or ``.json`` suffix on ``path`` is dropped first. Returns the two paths.
         """
-        path = Path(path)
-        if path.suffix in (".md", ".json"):
-            path = path.with_suffix("")
+        path = report_stem(path)
         md, js = path.with_name(path.name + ".md"), path.with_name(path.name + ".json")
         _atomic_write(md, self.to_markdown())
         _atomic_write(js, self.to_json() + "\n")
         return md, js
+
+
+def report_stem(path: Union[str, os.PathLike]) -> Path:
+    """The path :meth:`Report.save` writes ``.md`` and ``.json`` beside: ``path`` without a ``.md``/``.json``
+    suffix."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".md", ".json") else path

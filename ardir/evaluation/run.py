@@ -162,10 +162,10 @@ def _attack_names(attacks: Union[str, Sequence[str]], sweep_attack: str) -> List
     for name in attacks:
         parse_attack(name)  # fail on a typo before touching the data
     try:
-        parse_attack(sweep_attack)
+        sweep_spec = parse_attack(sweep_attack)[0]
     except ValueError as err:  # the registry's message names "attacks"
         raise ValueError(str(err).replace("attacks=", "sweep_attack=", 1)) from None
-    if parse_attack(sweep_attack)[0].pattern == r"natural|clean":
+    if sweep_spec.pattern == r"natural|clean":
         raise ValueError("sweep_attack must be an attack, not 'natural'")
     return attacks
 

@@ -19,7 +19,7 @@ from .._checks import (batch_tensors, check_batch, images_labels, label_range, l
                        positive_int)
 from ..attacks import model_device, model_mode
 from ..checkpoint import Checkpointer, PathLike
-from ..methods import Method, create_method
+from ..methods import METHODS, Method, create_method, method_arguments
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("stop", "skip")
@@ -81,11 +81,15 @@ def method_and_teacher(trainer: Type, method: Union[str, Method, None], kwargs: 
                        teacher: Optional[nn.Module]) -> Tuple[Method, Optional[nn.Module]]:
     """The method ``trainer`` (a Trainer class) runs, and the teacher it uses: None for a method using none. A
     keyword that is no method argument but close to one of the Trainer's own (``epoch``) is named as that."""
+    name = method or trainer.default_method
     try:
-        built = build_method(method or trainer.default_method, kwargs)
+        built = build_method(name, kwargs)
     except TypeError as error:
+        if not isinstance(name, str):
+            raise
+        known = set(method_arguments(METHODS.match(name)[0]))
         own = [p for p in inspect.signature(trainer.__init__).parameters if p not in ("self", "method_kwargs")]
-        close = {k: difflib.get_close_matches(k, own, n=1, cutoff=0.75) for k in kwargs}
+        close = {k: difflib.get_close_matches(k, own, n=1, cutoff=0.75) for k in kwargs if k not in known}
         hint = " ".join(f"did you mean {c[0]!r} (an argument of ardir.{trainer.__name__}) for {k!r}?"
                         for k, c in close.items() if c)
         if not hint:
